@@ -1,0 +1,231 @@
+"""Per-site activation statistics for setting SFN thresholds.
+
+A :class:`SiteObserver` is an identity module placed where an SFN will go. While enabled it
+records, for every batch, the ``p``-quantile of the activations (and, for signed sites, the
+magnitude of the ``(1-p)``-quantile) plus the running max/min. The base threshold of the site
+is the mean of the per-batch quantiles, as in the prior conversion work:
+
+    θ+ = (1/B) Σ_b quantile_p(x_b),      θ- = -(1/B) Σ_b quantile_{1-p}(x_b)
+
+Large tensors are quantiled on a bounded random subsample (``max_samples`` values per batch,
+per channel for per-channel sites) so memory stays flat whatever the resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+__all__ = ["SiteObserver", "observers", "calibrate", "batch_inputs", "CalibrationError"]
+
+
+class CalibrationError(ValueError):
+    """Raised when calibration data cannot produce valid thresholds."""
+
+
+class SiteObserver(nn.Module):
+    """Identity module that accumulates quantile/max statistics of what flows through it.
+
+    :param p: quantile for the positive threshold (default 0.99)
+    :param signed: also track the ``1-p`` quantile (negative threshold)
+    :param channel_dim: per-channel statistics along this dim of the input (``None`` = per tensor)
+    :param max_samples: values sampled per batch (per channel) before taking quantiles
+    :param name: site name used in error messages
+    """
+
+    def __init__(
+        self,
+        p: float = 0.99,
+        signed: bool = False,
+        channel_dim: int | None = None,
+        max_samples: int = 1 << 17,
+        name: str = "",
+    ):
+        super().__init__()
+        if not (isinstance(p, float | int) and 0.0 < float(p) <= 1.0):
+            raise ValueError(f"quantile p must be in (0, 1], got {p!r}")
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        self.p = float(p)
+        self.signed = signed
+        self.channel_dim = channel_dim
+        self.max_samples = int(max_samples)
+        self.name = name
+        self.enabled = True
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("pos_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("neg_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("max_val", torch.full((), -math.inf, dtype=torch.float64))
+        self.register_buffer("min_val", torch.full((), math.inf, dtype=torch.float64))
+        self._generator: torch.Generator | None = None
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, p={self.p}, signed={self.signed}, channel_dim={self.channel_dim}"
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """View ``x`` as ``[C, M]`` (per-channel) or ``[1, M]`` (per-tensor)."""
+        if self.channel_dim is None:
+            return x.reshape(1, -1)
+        dim = self.channel_dim % x.dim()
+        return x.movedim(dim, 0).reshape(x.shape[dim], -1)
+
+    def _subsample(self, rows: torch.Tensor) -> torch.Tensor:
+        m = rows.shape[1]
+        if m <= self.max_samples:
+            return rows
+        if self._generator is None or self._generator.device != rows.device:
+            self._generator = torch.Generator(device=rows.device)
+            self._generator.manual_seed(0)
+        idx = torch.randint(0, m, (self.max_samples,), device=rows.device, generator=self._generator)
+        return rows[:, idx]
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Fold one batch of activations into the running statistics."""
+        if x.numel() == 0:
+            return
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            raise CalibrationError(
+                f"non-finite activations (NaN or Inf) at site {self.name or '<unnamed>'}: "
+                "check the model and the calibration data"
+            )
+        rows = self._subsample(self._rows(x).float())
+        qs = [self.p, 1.0 - self.p] if self.signed else [self.p]
+        q = torch.quantile(rows, torch.tensor(qs, device=rows.device), dim=1).double()  # [len(qs), C]
+        pos = q[0].cpu()
+        if self.num_batches.item() == 0 and pos.numel() > 1:
+            self.pos_sum = torch.zeros_like(pos)
+            self.neg_sum = torch.zeros_like(pos)
+            self.max_val = torch.full_like(pos, -math.inf)
+            self.min_val = torch.full_like(pos, math.inf)
+        self.pos_sum += pos
+        if self.signed:
+            self.neg_sum += -q[1].cpu()
+        full = self._rows(x)
+        self.max_val = torch.maximum(self.max_val, full.amax(dim=1).double().cpu().reshape(self.max_val.shape))
+        self.min_val = torch.minimum(self.min_val, full.amin(dim=1).double().cpu().reshape(self.min_val.shape))
+        self.num_batches += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            self.observe(x)
+        return x
+
+    def reset_statistics(self) -> None:
+        for name in ("num_batches", "pos_sum", "neg_sum"):
+            setattr(self, name, torch.zeros((), dtype=torch.float64))
+        self.max_val = torch.full((), -math.inf, dtype=torch.float64)
+        self.min_val = torch.full((), math.inf, dtype=torch.float64)
+
+    def all_reduce(self, group=None) -> None:
+        """Sum the statistics over a ``torch.distributed`` group (max/min reduced as such)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for name in ("num_batches", "pos_sum", "neg_sum"):
+            t = getattr(self, name)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN, group=group)
+
+    def statistics(self, min_threshold: float = 1e-6) -> dict[str, torch.Tensor | None]:
+        """Thresholds for :meth:`SFNode.from_statistics`: ``{"pos", "neg", "max", "min"}``.
+
+        A quantile that is zero (a site that almost never fires) falls back to the observed
+        max, then to ``min_threshold``, with a warning naming the site: a zero threshold is
+        never returned.
+        """
+        n = self.num_batches.item()
+        if n == 0:
+            raise CalibrationError(f"site {self.name or '<unnamed>'} saw no data during calibration")
+        pos = (self.pos_sum / n).float()
+        neg = (self.neg_sum / n).float() if self.signed else None
+        mx, mn = self.max_val.float(), self.min_val.float()
+        pos = self._repair(pos, mx, min_threshold, "positive")
+        if neg is not None:
+            neg = self._repair(neg, -mn, min_threshold, "negative")
+        return {"pos": pos, "neg": neg, "max": mx, "min": mn}
+
+    def _repair(self, q: torch.Tensor, extreme: torch.Tensor, min_threshold: float, branch: str) -> torch.Tensor:
+        bad = ~(q > 0)
+        if bad.any():
+            where = self.name or "<unnamed>"
+            fallback = torch.where(extreme > 0, extreme, torch.full_like(extreme, min_threshold))
+            warnings.warn(
+                f"site {where}: the {branch} {self.p:g}-quantile is 0 for {int(bad.sum())} of {bad.numel()} "
+                f"channel(s) (the site rarely fires); using the observed extreme or {min_threshold:g} instead",
+                stacklevel=3,
+            )
+            q = torch.where(bad, fallback.expand_as(q), q)
+        return q.clamp_min(min_threshold)
+
+
+def observers(model: nn.Module) -> Iterator[tuple[str, SiteObserver]]:
+    """All :class:`SiteObserver` modules of ``model`` with their qualified names."""
+    for name, m in model.named_modules():
+        if isinstance(m, SiteObserver):
+            yield name, m
+
+
+def batch_inputs(batch) -> torch.Tensor:
+    """The model input of a loader batch: ``x`` from ``(x, y, ...)``, a dict's ``"img"``/``"x"``, or the tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("img", "image", "x", "inputs", "pixel_values"):
+            if key in batch:
+                return batch[key]
+    raise TypeError(f"cannot find the model input in a batch of type {type(batch).__name__}")
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    loader: Iterable,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "calibrating",
+) -> int:
+    """Run ``loader`` through ``model`` (eval mode) so its observers see the data.
+
+    Returns the number of batches seen. Raises :class:`CalibrationError` for an empty loader
+    or non-finite inputs.
+    """
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
+    was_training = model.training
+    model.eval()
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    total = num_batches
+    if total is None:
+        try:
+            total = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    seen = 0
+    try:
+        for batch in tqdm(loader, total=total, desc=desc, disable=not progress, leave=False):
+            x = batch_inputs(batch)
+            if not torch.isfinite(x).all():
+                raise CalibrationError(f"calibration batch {seen} contains NaN or Inf inputs")
+            model(x.to(device))
+            seen += 1
+            if num_batches is not None and seen >= num_batches:
+                break
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise CalibrationError("the calibration loader is empty: give it at least one batch")
+    return seen

@@ -1,0 +1,329 @@
+"""Pure-torch reference of the Multi-Threshold (MTN) and Scale-and-Fire (SFN) neurons.
+
+This module is the truth that every kernel and every converted model is tested against.
+All functions are stateless: the membrane potential is passed in and returned.
+
+One step of a multi-threshold neuron with soft reset (charge, fire, reset)::
+
+    h = v + x
+    k = clip(floor(h / θ+ + r), 0, N)            for h >= 0   (positive branch)
+    k = -clip(floor(-h / θ- + r), 0, N)          for h <  0   (negative branch, signed only)
+    o = θ+ · k  (k >= 0)   or   θ- · k  (k < 0)
+    v = h - o
+
+``θ±`` are the *scaled* thresholds (``λ·θ`` for an SFN), ``N`` the maximum number of spikes
+per sign, ``r ∈ [0, 1)`` a threshold offset (``r = 0.5`` turns floor into round-to-nearest;
+it is the same as starting the membrane at ``r·θ``). With non-uniform ``levels``
+``y_1 < ... < y_N`` the count is the number of levels crossed,
+``k = #{i : y_i <= h/θ+ + r}``, and the output is ``θ+ · y_k`` (``y_0 = 0``).
+
+The membrane and the comparison are computed in float32 (or float64 for float64 inputs);
+outputs are cast back to the input dtype. The gradient is straight-through on the neuron's
+range: ``∂o/∂x = 1`` for ``-N·θ- <= h <= N·θ+`` and 0 outside.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "FireOutput",
+    "StepOutput",
+    "SeqOutput",
+    "compute_dtype",
+    "count_dtype",
+    "multi_threshold_fire",
+    "mtn_step",
+    "mtn_multi_step",
+    "sfn_step",
+    "sfn_multi_step",
+    "power_levels",
+    "check_levels",
+    "broadcast_threshold",
+]
+
+
+class FireOutput(NamedTuple):
+    """Result of :func:`multi_threshold_fire`: spike value ``o`` and signed integer count ``k``."""
+
+    spike: torch.Tensor
+    count: torch.Tensor
+
+
+class StepOutput(NamedTuple):
+    """Result of one neuron step: spike value, next membrane potential, signed spike count."""
+
+    spike: torch.Tensor
+    v: torch.Tensor
+    count: torch.Tensor | None
+
+
+class SeqOutput(NamedTuple):
+    """Result of a multi-step run over ``[T, ...]`` inputs."""
+
+    spike_seq: torch.Tensor
+    v: torch.Tensor
+    count_seq: torch.Tensor | None
+    v_seq: torch.Tensor | None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Membrane dtype for inputs of ``dtype``: float32 for 16-bit floats, else unchanged."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    if not dtype.is_floating_point:
+        raise TypeError(f"neuron input must be a floating-point tensor, got dtype {dtype}")
+    return dtype
+
+
+def count_dtype(max_spikes: int) -> torch.dtype:
+    """Smallest signed integer dtype that holds counts in ``[-max_spikes, max_spikes]``."""
+    if max_spikes <= 127:
+        return torch.int8
+    if max_spikes <= 32767:
+        return torch.int16
+    return torch.int32
+
+
+def power_levels(max_spikes: int, gamma: float = 2.0) -> torch.Tensor:
+    """Non-uniform levels denser near zero: ``y_i = N · (i / N)^γ`` for ``i = 1..N``.
+
+    ``γ = 1`` gives the evenly spaced levels ``y_i = i``; ``γ > 1`` packs more thresholds
+    near zero while keeping the same full scale ``y_N = N``.
+    """
+    if not isinstance(max_spikes, int) or max_spikes < 1:
+        raise ValueError(f"max_spikes must be an integer >= 1, got {max_spikes!r}")
+    if not math.isfinite(gamma) or gamma <= 0:
+        raise ValueError(f"gamma must be a finite positive number, got {gamma!r}")
+    i = torch.arange(1, max_spikes + 1, dtype=torch.float64)
+    return (max_spikes * (i / max_spikes) ** gamma).to(torch.float32)
+
+
+def check_levels(levels: torch.Tensor) -> torch.Tensor:
+    """Validate a level tensor: 1-D, finite, positive, strictly increasing."""
+    levels = torch.as_tensor(levels)
+    if levels.dim() != 1 or levels.numel() < 1:
+        raise ValueError(f"levels must be a non-empty 1-D tensor, got shape {tuple(levels.shape)}")
+    if not levels.is_floating_point():
+        levels = levels.to(torch.float32)
+    if not torch.isfinite(levels).all() or not (levels > 0).all():
+        raise ValueError("levels must be finite and positive")
+    if levels.numel() > 1 and not (levels[1:] > levels[:-1]).all():
+        raise ValueError("levels must be strictly increasing")
+    return levels
+
+
+def broadcast_threshold(theta: torch.Tensor, x: torch.Tensor, channel_dim: int | None, name: str = "threshold") -> torch.Tensor:
+    """Shape a scalar or per-channel threshold so that it broadcasts against ``x``.
+
+    ``channel_dim`` indexes the dimensions of ``x`` (negative values count from the end).
+    A 0-d threshold is returned as is.
+    """
+    if theta.dim() == 0:
+        return theta
+    if theta.dim() != 1:
+        raise ValueError(f"{name} must be a scalar or a 1-D per-channel tensor, got shape {tuple(theta.shape)}")
+    if channel_dim is None:
+        if theta.numel() == 1:
+            return theta.reshape(())
+        raise ValueError(f"{name} has {theta.numel()} channels but channel_dim is None")
+    dim = channel_dim + x.dim() if channel_dim < 0 else channel_dim
+    if not 0 <= dim < x.dim():
+        raise ValueError(f"channel_dim={channel_dim} is out of range for an input with {x.dim()} dimensions")
+    if x.shape[dim] != theta.numel():
+        raise ValueError(
+            f"{name} has {theta.numel()} channels but the input of shape {tuple(x.shape)} "
+            f"has {x.shape[dim]} at channel_dim={channel_dim}"
+        )
+    shape = [1] * x.dim()
+    shape[dim] = theta.numel()
+    return theta.reshape(shape)
+
+
+def _branch_count(u: torch.Tensor, max_spikes: int, levels: torch.Tensor | None) -> torch.Tensor:
+    """Number of thresholds crossed by the normalised potential ``u`` (float, in [0, N])."""
+    if levels is None:
+        return torch.clamp(torch.floor(u), 0, max_spikes)
+    k = torch.searchsorted(levels.to(u.dtype).contiguous(), u.contiguous(), right=True)
+    return k.to(u.dtype)
+
+
+def _level_value(k: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+    """Level multiplier ``y_k`` of a count (``y_k = k`` for evenly spaced levels)."""
+    if levels is None:
+        return k
+    table = torch.cat([levels.new_zeros(1), levels]).to(k.dtype)
+    return table[k.long()]
+
+
+def multi_threshold_fire(
+    h: torch.Tensor,
+    theta_pos: torch.Tensor | float,
+    theta_neg: torch.Tensor | float | None = None,
+    max_spikes: int = 32,
+    levels: torch.Tensor | None = None,
+    offset: float = 0.0,
+    ceiling: torch.Tensor | float | None = None,
+) -> FireOutput:
+    """Fire a multi-threshold neuron at potential ``h`` (no gradient; see the module doc).
+
+    ``k+ = clip(floor(h/θ+ + r), 0, N)``, ``k- = clip(floor(-h/θ- + r), 0, N)``,
+    ``o = θ+·y(k+) - θ-·y(k-)``; the signed count is ``k+ - k-`` (at most one is non-zero
+    for ``r < 1``). ``ceiling`` caps the positive output: ``k+ <= max(1, floor(ceiling/θ+))``
+    (a ReLU6 or ``clamp(max=c)`` site).
+    """
+    u_pos = h / theta_pos + offset
+    k_pos = _branch_count(u_pos, max_spikes, levels)
+    if ceiling is not None:
+        cap = torch.clamp(torch.floor(torch.as_tensor(ceiling, dtype=h.dtype, device=h.device) / theta_pos), min=1)
+        if levels is not None:
+            cap_levels = _branch_count(torch.as_tensor(ceiling, dtype=h.dtype, device=h.device) / theta_pos, max_spikes, levels)
+            cap = torch.clamp(cap_levels, min=1)
+        k_pos = torch.minimum(k_pos, cap)
+    spike = theta_pos * _level_value(k_pos, levels)
+    count = k_pos
+    if theta_neg is not None:
+        k_neg = _branch_count(-h / theta_neg + offset, max_spikes, levels)
+        spike = spike - theta_neg * _level_value(k_neg, levels)
+        count = k_pos - k_neg
+    return FireOutput(spike, count)
+
+
+def _straight_through(h: torch.Tensor, spike: torch.Tensor, lo, hi) -> torch.Tensor:
+    """``spike`` in the forward pass, identity gradient for ``lo <= h <= hi``, zero outside."""
+    if not h.requires_grad:
+        return spike
+    h_clamped = torch.clamp(h, min=lo, max=hi)
+    return h_clamped + (spike - h_clamped).detach()
+
+
+def _step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    theta_pos: torch.Tensor,
+    theta_neg: torch.Tensor | None,
+    max_spikes: int,
+    levels: torch.Tensor | None,
+    offset: float,
+    ceiling,
+    detach_reset: bool,
+    return_count: bool,
+) -> StepOutput:
+    h = v + x.to(v.dtype)
+    with torch.no_grad():
+        spike_hard, count = multi_threshold_fire(h, theta_pos, theta_neg, max_spikes, levels, offset, ceiling)
+    top = max_spikes if levels is None else levels[-1].item()
+    hi = theta_pos * top
+    if ceiling is not None:
+        hi = torch.minimum(torch.as_tensor(hi, dtype=h.dtype, device=h.device), torch.as_tensor(ceiling, dtype=h.dtype, device=h.device))
+    lo = torch.zeros((), dtype=h.dtype, device=h.device) if theta_neg is None else -theta_neg * top
+    spike = _straight_through(h, spike_hard, torch.as_tensor(lo, dtype=h.dtype, device=h.device), torch.as_tensor(hi, dtype=h.dtype, device=h.device))
+    v_next = h - (spike.detach() if detach_reset else spike)
+    count_out = count.to(count_dtype(max_spikes)) if return_count else None
+    return StepOutput(spike.to(x.dtype), v_next, count_out)
+
+
+def _prepare(x: torch.Tensor, v: torch.Tensor | float, *thresholds):
+    dtype = compute_dtype(x.dtype)
+    if isinstance(v, torch.Tensor):
+        v = v.to(device=x.device, dtype=dtype)
+    else:
+        v = torch.full_like(x, float(v), dtype=dtype)
+    out = [None if t is None else torch.as_tensor(t, device=x.device).to(dtype) for t in thresholds]
+    return v, out
+
+
+def mtn_step(
+    x: torch.Tensor,
+    v: torch.Tensor | float,
+    v_threshold: float | torch.Tensor,
+    max_spikes: int,
+    detach_reset: bool = False,
+    return_count: bool = False,
+) -> StepOutput:
+    """One MTN step: ``h = v + x``, ``k = clip(floor(h/θ), 0, N)``, ``o = θ·k``, ``v' = h - o``."""
+    v, (theta,) = _prepare(x, v, v_threshold)
+    return _step(x, v, theta, None, max_spikes, None, 0.0, None, detach_reset, return_count)
+
+
+def mtn_multi_step(
+    x_seq: torch.Tensor,
+    v: torch.Tensor | float,
+    v_threshold: float | torch.Tensor,
+    max_spikes: int,
+    detach_reset: bool = False,
+    return_count: bool = False,
+    store_v_seq: bool = False,
+) -> SeqOutput:
+    """Run :func:`mtn_step` over the first dimension of ``x_seq`` (``[T, ...]``)."""
+    v, (theta,) = _prepare(x_seq[0], v, v_threshold)
+    return _run_seq(x_seq, v, theta, None, max_spikes, None, 0.0, None, detach_reset, return_count, store_v_seq)
+
+
+def _scaled(theta: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
+    return theta * lam
+
+
+def sfn_step(
+    x: torch.Tensor,
+    v: torch.Tensor | float,
+    theta_pos: torch.Tensor | float,
+    theta_neg: torch.Tensor | float | None = None,
+    lam: torch.Tensor | float = 1.0,
+    max_spikes: int = 32,
+    levels: torch.Tensor | None = None,
+    offset: float = 0.0,
+    ceiling: torch.Tensor | float | None = None,
+    detach_reset: bool = False,
+    return_count: bool = False,
+) -> StepOutput:
+    """One SFN step: an MTN with thresholds ``λ·θ+`` (and ``λ·θ-`` when signed).
+
+    ``θ±`` must already broadcast against ``x`` (see :func:`broadcast_threshold`).
+    """
+    v, (tp, tn, lam_t, lv) = _prepare(x, v, theta_pos, theta_neg, lam, levels)
+    tn = None if tn is None else _scaled(tn, lam_t)
+    return _step(x, v, _scaled(tp, lam_t), tn, max_spikes, lv, offset, ceiling, detach_reset, return_count)
+
+
+def sfn_multi_step(
+    x_seq: torch.Tensor,
+    v: torch.Tensor | float,
+    theta_pos: torch.Tensor | float,
+    theta_neg: torch.Tensor | float | None = None,
+    lam: torch.Tensor | float = 1.0,
+    max_spikes: int = 32,
+    levels: torch.Tensor | None = None,
+    offset: float = 0.0,
+    ceiling: torch.Tensor | float | None = None,
+    detach_reset: bool = False,
+    return_count: bool = False,
+    store_v_seq: bool = False,
+) -> SeqOutput:
+    """Run :func:`sfn_step` over the first dimension of ``x_seq`` (``[T, ...]``)."""
+    v, (tp, tn, lam_t, lv) = _prepare(x_seq[0], v, theta_pos, theta_neg, lam, levels)
+    tn = None if tn is None else _scaled(tn, lam_t)
+    return _run_seq(x_seq, v, _scaled(tp, lam_t), tn, max_spikes, lv, offset, ceiling, detach_reset, return_count, store_v_seq)
+
+
+def _run_seq(x_seq, v, tp, tn, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq) -> SeqOutput:
+    if x_seq.dim() < 1 or x_seq.shape[0] < 1:
+        raise ValueError(f"multi-step input must have shape [T, ...] with T >= 1, got {tuple(x_seq.shape)}")
+    spikes, counts, vs = [], [], []
+    for x in x_seq:
+        out = _step(x, v, tp, tn, max_spikes, levels, offset, ceiling, detach_reset, return_count)
+        v = out.v
+        spikes.append(out.spike)
+        if return_count:
+            counts.append(out.count)
+        if store_v_seq:
+            vs.append(v)
+    return SeqOutput(
+        torch.stack(spikes),
+        v,
+        torch.stack(counts) if return_count else None,
+        torch.stack(vs) if store_v_seq else None,
+    )

@@ -1,0 +1,127 @@
+"""Tiny models for the bundled data sets, and a minimal train / evaluate loop.
+
+They exist so that tests, the demo and the benchmarks can train a real model on real data
+in seconds on a CPU; ImageNet-scale work uses timm models and local checkpoints instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .calibration import batch_inputs
+
+__all__ = ["digits_cnn", "digits_vit", "small_resnet", "fit", "accuracy", "predict_logits"]
+
+
+def digits_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> nn.Sequential:
+    """A 3-conv CNN with BatchNorm and ReLU for 8×8 (or larger) images."""
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(in_chans, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+        nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4 * w, num_classes),
+    )
+
+
+def digits_vit(num_classes: int = 10, img_size: int = 8, patch_size: int = 2, in_chans: int = 1,
+               embed_dim: int = 32, depth: int = 2, num_heads: int = 4, **kwargs) -> nn.Module:
+    """A timm ``VisionTransformer`` small enough to train on digits in seconds."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("digits_vit needs timm: pip install 'sj-sfn[timm]'") from e
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=2.0, **kwargs)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+def small_resnet(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> nn.Sequential:
+    """A ResNet-10-style network (4 basic blocks) for 28×28 images."""
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(in_chans, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+        _BasicBlock(w, w, 1), _BasicBlock(w, 2 * w, 2), _BasicBlock(2 * w, 4 * w, 2), _BasicBlock(4 * w, 4 * w, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes),
+    )
+
+
+def fit(model: nn.Module, loader, epochs: int = 10, lr: float = 3e-3, weight_decay: float = 1e-4,
+        progress: bool = True, seed: int = 0) -> nn.Module:
+    """Train with AdamW + cosine schedule and cross-entropy; returns the model in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = max(1, epochs * len(loader))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    bar = tqdm(total=steps, desc="training", disable=not progress, leave=False)
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader, device: torch.device | str | None = None) -> torch.Tensor:
+    """Concatenated outputs of ``model`` over ``loader`` (eval mode, network state reset per batch)."""
+    from spikingjelly.activation_based import functional
+
+    model.eval()
+    outs = []
+    for batch in loader:
+        x = batch_inputs(batch)
+        if device is not None:
+            x = x.to(device)
+        functional.reset_net(model)
+        outs.append(model(x).float().cpu())
+    if not outs:
+        raise ValueError("the loader is empty")
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader, device: torch.device | str | None = None) -> float:
+    """Top-1 accuracy in percent of ``model`` over a loader of ``(x, y)`` batches."""
+    from spikingjelly.activation_based import functional
+
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        functional.reset_net(model)
+        correct += (model(x).argmax(-1) == y).sum().item()
+        total += y.numel()
+    if total == 0:
+        raise ValueError("the loader is empty")
+    return 100.0 * correct / total
