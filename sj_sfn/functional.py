@@ -232,7 +232,11 @@ def _prepare(x: torch.Tensor, v: torch.Tensor | float, *thresholds):
         v = v.to(device=x.device, dtype=dtype)
     else:
         v = torch.full_like(x, float(v), dtype=dtype)
-    out = [None if t is None else torch.as_tensor(t, device=x.device).to(dtype) for t in thresholds]
+    out = [
+        None if t is None else t.to(device=x.device, dtype=dtype) if isinstance(t, torch.Tensor)
+        else torch.tensor(float(t), device=x.device, dtype=dtype)
+        for t in thresholds
+    ]
     return v, out
 
 

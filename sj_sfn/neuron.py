@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from spikingjelly.activation_based import base
@@ -104,6 +105,7 @@ class MTNode(BaseNode):
     :param backend: ``'torch'`` (reference) or ``'cupy'`` (fused CUDA kernel)
     :param store_v_seq: keep the membrane of every step in ``v_seq`` (step mode ``'m'``)
     :param store_counts: keep the integer spike counts of the last forward in ``last_counts``
+    :param surrogate_function: accepted for SpikingJelly config compatibility and ignored
 
     The gradient is straight-through: ``∂o/∂x = 1`` where ``0 <= h <= N·θ``, else 0.
     """
@@ -118,6 +120,7 @@ class MTNode(BaseNode):
         backend: str = "torch",
         store_v_seq: bool = False,
         store_counts: bool = False,
+        surrogate_function: Any = None,
     ):
         v_threshold = _check_positive_float(v_threshold, "v_threshold")
         max_spikes = _check_max_spikes(max_spikes)
@@ -213,7 +216,7 @@ class SFNode(base.MemoryModule):
     :param theta_pos: base positive threshold ``θ+`` (scalar or 1-D per-channel)
     :param theta_neg: base negative threshold magnitude ``θ-``; ``None`` = positive-only site
     :param lam: scaling factor ``λ`` (> 0)
-    :param max_spikes: ``N``, the most spikes per sign and step
+    :param max_spikes: ``N``, the most spikes per sign and step (default 32, or ``len(levels)``)
     :param levels: optional strictly increasing level multipliers ``y_1..y_N`` (defaults to ``1..N``)
     :param channel_dim: dimension of the single-step input that per-channel thresholds index
     :param v_init: threshold offset ``r ∈ [0, 1)``; ``0.5`` = start half a threshold up (rounding)
@@ -236,7 +239,7 @@ class SFNode(base.MemoryModule):
         theta_pos: float | torch.Tensor = 1.0,
         theta_neg: float | torch.Tensor | None = None,
         lam: float = 1.0,
-        max_spikes: int | None = 32,
+        max_spikes: int | None = None,
         levels: torch.Tensor | None = None,
         channel_dim: int | None = None,
         v_init: float = 0.0,
@@ -257,6 +260,8 @@ class SFNode(base.MemoryModule):
                 max_spikes = levels.numel()
             elif _check_max_spikes(max_spikes) != levels.numel():
                 raise ValueError(f"levels has {levels.numel()} entries but max_spikes={max_spikes}")
+        elif max_spikes is None:
+            max_spikes = 32
         self.register_buffer("levels", levels)
         self.register_buffer(
             "ceiling", None if ceiling is None else torch.tensor(_check_positive_float(ceiling, "ceiling"), dtype=torch.float32)
@@ -290,7 +295,7 @@ class SFNode(base.MemoryModule):
         max_spikes: int = 32,
         signed: bool | None = None,
         **kwargs: Any,
-    ) -> "SFNode":
+    ) -> SFNode:
         """Build an SFN from calibration statistics.
 
         ``stats["pos"]`` is ``θ+`` (e.g. the 0.99-quantile of the activations) and

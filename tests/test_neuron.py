@@ -1,0 +1,248 @@
+"""MTNode and SFNode as SpikingJelly nodes: step modes, state, serialisation, gradients, errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+from spikingjelly.activation_based import base, functional
+
+import sj_sfn
+from sj_sfn import MTNode, SFNode
+from sj_sfn import functional as F
+
+
+def _nodes(rng: torch.Generator):
+    c = 5
+    return [
+        MTNode(v_threshold=0.125, max_spikes=8),
+        MTNode(v_threshold=0.3, max_spikes=3, v_init=0.1),
+        SFNode(theta_pos=0.8, lam=0.25, max_spikes=16),
+        SFNode(theta_pos=0.5, theta_neg=0.7, lam=0.3, max_spikes=4, v_init=0.5),
+        SFNode(theta_pos=0.2 + torch.rand(c, generator=rng), theta_neg=0.2 + torch.rand(c, generator=rng),
+               lam=0.4, max_spikes=6, channel_dim=1),
+        SFNode(theta_pos=1.0, lam=0.5, levels=F.power_levels(8, 1.7)),
+        SFNode(theta_pos=1.0, lam=0.25, max_spikes=32, ceiling=6.0),
+    ]
+
+
+def _input(rng: torch.Generator, T: int | None = None) -> torch.Tensor:
+    shape = (3, 5, 4) if T is None else (T, 3, 5, 4)
+    return (torch.rand(shape, generator=rng) * 2 - 0.7) * 2
+
+
+def test_single_step_loop_equals_multi_step(rng: torch.Generator) -> None:
+    T = int(torch.randint(1, 9, (), generator=rng))
+    x_seq = _input(rng, T)
+    for node in _nodes(rng):
+        node.step_mode = "s"
+        ys = torch.stack([node(x) for x in x_seq])
+        v_single = node.v.clone()
+        functional.reset_net(node)
+        functional.set_step_mode(node, "m")
+        ym = node(x_seq)
+        torch.testing.assert_close(ym, ys, rtol=0, atol=0, msg=repr(node))
+        torch.testing.assert_close(node.v, v_single, rtol=0, atol=0)
+
+
+def test_reset_restores_initial_state(rng: torch.Generator) -> None:
+    x = _input(rng)
+    for node in _nodes(rng):
+        first = node(x)
+        node(x)  # changes the membrane
+        functional.reset_net(node)
+        torch.testing.assert_close(node(x), first, rtol=0, atol=0, msg=repr(node))
+        functional.reset_net(node)
+        assert isinstance(node.v, float)
+
+
+def test_mtn_v_init_is_the_reset_value() -> None:
+    node = MTNode(v_threshold=1.0, max_spikes=2, v_init=0.5)
+    assert node(torch.tensor([0.6])).item() == 1.0  # 0.5 + 0.6 crosses one threshold
+    functional.reset_net(node)
+    assert node.v == 0.5
+
+
+def test_store_v_seq_and_counts(rng: torch.Generator) -> None:
+    x_seq = _input(rng, 4)
+    for node in _nodes(rng):
+        node.store_counts = True
+        node.store_v_seq = True
+        node.step_mode = "m"
+        y = node(x_seq)
+        assert node.v_seq.shape == x_seq.shape
+        torch.testing.assert_close(node.v_seq[-1], node.v)
+        assert node.last_counts.shape == x_seq.shape and not node.last_counts.is_floating_point()
+        assert (node.last_counts != 0).eq(y != 0).all()
+        functional.reset_net(node)
+        node.step_mode = "s"
+        node(x_seq[0])
+        node(x_seq[1])
+        assert node.v_seq.shape == (2, *x_seq.shape[1:])
+
+
+def test_functional_forward_and_detach(rng: torch.Generator) -> None:
+    x_seq = _input(rng, 3)
+    for node in _nodes(rng):
+        node.step_mode = "m"
+        fn = base.to_functional_forward(node)
+        (y,), (v,) = fn((x_seq,), (0.0,) if not isinstance(node, MTNode) else (node.v_init,))
+        functional.reset_net(node)
+        torch.testing.assert_close(y, node(x_seq), rtol=0, atol=0)
+        torch.testing.assert_close(v, node.v)
+        functional.detach_net(node)
+
+
+def test_in_a_network_with_set_step_mode(rng: torch.Generator) -> None:
+    net = nn.Sequential(nn.Linear(4, 8), SFNode(0.5, 0.5, lam=0.2, max_spikes=8), nn.Linear(8, 3), MTNode(0.1, 16))
+    x = torch.randn(2, 6, 4, generator=rng)
+    functional.set_step_mode(net, "m")
+    y_m = net(x)
+    functional.reset_net(net)
+    functional.set_step_mode(net, "s")
+    y_s = torch.stack([net(xt) for xt in x])
+    torch.testing.assert_close(y_m, y_s)
+
+
+def test_state_dict_round_trip_into_default_modules(rng: torch.Generator) -> None:
+    x = _input(rng)
+    for node in _nodes(rng):
+        buf = io.BytesIO()
+        torch.save(node.state_dict(), buf)
+        buf.seek(0)
+        fresh = type(node)()
+        fresh.load_state_dict(torch.load(buf, weights_only=True))
+        functional.reset_net(node)
+        torch.testing.assert_close(fresh(x), node(x), rtol=0, atol=0, msg=repr(node))
+        assert repr(fresh) == repr(node)
+
+
+def test_signed_site_loads_into_positive_only_module_and_back(rng: torch.Generator) -> None:
+    signed = SFNode(0.4, 0.6, lam=0.3, max_spikes=5)
+    plain = SFNode(0.9, lam=0.7, max_spikes=3, levels=torch.tensor([1.0, 2.0, 4.0]))
+    signed_copy = SFNode(0.9, lam=0.7, max_spikes=3, levels=torch.tensor([1.0, 2.0, 4.0]))
+    signed_copy.load_state_dict(signed.state_dict())
+    assert signed_copy.signed and signed_copy.levels is None and signed_copy.max_spikes == 5
+    plain.load_state_dict(SFNode(0.2, lam=0.1, max_spikes=7).state_dict())
+    assert not plain.signed and plain.levels is None and plain.max_spikes == 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype: torch.dtype, rng: torch.Generator) -> None:
+    x = _input(rng)
+    for node in _nodes(rng):
+        ref = node(x)
+        functional.reset_net(node)
+        node.to(dtype)
+        y = node(x.to(dtype))
+        assert y.dtype == dtype and node.v.dtype == torch.float32
+        # thresholds stored in 16 bits may round: compare within one threshold step of the reference
+        step = 0.3 if isinstance(node, MTNode) else node.full_scale().max().item() / node.max_spikes
+        assert (y.float() - ref).abs().max().item() <= step * 1.01 + 1e-2
+
+
+def test_straight_through_gradient_of_the_node(rng: torch.Generator) -> None:
+    node = SFNode(0.5, 0.25, lam=0.5, max_spikes=4)
+    x = (torch.randn(500, generator=rng) * 2).requires_grad_(True)
+    node(x).sum().backward()
+    inside = (x >= -4 * 0.125) & (x <= 4 * 0.25)
+    assert torch.equal(x.grad, inside.float())
+    mtn = MTNode(0.5, 3)
+    x2 = (torch.randn(500, generator=rng) * 2).requires_grad_(True)
+    mtn(x2).sum().backward()
+    assert torch.equal(x2.grad, ((x2 >= 0) & (x2 <= 1.5)).float())
+
+
+def test_from_statistics_and_set_lambda(rng: torch.Generator) -> None:
+    stats = {"pos": torch.tensor(2.0), "neg": torch.tensor(1.0)}
+    node = SFNode.from_statistics(stats, lam=0.25, max_spikes=8)
+    assert node.signed
+    tp, tn = node.scaled_thresholds()
+    assert tp.item() == 0.5 and tn.item() == 0.25 and node.full_scale().item() == 4.0
+    pos_only = SFNode.from_statistics(stats, lam=0.25, max_spikes=8, signed=False)
+    assert not pos_only.signed
+    net = nn.Sequential(nn.Linear(3, 3), node, nn.Linear(3, 3), pos_only)
+    assert sj_sfn.set_lambda(net, 0.5) == 2
+    assert node.lam.item() == 0.5 and pos_only.lam.item() == 0.5
+    x = torch.randn(10, 3, generator=rng)
+    before = net(x)
+    sj_sfn.set_lambda(net, 0.5)
+    functional.reset_net(net)
+    torch.testing.assert_close(net(x), before)
+    with pytest.raises(KeyError):
+        sj_sfn.set_lambda(net, 0.3, names=["nope"])
+    with pytest.raises(ValueError, match="no SFNode"):
+        sj_sfn.set_lambda(nn.Linear(2, 2), 0.3)
+
+
+def test_extra_repr_shows_the_parameters() -> None:
+    assert "max_spikes=8" in repr(MTNode(0.125, 8)) and "v_threshold=0.125" in repr(MTNode(0.125, 8))
+    r = repr(SFNode(0.5, 0.25, lam=0.3, max_spikes=4))
+    assert "lam=0.3" in r and "theta_neg=0.25" in r
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: SFNode(1.0, lam=0.0), "lam"),
+        (lambda: SFNode(1.0, lam=-0.5), "lam"),
+        (lambda: SFNode(1.0, lam=float("nan")), "lam"),
+        (lambda: SFNode(1.0, max_spikes=0), "max_spikes"),
+        (lambda: MTNode(1.0, max_spikes=0), "max_spikes"),
+        (lambda: SFNode(float("inf")), "theta_pos"),
+        (lambda: SFNode(0.0), "theta_pos"),
+        (lambda: SFNode(1.0, theta_neg=float("nan")), "theta_neg"),
+        (lambda: SFNode(torch.ones(2, 2)), "theta_pos"),
+        (lambda: SFNode(torch.ones(3)), "channel_dim"),
+        (lambda: SFNode(torch.ones(3), torch.ones(4), channel_dim=1), "theta_neg"),
+        (lambda: SFNode(1.0, v_init=1.0), "v_init"),
+        (lambda: SFNode(1.0, max_spikes=3, levels=torch.tensor([1.0, 2.0])), "levels"),
+        (lambda: MTNode(float("nan"), 4), "v_threshold"),
+        (lambda: MTNode(-1.0, 4), "v_threshold"),
+        (lambda: SFNode(1.0, backend="triton"), "backend"),
+        (lambda: MTNode(1.0, backend="jax"), "backend"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_type_errors() -> None:
+    with pytest.raises(TypeError, match="max_spikes"):
+        MTNode(1.0, max_spikes=2.5)
+    with pytest.raises(TypeError, match="max_spikes"):
+        SFNode(1.0, max_spikes=True)
+    with pytest.raises(TypeError, match="lam"):
+        SFNode(1.0, lam="0.2")
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    node = SFNode(torch.ones(4), channel_dim=1, step_mode="s")
+    with pytest.raises(ValueError, match="theta_pos has 4 channels"):
+        node(torch.zeros(2, 3))
+    for n in (SFNode(1.0, step_mode="m"), MTNode(1.0, 4, step_mode="m")):
+        with pytest.raises(ValueError, match=r"\[T, N, \*\]"):
+            n(torch.zeros(5))
+    with pytest.raises(ValueError, match="lam"):
+        SFNode(1.0).set_lambda(0.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cupy_backend_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="CUDA|CuPy"):
+        SFNode(1.0, backend="cupy")
+    with pytest.raises(RuntimeError, match="CUDA|CuPy"):
+        MTNode(1.0, 4, backend="cupy")
+
+
+def test_registered_with_spikingjelly_vision_configs() -> None:
+    from spikingjelly.activation_based.distributed.vision import NeuronConfig
+    from spikingjelly.activation_based.distributed.vision.config import _resolve_neuron_config
+
+    cls, kwargs = _resolve_neuron_config(NeuronConfig("sj_sfn.neuron.MTNode", {"v_threshold": 0.5, "max_spikes": 4}))
+    assert cls is MTNode
+    node = cls(**kwargs)
+    assert node(torch.tensor([1.3])).item() == 1.0
