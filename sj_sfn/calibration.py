@@ -98,6 +98,8 @@ class SiteObserver(nn.Module):
         rows = self._subsample(self._rows(x).float())
         qs = [self.p, 1.0 - self.p] if self.signed else [self.p]
         q = torch.quantile(rows, torch.tensor(qs, device=rows.device), dim=1).double()  # [len(qs), C]
+        if self.channel_dim is None:
+            q = q.reshape(len(qs))  # per-tensor statistics stay 0-d
         pos = q[0].cpu()
         if self.num_batches.item() == 0 and pos.numel() > 1:
             self.pos_sum = torch.zeros_like(pos)
