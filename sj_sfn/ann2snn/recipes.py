@@ -1,0 +1,422 @@
+"""Recipes for SpikingJelly 2.0's FX ``ann2snn.Converter``: one-timestep SFN and MTN networks.
+
+``SFNRecipe``: every ReLU-family activation becomes a positive-only :class:`~sj_sfn.SFNode`
+whose base threshold ``θ`` is the calibrated ``p``-quantile of that activation (capped by a
+ReLU6/clamp ceiling ``c``: ``θ = min(q_p, c)``), with thresholds ``λ·θ·i``, ``i = 1..N``::
+
+    snn = ann2snn.Converter(SFNRecipe(loader, lam=0.25, max_spikes=32)).convert(ann)
+    out = snn(x)                       # one step, same input and output as the ANN
+
+``MTNRecipe``: Theorem 2. SpikingJelly's ``RateCodingRecipe`` replaces ``ReLU`` by
+``x/s → IF(threshold 1) → ·s`` (``s`` = the calibrated scale) and runs ``T`` steps; this
+recipe calibrates identically and puts an MTN with threshold ``1/T``, at most ``T`` spikes
+and initial potential ``v_IF(0)/T`` in the IF neuron's place, so that ONE step equals the
+IF network's ``T``-step average whenever every IF input stays in ``[0, threshold]``.
+
+Both recipes work on a deep copy: the caller's model is never modified. The converted
+graph follows ``spikingjelly.activation_based.functional.set_step_mode``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from spikingjelly.activation_based.ann2snn.modules import VoltageHook, VoltageScaler
+from spikingjelly.activation_based.ann2snn.recipes.base import FXConversionRecipe
+from spikingjelly.activation_based.ann2snn.recipes.rate_coding import RateCodingRecipe
+from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import (
+    _RATE_CODING_STATELESS_MODULE_TYPES,
+    adapt_step_mode_graph,
+)
+from torch import fx
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from ..calibration import SiteObserver, calibrate
+from ..neuron import MTNode, SFNode
+from .matching import activation_input, match_relu_family, unsupported_activation
+
+if TYPE_CHECKING:
+    from spikingjelly.activation_based.ann2snn.converter import FXConverter
+
+__all__ = ["SFNRecipe", "MTNRecipe", "fuse_conv_bn", "adapt_step_mode"]
+
+
+# -- graph utilities -------------------------------------------------------------------
+
+
+def fuse_conv_bn(fx_model: fx.GraphModule) -> fx.GraphModule:
+    """Fold every ``BatchNorm`` that directly follows a convolution (its only user) into it."""
+    modules = dict(fx_model.named_modules())
+    pairs = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
+    for node in list(fx_model.graph.nodes):
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        prev = node.args[0]
+        if prev.op != "call_module" or len(prev.users) != 1:
+            continue
+        conv, bn = modules.get(prev.target), modules.get(node.target)
+        if not any(type(conv) is c and type(bn) is b for c, b in pairs) or not bn.track_running_stats:
+            continue
+        fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+        parent, _, leaf = prev.target.rpartition(".")
+        setattr(fx_model.get_submodule(parent) if parent else fx_model, leaf, fused)
+        modules[prev.target] = fused
+        node.replace_all_uses_with(prev)
+        fx_model.graph.erase_node(node)
+    fx_model.graph.lint()
+    fx_model.delete_all_unused_submodules()
+    fx_model.recompile()
+    return fx_model
+
+
+def _unique_target(fx_model: fx.GraphModule, wanted: str) -> str:
+    existing = dict(fx_model.named_modules())
+    target, i = wanted, 1
+    while target in existing:
+        target = f"{wanted}_{i}"
+        i += 1
+    return target
+
+
+_FUNCTIONAL_POOLS = {
+    F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, ("output_size",)),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+    F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, ("output_size",)),
+    F.avg_pool1d: (nn.AvgPool1d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
+    F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")),
+    F.max_pool1d: (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+    F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+}
+
+
+def _modularise_pools(fx_model: fx.GraphModule) -> None:
+    """Turn functional pooling calls with literal arguments into modules (step-mode adaptable)."""
+    for node in list(fx_model.graph.nodes):
+        if node.op != "call_function" or node.target not in _FUNCTIONAL_POOLS:
+            continue
+        cls, names = _FUNCTIONAL_POOLS[node.target]
+        kwargs = dict(zip(names, node.args[1:]))
+        kwargs.update({k: v for k, v in node.kwargs.items() if k in names})
+        if any(isinstance(v, fx.Node) for v in kwargs.values()) or "return_indices" in node.kwargs:
+            continue
+        try:
+            module = cls(**kwargs)
+        except TypeError:
+            continue
+        target = _unique_target(fx_model, f"{node.name}_pool")
+        fx_model.add_submodule(target, module)
+        with fx_model.graph.inserting_after(node):
+            new = fx_model.graph.call_module(target, args=(node.args[0],))
+        node.replace_all_uses_with(new)
+        fx_model.graph.erase_node(node)
+    fx_model.graph.lint()
+    fx_model.recompile()
+
+
+def adapt_step_mode(fx_model: fx.GraphModule, context: str) -> fx.GraphModule:
+    """Make ``fx_model`` follow ``functional.set_step_mode`` (SpikingJelly's adapter).
+
+    Functional pools are turned into modules first. If the graph holds an operation that the
+    adapter cannot make sequence-aware, a warning says so and the single-step graph is returned.
+    """
+    _modularise_pools(fx_model)
+    trial = copy.deepcopy(fx_model)
+    try:
+        return adapt_step_mode_graph(
+            trial,
+            context=context,
+            wrap_module_types=_RATE_CODING_STATELESS_MODULE_TYPES,
+            safe_module_types=(),
+            safe_call_functions=(F.dropout,),
+        )
+    except (ValueError, TypeError) as e:
+        warnings.warn(
+            f"{context}: the converted network runs single-step only (step_mode='s'); "
+            f"multi-step adaptation failed: {e}",
+            stacklevel=3,
+        )
+        return fx_model
+
+
+def _check_loader(dataloader: Any, owner: str) -> None:
+    if dataloader is None:
+        raise ValueError(f"{owner} needs a calibration dataloader (an iterable of x or (x, y) batches)")
+    if not isinstance(dataloader, Iterable):
+        raise TypeError(f"{owner}: dataloader must be iterable, got {type(dataloader).__name__}")
+
+
+def _positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+# -- SFN -------------------------------------------------------------------------------
+
+
+class SFNRecipe(FXConversionRecipe):
+    r"""Convert a CNN to a one-timestep Scale-and-Fire network.
+
+    Each ReLU-family activation becomes ``SFNode(θ, lam=λ, max_spikes=N, ceiling=c)`` with
+    ``θ = min(q_p, c)``, ``q_p`` the ``p``-quantile of that activation averaged over the
+    calibration batches; the site's output is ``λθ·clip(⌊h/(λθ)⌋, 0, N)`` (capped at ``c``).
+    The full scale ``N·λθ`` must cover the activation range: with ``N = 32`` useful ``λ``
+    lie in ``[0.05, 1]``.
+
+    :param dataloader: calibration batches (``x`` or ``(x, y, ...)``)
+    :param lam: ``λ``, the global threshold scale (change later with :func:`sj_sfn.set_lambda`)
+    :param max_spikes: ``N``, spikes per neuron and step
+    :param p: calibration quantile
+    :param per_channel: one threshold per channel (``channel_dim``) instead of per site
+    :param channel_dim: the channel dimension of the activations (1 for ``[N, C, H, W]``)
+    :param v_init: threshold offset ``r`` in ``[0, 1)`` (``0.5`` rounds instead of flooring)
+    :param levels: non-uniform level multipliers ``y_1..y_N`` (default evenly spaced)
+    :param num_batches: calibrate on at most this many batches
+    :param fuse_bn: fold BatchNorm into the preceding convolution
+    :param max_samples: per-batch subsample size of the quantile estimate
+    :param backend: neuron backend (``'torch'`` or ``'cupy'``)
+    :param progress: show a progress bar while calibrating
+    """
+
+    def __init__(
+        self,
+        dataloader: Iterable,
+        lam: float = 0.25,
+        max_spikes: int = 32,
+        p: float = 0.99,
+        per_channel: bool = False,
+        channel_dim: int = 1,
+        v_init: float = 0.0,
+        levels: torch.Tensor | None = None,
+        num_batches: int | None = None,
+        fuse_bn: bool = True,
+        max_samples: int = 1 << 17,
+        backend: str = "torch",
+        progress: bool = True,
+    ) -> None:
+        self.dataloader = dataloader
+        self.lam = lam
+        self.max_spikes = max_spikes
+        self.p = p
+        self.per_channel = per_channel
+        self.channel_dim = channel_dim
+        self.v_init = v_init
+        self.levels = levels
+        self.num_batches = num_batches
+        self.fuse_bn = fuse_bn
+        self.max_samples = max_samples
+        self.backend = backend
+        self.progress = progress
+        self._sites: list[tuple[str, str, str | None, str, float | None]] = []
+
+    # -- hooks -------------------------------------------------------------------------
+    def validate(self, converter: FXConverter) -> None:
+        _check_loader(self.dataloader, "SFNRecipe")
+        _positive(self.lam, "lam (λ)")
+        _positive_int(self.max_spikes, "max_spikes (N)")
+        if isinstance(self.p, bool) or not isinstance(self.p, numbers.Real) or not 0.0 < self.p <= 1.0:
+            raise ValueError(f"p (calibration quantile) must be in (0, 1], got {self.p!r}")
+        if isinstance(self.v_init, bool) or not isinstance(self.v_init, numbers.Real) or not 0.0 <= self.v_init < 1.0:
+            raise ValueError(f"v_init must be a fraction of the threshold in [0, 1), got {self.v_init!r}")
+        if self.num_batches is not None:
+            _positive_int(self.num_batches, "num_batches")
+        if not isinstance(self.channel_dim, int) or isinstance(self.channel_dim, bool):
+            raise TypeError(f"channel_dim must be an int, got {self.channel_dim!r}")
+
+    def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
+        if not isinstance(ann, nn.Module):
+            raise TypeError(f"expected an nn.Module to convert, got {type(ann).__name__}")
+        return copy.deepcopy(ann).eval()
+
+    def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
+        if self.fuse_bn:
+            fx_model = fuse_conv_bn(fx_model)
+        return fx_model.to(converter.device)
+
+    def insert_observers(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
+        modules = dict(fx_model.named_modules())
+        uses: dict[str, int] = {}
+        self._sites = []
+        for node in list(fx_model.graph.nodes):
+            match = match_relu_family(node, modules)
+            if match is None:
+                bad = unsupported_activation(node, modules)
+                if bad is not None:
+                    raise ValueError(
+                        f"SFNRecipe cannot convert the activation {bad}: only the ReLU family (ReLU, ReLU6, "
+                        "Hardtanh(0, c), clamp(min=0[, max=c])) maps to positive-only SFN sites. Replace it by "
+                        "nn.ReLU/nn.ReLU6 and fine-tune, or convert Transformers with sj_sfn.sformer.convert."
+                    )
+                continue
+            if node.op == "call_module":
+                uses[node.target] = uses.get(node.target, 0) + 1
+            obs_target = _unique_target(fx_model, f"sfn_observer_{node.name}")
+            obs = SiteObserver(
+                p=float(self.p), signed=False, channel_dim=self.channel_dim if self.per_channel else None,
+                max_samples=self.max_samples, name=node.name,
+            )
+            fx_model.add_submodule(obs_target, obs)
+            with fx_model.graph.inserting_after(node):
+                fx_model.graph.call_module(obs_target, args=(node,))
+            self._sites.append((node.name, obs_target, node.target if node.op == "call_module" else None, match.kind, match.ceiling))
+        if not self._sites:
+            raise ValueError(
+                "SFNRecipe found no ReLU-family activation (nn.ReLU, F.relu, torch.relu, .relu(), nn.ReLU6, F.relu6, "
+                "nn.Hardtanh(0, c), clamp(min=0)) in the traced model: nothing to convert"
+            )
+        self._module_uses = uses
+        fx_model.graph.lint()
+        fx_model.recompile()
+        return fx_model.to(converter.device)
+
+    def calibrate(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
+        calibrate(fx_model, self.dataloader, num_batches=self.num_batches, device=converter.device,
+                  progress=self.progress, desc="SFN calibration")
+        return fx_model
+
+    def make_node(self, stats: dict[str, Any], ceiling: float | None) -> SFNode:
+        """The SFN for one site: ``θ = min(q_p, ceiling)``."""
+        theta = stats["pos"]
+        if ceiling is not None:
+            theta = torch.clamp(theta, max=ceiling)
+        channel_dim = self.channel_dim if self.per_channel and theta.numel() > 1 else None
+        if theta.numel() == 1:
+            theta = theta.reshape(())
+        return SFNode.from_statistics(
+            {"pos": theta}, lam=float(self.lam), max_spikes=int(self.max_spikes), signed=False, channel_dim=channel_dim,
+            v_init=float(self.v_init), ceiling=ceiling, levels=self.levels, backend=self.backend,
+        )
+
+    def replace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
+        nodes = {n.name: n for n in fx_model.graph.nodes}
+        for name, obs_target, module_target, _kind, ceiling in self._sites:
+            act = nodes[name]
+            obs_node = next(u for u in act.users if u.op == "call_module" and u.target == obs_target)
+            obs = fx_model.get_submodule(obs_target)
+            sfn = self.make_node(obs.statistics(), ceiling).to(converter.device)
+            if module_target is not None and self._module_uses.get(module_target) == 1:
+                target = module_target
+                parent, _, leaf = target.rpartition(".")
+                setattr(fx_model.get_submodule(parent) if parent else fx_model, leaf, sfn)
+            else:
+                base = module_target if module_target is not None else f"sfn_{name}"
+                target = _unique_target(fx_model, base if module_target is None else f"{base}_sfn")
+                fx_model.add_submodule(target, sfn)
+            fx_model.graph.erase_node(obs_node)
+            with fx_model.graph.inserting_after(act):
+                new = fx_model.graph.call_module(target, args=(activation_input(act),))
+            act.replace_all_uses_with(new)
+            fx_model.graph.erase_node(act)
+        fx_model.graph.lint()
+        fx_model.delete_all_unused_submodules()
+        fx_model.recompile()
+        return adapt_step_mode(fx_model, "SFNRecipe").to(converter.device)
+
+    def finalize(self, converter: FXConverter, fx_model: fx.GraphModule) -> nn.Module:
+        fx_model.eval()
+        return fx_model
+
+
+# -- MTN (Theorem 2) --------------------------------------------------------------------
+
+
+class MTNRecipe(RateCodingRecipe):
+    r"""The ``T``-step IF network of SpikingJelly's ``RateCodingRecipe``, as a one-step MTN network.
+
+    Calibration and Conv-BN fusion are ``RateCodingRecipe``'s own (``VoltageHook`` with
+    ``mode``/``momentum``, ``nn.ReLU`` modules, layer-wise scale ``s``). Each ``ReLU`` becomes
+    ``x·(1/s) → MTNode(θ = 1/T, N = T, v_init = r/T) → ·s`` where the rate-coding network has
+    ``x·(1/s) → IF(θ = 1, v(0) = r) → ·s``. Theorem 2: one MTN step on input ``x`` equals the
+    IF network's output averaged over ``T`` steps of constant input ``x`` whenever every IF
+    input stays in ``[0, 1]`` (after the ``1/s`` scaler) and ``0 <= r < 1``.
+
+    :param dataloader: calibration batches
+    :param time_steps: ``T`` of the IF network this one replaces
+    :param v_init: the IF network's initial potential as a fraction ``r`` of its threshold
+        (``RateCodingRecipe`` uses ``0``; a half-threshold IF network uses ``0.5``)
+    :param mode: ``VoltageHook`` statistic (``"Max"``, ``"99.9%"``, or a fraction of the max)
+    :param momentum: ``VoltageHook`` momentum over batches
+    :param fuse_flag: fold BatchNorm into convolutions
+    """
+
+    def __init__(
+        self,
+        dataloader: Iterable,
+        time_steps: int,
+        v_init: float = 0.0,
+        mode: str | float = "Max",
+        momentum: float = 0.1,
+        fuse_flag: bool = True,
+        backend: str = "torch",
+    ) -> None:
+        super().__init__(dataloader, mode=mode, momentum=momentum, fuse_flag=fuse_flag)
+        self.time_steps = time_steps
+        self.v_init = v_init
+        self.backend = backend
+
+    def validate(self, converter: FXConverter) -> None:
+        _check_loader(self.dataloader, "MTNRecipe")
+        super().validate(converter)
+        _positive_int(self.time_steps, "time_steps (T)")
+        if isinstance(self.v_init, bool) or not isinstance(self.v_init, numbers.Real) or not 0.0 <= self.v_init < 1.0:
+            raise ValueError(f"v_init must be a fraction of the IF threshold in [0, 1), got {self.v_init!r}")
+
+    def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
+        if not isinstance(ann, nn.Module):
+            raise TypeError(f"expected an nn.Module to convert, got {type(ann).__name__}")
+        return copy.deepcopy(ann).eval()
+
+    def replace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
+        modules = dict(fx_model.named_modules())
+        t = int(self.time_steps)
+        count = 0
+        for hook_node in list(fx_model.graph.nodes):
+            if hook_node.op != "call_module" or not isinstance(modules.get(hook_node.target), VoltageHook):
+                continue
+            act = hook_node.args[0]
+            if not (isinstance(act, fx.Node) and act.op == "call_module" and type(modules.get(act.target)) is nn.ReLU):
+                continue
+            scale = float(modules[hook_node.target].scale.item())
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"site {act.target!r}: calibrated scale must be finite and > 0, got {scale}")
+            parent, _, leaf = hook_node.target.rpartition(".")
+            prefix = f"{parent}.{leaf.replace('voltage_hook_', 'mtn_')}" if parent else leaf.replace("voltage_hook_", "mtn_")
+            chain = [
+                ("scaler0", VoltageScaler(1.0 / scale)),
+                ("mtn_node", MTNode(v_threshold=1.0 / t, max_spikes=t, v_init=float(self.v_init) / t, backend=self.backend)),
+                ("scaler1", VoltageScaler(scale)),
+            ]
+            prev, after = act.args[0], hook_node
+            for leaf_name, module in chain:
+                fx_model.add_submodule(f"{prefix}.{leaf_name}", module)
+                with fx_model.graph.inserting_after(after):
+                    prev = after = fx_model.graph.call_module(f"{prefix}.{leaf_name}", args=(prev,))
+            hook_node.replace_all_uses_with(prev)
+            act.replace_all_uses_with(prev)
+            fx_model.graph.erase_node(hook_node)
+            fx_model.graph.erase_node(act)
+            count += 1
+        if count == 0:
+            raise ValueError("MTNRecipe found no nn.ReLU module to convert (RateCodingRecipe's calibration handles nn.ReLU only)")
+        fx_model.graph.lint()
+        fx_model.delete_all_unused_submodules()
+        fx_model.recompile()
+        return adapt_step_mode(fx_model, "MTNRecipe").to(converter.device)
+
+    def finalize(self, converter: FXConverter, fx_model: fx.GraphModule) -> nn.Module:
+        fx_model.eval()
+        return fx_model

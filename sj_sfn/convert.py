@@ -1,0 +1,92 @@
+"""``sj_sfn.convert``: the one entry point from a trained ANN to a one-timestep SNN.
+
+CNN-like models (ReLU family) go through :class:`~sj_sfn.ann2snn.SFNRecipe` and SpikingJelly's
+FX ``Converter``; Transformers (timm ``VisionTransformer``/``Eva``, or any model holding
+``nn.MultiheadAttention`` or a timm ``Attention``) go to :func:`sj_sfn.sformer.convert`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["convert", "is_transformer"]
+
+_TRANSFORMER_CLASSES = {"VisionTransformer", "Eva", "VisionTransformerDistilled", "Beit", "DeiT"}
+
+
+def is_transformer(model: nn.Module) -> bool:
+    """Whether ``model`` is a Transformer: a timm ViT/Eva, or it holds multi-head attention."""
+    for m in model.modules():
+        cls = type(m)
+        if isinstance(m, nn.MultiheadAttention):
+            return True
+        if cls.__module__.startswith("timm.") and (cls.__name__ in _TRANSFORMER_CLASSES or cls.__name__.endswith("Attention")):
+            return True
+    return False
+
+
+def _sformer_convert():
+    try:
+        module = importlib.import_module("sj_sfn.sformer")
+    except ImportError as e:
+        raise NotImplementedError(
+            "converting Transformers is not supported yet in this installation: sj_sfn.sformer "
+            f"could not be imported ({e}); CNNs convert through sj_sfn.SFNRecipe"
+        ) from e
+    fn = getattr(module, "convert", None)
+    if fn is None:
+        raise NotImplementedError("converting Transformers is not supported yet: sj_sfn.sformer has no convert()")
+    return fn
+
+
+def convert(
+    model: nn.Module,
+    dataloader: Iterable,
+    lam: float = 0.25,
+    max_spikes: int = 32,
+    p: float = 0.99,
+    *,
+    per_channel: bool = False,
+    v_init: float = 0.0,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
+    r"""Convert a trained ANN into a one-timestep SNN (the caller's model is not modified).
+
+    Every activation site gets an SFN with thresholds ``λ·θ·i`` (``i = 1..N``), ``θ`` the
+    ``p``-quantile of that site's activations on ``dataloader``; ``sj_sfn.set_lambda(snn, λ')``
+    rescales later without recalibrating.
+
+    :param model: a CNN with ReLU-family activations, or a timm Vision Transformer
+    :param dataloader: calibration batches (``x`` or ``(x, y, ...)``)
+    :param lam: ``λ``
+    :param max_spikes: ``N``
+    :param p: calibration quantile
+    :param per_channel: per-channel thresholds
+    :param v_init: threshold offset ``r ∈ [0, 1)`` (``0.5`` = round instead of floor)
+    :param num_batches: calibrate on at most this many batches
+    :param device: conversion device (default: the model's)
+    :param progress: progress bar while calibrating
+    :param kwargs: passed on to :class:`~sj_sfn.ann2snn.SFNRecipe` or :func:`sj_sfn.sformer.convert`
+    :returns: an ``nn.Module``; ``snn(x)`` takes the ANN's input and returns its kind of output
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if is_transformer(model):
+        fn = _sformer_convert()
+        return fn(model, dataloader, lam=lam, max_spikes=max_spikes, p=p, per_channel=per_channel, v_init=v_init,
+                  num_batches=num_batches, device=device, progress=progress, **kwargs)
+    from spikingjelly.activation_based.ann2snn import Converter
+
+    from .ann2snn import SFNRecipe
+
+    recipe = SFNRecipe(dataloader, lam=lam, max_spikes=max_spikes, p=p, per_channel=per_channel, v_init=v_init,
+                       num_batches=num_batches, progress=progress, **kwargs)
+    return Converter(recipe, device=device).convert(model)
