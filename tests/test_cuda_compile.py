@@ -137,3 +137,160 @@ def test_import_does_not_import_cupy():
     code = "import sys, sj_sfn, sj_sfn.ops, sj_sfn.cuda; sj_sfn.implementation('cpu'); assert 'cupy' not in sys.modules, 'cupy imported'"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+# -- the kernel's arithmetic, run on the host ----------------------------------------------
+# The real fire.cu is compiled as C++ for the CPU with a small shim (CUDA intrinsics mapped to
+# IEEE float operations, one "thread" that strides over every element) and called through
+# ctypes with the very arguments that sj_sfn.cuda.kernels.plan() builds for a launch. This
+# checks the per-element math, the channel indexing and the argument marshalling against the
+# reference without a GPU. The two PTX half-precision conversions are swapped for _Float16.
+_SHIM = r"""
+#include <math.h>
+#include <cstring>
+#include <cstddef>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+struct sj_dim3 { unsigned int x; };
+static sj_dim3 blockIdx, blockDim, gridDim, threadIdx;
+template <class T> static inline T __ldg(const T* p) { return *p; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+"""
+
+
+def _host_source() -> str:
+    src = cuda.source()
+    to_f32 = 'asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));'
+    to_f16 = 'asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));'
+    assert to_f32 in src and to_f16 in src
+    src = src.replace(to_f32, "f = (float)__builtin_bit_cast(_Float16, h);")
+    src = src.replace(to_f16, "h = __builtin_bit_cast(unsigned short, (_Float16)f);")
+    wrappers = []
+    for i, v in enumerate(cuda.all_variants()):
+        st = f"io<{cuda.KERNEL_DTYPES[v.dtype]}>::storage"
+        wrappers.append(
+            f'extern "C" void run_{i}(const {st}* x, const float* v, {st}* s, float* vo, signed char* c, float* vs, '
+            "const float* tp, float tpv, const float* tn, const float* lv, const float* ce, float r, int N, "
+            "long long n, int T, long long inner, int C) {\n"
+            "  blockIdx.x = 0; threadIdx.x = 0; blockDim.x = 1; gridDim.x = 1;\n"
+            f"  {v.name_expression}(x, v, s, vo, c, vs, tp, tpv, tn, lv, ce, r, N, n, T, inner, C);\n}}"
+        )
+    return _SHIM + src + "\n" + "\n".join(wrappers) + "\n"
+
+
+@pytest.fixture(scope="session")
+def host_kernels(tmp_path_factory):
+    import ctypes
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on the PATH")
+    d = tmp_path_factory.mktemp("host_kernel")
+    (d / "fire_host.cpp").write_text(_host_source())
+    res = subprocess.run(
+        [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC",
+         "-o", str(d / "fire_host.so"), str(d / "fire_host.cpp")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    lib = ctypes.CDLL(str(d / "fire_host.so"))
+    index = {v: i for i, v in enumerate(cuda.all_variants())}
+    return lib, index
+
+
+def _host_fire(host_kernels, *args, **kwargs):
+    import ctypes
+
+    import numpy as np
+
+    lib, index = host_kernels
+    p = cuda.kernels.plan(*args, **kwargs)
+    conv = {np.uint64: ctypes.c_uint64, np.float32: ctypes.c_float, np.int32: ctypes.c_int, np.int64: ctypes.c_longlong}
+    fn = getattr(lib, f"run_{index[p.variant]}")
+    fn.restype = None
+    fn(*(conv[type(a)](a.item()) for a in p.args))
+    return p
+
+
+def _reference(x_seq, v, tp, tn, lam, max_spikes, levels, offset, ceiling, channel_dim):
+    from sj_sfn import functional as F
+
+    x0 = x_seq[0]
+    tp_b = F.broadcast_threshold(tp, x0, channel_dim)
+    tn_b = None if tn is None else F.broadcast_threshold(tn, x0, channel_dim)
+    return F.sfn_multi_step(x_seq, v, tp_b, tn_b, lam, max_spikes, levels, offset, ceiling, False, True, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_host_build_of_the_kernel_matches_the_reference(host_kernels, dtype, rng):
+    """Every variant, fresh random inputs: spikes, counts, every v and the final v bit for bit."""
+    from sj_sfn import functional as F
+
+    seen = set()
+    for signed, per_channel, custom, steps, ceil, offset in [
+        (False, False, False, 1, None, 0.0), (False, False, False, 4, None, 0.5),
+        (True, False, False, 1, None, 0.0), (True, False, False, 16, None, 0.25),
+        (False, True, False, 1, 1.5, 0.0), (False, True, False, 4, None, 0.0),
+        (True, True, False, 1, None, 0.5), (True, True, False, 4, 2.0, 0.0),
+        (False, False, True, 1, None, 0.0), (False, False, True, 4, 1.0, 0.5),
+        (True, False, True, 1, None, 0.0), (True, False, True, 16, None, 0.0),
+        (False, True, True, 1, None, 0.5), (False, True, True, 4, None, 0.0),
+        (True, True, True, 1, 0.7, 0.0), (True, True, True, 4, None, 0.25),
+    ]:  # fmt: skip
+        n_max = int(torch.randint(1, 40, (), generator=rng))
+        shape = (steps, 3, 5, 7)
+        channel_dim = 1
+        x = (torch.randn(shape, generator=rng) * 2).to(dtype)
+        v0 = torch.randn(shape[1:], generator=rng) * 0.3
+        c = shape[1 + channel_dim]
+        tp = (torch.rand(c if per_channel else (), generator=rng) + 0.05) * 2
+        tn = (torch.rand(c if per_channel else (), generator=rng) + 0.05) * 2 if signed else None
+        lam = torch.rand((), generator=rng) * 0.5 + 0.05
+        levels = F.power_levels(n_max, 1.0 + float(torch.rand((), generator=rng)) * 2) if custom else None
+        ceiling = None if ceil is None else torch.tensor(ceil)
+        ref = _reference(x, v0, tp, tn, lam, n_max, levels, offset, ceiling, channel_dim)
+        tp_s, tn_s = tp.float() * lam, None if tn is None else tn.float() * lam
+        p = _host_fire(host_kernels, x, v0, tp_s, tn_s, n_max, levels, offset, ceiling, channel_dim, True, True)
+        seen.add(p.variant)
+        case = f"{p.variant}, N={n_max}, r={offset}, ceiling={ceil}"
+        assert torch.equal(p.spike_seq, ref.spike_seq), case
+        assert torch.equal(p.count_seq, ref.count_seq), case
+        assert torch.equal(p.v, ref.v), case
+        assert torch.equal(p.v_seq, ref.v_seq), case
+    assert seen == {v for v in cuda.all_variants() if v.dtype == dtype}
+
+
+def test_host_build_mtn_scalar_threshold_and_strided_input(host_kernels, rng):
+    """MTN passes θ as a float argument; a non-contiguous input is made contiguous first."""
+    from sj_sfn import functional as F
+
+    x = torch.randn(6, 9, 4, generator=rng).transpose(1, 2)  # [T, 4, 9], not contiguous
+    theta = float(torch.rand((), generator=rng)) + 0.1
+    ref = F.mtn_multi_step(x, 0.05, theta, 7, return_count=True, store_v_seq=True)
+    theta32 = torch.tensor(theta, dtype=torch.float32).item()
+    p = _host_fire(host_kernels, x, torch.full((4, 9), 0.05), theta32, None, 7, return_count=True, store_v_seq=True)
+    assert torch.equal(p.spike_seq, ref.spike_seq) and torch.equal(p.count_seq, ref.count_seq)
+    assert torch.equal(p.v, ref.v) and torch.equal(p.v_seq, ref.v_seq)
+
+
+def test_host_build_catches_a_wrong_formula(host_kernels, rng, tmp_path):
+    """The host comparison fails when the kernel's math is changed (floor → round)."""
+    import ctypes
+
+    src = _host_source().replace("float k = floorf(u);", "float k = floorf(u + 0.5f);", 1)
+    (tmp_path / "bad.cpp").write_text(src)
+    cxx = shutil.which("g++") or shutil.which("c++")
+    res = subprocess.run([cxx, "-std=c++20", "-O0", "-shared", "-fPIC", "-o", str(tmp_path / "bad.so"), str(tmp_path / "bad.cpp")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    bad = (ctypes.CDLL(str(tmp_path / "bad.so")), host_kernels[1])
+    x = torch.randn(2, 50, generator=rng) * 3
+    p = _host_fire(bad, x, torch.zeros(50), torch.tensor(0.3), None, 10, return_count=True)
+    ref = _reference(x, torch.zeros(50), torch.tensor(0.3), None, 1.0, 10, None, 0.0, None, None)
+    assert not torch.equal(p.spike_seq, ref.spike_seq)

@@ -32,6 +32,8 @@ __all__ = [
     "cupy_status",
     "kernel_unsupported",
     "fire",
+    "plan",
+    "LaunchPlan",
 ]
 
 SOURCE_FILE = "fire.cu"
@@ -176,6 +178,87 @@ def _ptr(t: torch.Tensor | None):
     return np.uint64(0 if t is None else t.data_ptr())
 
 
+@dataclass
+class LaunchPlan:
+    """Everything one launch needs: the variant, the kernel arguments and the output tensors."""
+
+    variant: Variant
+    args: tuple
+    n: int
+    spike_seq: torch.Tensor
+    v: torch.Tensor
+    count_seq: torch.Tensor | None
+    v_seq: torch.Tensor | None
+    keep: tuple = ()  # contiguous copies the arguments point into
+
+
+def plan(
+    x_seq: torch.Tensor,
+    v: torch.Tensor,
+    theta_pos: torch.Tensor | float,
+    theta_neg: torch.Tensor | None,
+    max_spikes: int,
+    levels: torch.Tensor | None = None,
+    offset: float = 0.0,
+    ceiling: torch.Tensor | None = None,
+    channel_dim: int | None = None,
+    return_count: bool = False,
+    store_v_seq: bool = False,
+) -> LaunchPlan:
+    """Validate the inputs, allocate the outputs and build the kernel arguments (any device)."""
+    import numpy as np
+
+    if x_seq.dim() < 1 or x_seq.shape[0] < 1:
+        raise ValueError(f"x_seq must have shape [T, ...] with T >= 1, got {tuple(x_seq.shape)}")
+    why = kernel_unsupported(x_seq.dtype, max_spikes, return_count, levels)
+    if why is not None:
+        raise ValueError(why)
+    device = x_seq.device
+    steps = x_seq.shape[0]
+    step_shape = x_seq.shape[1:]
+    n = math.prod(step_shape)
+    x_seq = x_seq.contiguous()
+    v = v.to(device=device, dtype=torch.float32).expand(step_shape).contiguous()
+
+    per_channel = False
+    inner, channels = 1, 1
+    tp_ptr, tp_value = None, 0.0
+    if isinstance(theta_pos, torch.Tensor):
+        tp_ptr = theta_pos.to(device=device, dtype=torch.float32).contiguous().reshape(-1)
+        per_channel = tp_ptr.numel() > 1
+    else:
+        tp_value = float(theta_pos)
+    tn = None if theta_neg is None else theta_neg.to(device=device, dtype=torch.float32).contiguous().reshape(-1)
+    if tn is not None and tn.numel() != (1 if tp_ptr is None else tp_ptr.numel()):
+        raise ValueError(f"theta_neg has {tn.numel()} channels but theta_pos has {1 if tp_ptr is None else tp_ptr.numel()}")
+    if per_channel:
+        if channel_dim is None:
+            raise ValueError(f"per-channel thresholds ({tp_ptr.numel()} channels) need channel_dim")
+        dim = channel_dim + len(step_shape) if channel_dim < 0 else channel_dim
+        if not 0 <= dim < len(step_shape) or step_shape[dim] != tp_ptr.numel():
+            raise ValueError(
+                f"thresholds have {tp_ptr.numel()} channels but the input step of shape {tuple(step_shape)} "
+                f"does not have that many at channel_dim={channel_dim}"
+            )
+        channels = step_shape[dim]
+        inner = math.prod(step_shape[dim + 1 :])
+    lv = None if levels is None else levels.to(device=device, dtype=torch.float32).contiguous()
+    ceil = None if ceiling is None else torch.as_tensor(ceiling).to(device=device, dtype=torch.float32).reshape(1)
+
+    spike_seq = torch.empty_like(x_seq)
+    v_out = torch.empty(step_shape, dtype=torch.float32, device=device)
+    count_seq = torch.empty(x_seq.shape, dtype=torch.int8, device=device) if return_count else None
+    v_seq = torch.empty(x_seq.shape, dtype=torch.float32, device=device) if store_v_seq else None
+    variant = Variant(x_seq.dtype, tn is not None, per_channel, lv is not None, steps == 1)
+    args = (
+        _ptr(x_seq), _ptr(v), _ptr(spike_seq), _ptr(v_out), _ptr(count_seq), _ptr(v_seq),
+        _ptr(tp_ptr), np.float32(tp_value), _ptr(tn), _ptr(lv), _ptr(ceil),
+        np.float32(offset), np.int32(max_spikes), np.int64(n), np.int32(steps), np.int64(inner), np.int32(channels),
+    )  # fmt: skip
+    keep = (x_seq, v, tp_ptr, tn, lv, ceil)
+    return LaunchPlan(variant, args, n, spike_seq, v_out, count_seq, v_seq, keep)
+
+
 def fire(
     x_seq: torch.Tensor,
     v: torch.Tensor,
@@ -196,64 +279,15 @@ def fire(
     ``theta_pos``) or 1-D per channel along ``channel_dim`` of ``S``. Launches on torch's
     current stream with the tensors' own memory (no copies beyond making inputs contiguous).
     """
-    import numpy as np
-
-    if x_seq.dim() < 1 or x_seq.shape[0] < 1:
-        raise ValueError(f"x_seq must have shape [T, ...] with T >= 1, got {tuple(x_seq.shape)}")
     if not x_seq.is_cuda:
         raise ValueError(f"the CuPy kernel needs CUDA tensors, got input on {x_seq.device}")
-    why = kernel_unsupported(x_seq.dtype, max_spikes, return_count, levels)
-    if why is not None:
-        raise ValueError(why)
-    device = x_seq.device
-    steps = x_seq.shape[0]
-    step_shape = x_seq.shape[1:]
-    n = math.prod(step_shape)
-    x_seq = x_seq.contiguous()
-    v = v.to(device=device, dtype=torch.float32).expand(step_shape).contiguous()
+    p = plan(x_seq, v, theta_pos, theta_neg, max_spikes, levels, offset, ceiling, channel_dim, return_count, store_v_seq)
+    if p.n > 0:
+        import cupy
 
-    per_channel = False
-    inner, channels = 1, 1
-    tp_ptr, tp_value = None, 0.0
-    if isinstance(theta_pos, torch.Tensor):
-        tp_ptr = theta_pos.to(device=device, dtype=torch.float32).contiguous().reshape(-1)
-        per_channel = tp_ptr.numel() > 1
-    else:
-        tp_value = float(theta_pos)
-    tn = None if theta_neg is None else theta_neg.to(device=device, dtype=torch.float32).contiguous().reshape(-1)
-    if tn is not None and tp_ptr is not None and tn.numel() != tp_ptr.numel():
-        raise ValueError(f"theta_neg has {tn.numel()} channels but theta_pos has {tp_ptr.numel()}")
-    if per_channel:
-        if channel_dim is None:
-            raise ValueError(f"per-channel thresholds ({tp_ptr.numel()} channels) need channel_dim")
-        dim = channel_dim + len(step_shape) if channel_dim < 0 else channel_dim
-        if not 0 <= dim < len(step_shape) or step_shape[dim] != tp_ptr.numel():
-            raise ValueError(
-                f"thresholds have {tp_ptr.numel()} channels but the input step of shape {tuple(step_shape)} "
-                f"does not have that many at channel_dim={channel_dim}"
-            )
-        channels = step_shape[dim]
-        inner = math.prod(step_shape[dim + 1 :])
-    lv = None if levels is None else levels.to(device=device, dtype=torch.float32).contiguous()
-    ceil = None if ceiling is None else torch.as_tensor(ceiling).to(device=device, dtype=torch.float32).reshape(1)
-
-    spike_seq = torch.empty_like(x_seq)
-    v_out = torch.empty(step_shape, dtype=torch.float32, device=device)
-    count_seq = torch.empty(x_seq.shape, dtype=torch.int8, device=device) if return_count else None
-    v_seq = torch.empty(x_seq.shape, dtype=torch.float32, device=device) if store_v_seq else None
-    if n == 0:
-        return spike_seq, v_out, count_seq, v_seq
-
-    variant = Variant(x_seq.dtype, tn is not None, per_channel, lv is not None, steps == 1)
-    args = (
-        _ptr(x_seq), _ptr(v), _ptr(spike_seq), _ptr(v_out), _ptr(count_seq), _ptr(v_seq),
-        _ptr(tp_ptr), np.float32(tp_value), _ptr(tn), _ptr(lv), _ptr(ceil),
-        np.float32(offset), np.int32(max_spikes), np.int64(n), np.int32(steps), np.int64(inner), np.int32(channels),
-    )  # fmt: skip
-    blocks = min(-(-n // THREADS), 2**31 - 1)
-    import cupy
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with cupy.cuda.Device(index), _stream(torch.cuda.current_stream(device).cuda_stream, index):
-        kernel(variant)((blocks,), (THREADS,), args)
-    return spike_seq, v_out, count_seq, v_seq
+        device = x_seq.device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        blocks = min(-(-p.n // THREADS), 2**31 - 1)
+        with cupy.cuda.Device(index), _stream(torch.cuda.current_stream(device).cuda_stream, index):
+            kernel(p.variant)((blocks,), (THREADS,), p.args)
+    return p.spike_seq, p.v, p.count_seq, p.v_seq
