@@ -1,0 +1,260 @@
+"""Explicit SFormer attention and MLP modules with SFN sites in place.
+
+They take over the parameters of timm's ``Attention`` / ``AttentionRope`` / ``EvaAttention``
+and ``Mlp`` / ``GluMlp`` / ``SwiGLU`` under the same names (so the ANN's state-dict keys are
+unchanged) and add one site module per SFN site, named ``sfn_<kind>``:
+
+attention:  x → sfn_qkv_in → qkv → (q_norm, k_norm, rope) → sfn_q, sfn_k, sfn_v →
+            softmax(q·kᵀ·scale + mask) → sfn_attn → attn·v → norm (gate) → sfn_proj_in → proj
+MLP:        x → sfn_fc1_in → fc1 → act (GLU) → norm → sfn_fc2_in → fc2
+
+A site is any module: an :class:`~sj_sfn.SFNode` in a converted model, a
+:class:`~sj_sfn.calibration.SiteObserver` during calibration, ``nn.Identity`` for the exact
+ANN on the explicit path. LayerNorm, GELU/SiLU, SoftMax and the residual additions stay
+floating-point. The fused ``scaled_dot_product_attention`` is never used: the SoftMax output
+must exist as a tensor for its site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from ..neuron import SFNode
+
+__all__ = ["SITE_KINDS", "SFormerAttention", "SFormerMlp", "attention_types", "mlp_types", "fire"]
+
+#: every site kind, in the order a token meets them inside a block (``head_in`` feeds the classifier)
+SITE_KINDS = ("qkv_in", "q", "k", "v", "attn", "proj_in", "fc1_in", "fc2_in", "head_in")
+
+SiteFactory = Callable[[str], nn.Module]
+
+
+def attention_types() -> tuple[type, ...]:
+    """timm attention classes that :class:`SFormerAttention` replaces."""
+    from timm.layers.attention import Attention, AttentionRope
+    from timm.models.eva import EvaAttention
+
+    return (Attention, AttentionRope, EvaAttention)
+
+
+def mlp_types() -> tuple[type, ...]:
+    """timm MLP classes that :class:`SFormerMlp` replaces."""
+    from timm.layers.mlp import GluMlp, Mlp, SwiGLU
+
+    return (Mlp, GluMlp, SwiGLU)
+
+
+def fire(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run one site at T=1: an SFN starts from a zero membrane on every forward."""
+    if isinstance(site, SFNode):
+        site.reset()
+    return site(x)
+
+
+def _adopt(dst: nn.Module, src: nn.Module) -> None:
+    """Move ``src``'s parameters, buffers (with their persistence) and children onto ``dst``."""
+    for name, p in src._parameters.items():
+        dst.register_parameter(name, p)
+    for name, b in src._buffers.items():
+        dst.register_buffer(name, b, persistent=name not in src._non_persistent_buffers_set)
+    for name, m in src._modules.items():
+        dst.add_module(name, m)
+
+
+class SFormerAttention(nn.Module):
+    """Multi-head self-attention on the explicit path with SFN sites (see the module doc).
+
+    ``attn = softmax((s_q(q) · s_k(k)ᵀ)·d^-1/2 + mask)``, ``out = proj(s_p(norm(s_a(attn) · s_v(v))))``
+    with ``s_·`` the sites; accepts the ``rope``, ``attn_mask`` and ``is_causal`` arguments of
+    timm's attention modules (rope is applied after qk-norm and before the q/k sites, to all
+    tokens but the ``num_prefix_tokens`` class/register tokens).
+    """
+
+    SITES = ("qkv_in", "q", "k", "v", "attn", "proj_in")
+
+    def __init__(self, src: nn.Module, site_factory: SiteFactory):
+        super().__init__()
+        if not isinstance(src, attention_types()):
+            raise TypeError(
+                f"unsupported attention module {type(src).__module__}.{type(src).__qualname__}: SFormer converts "
+                "timm's Attention, AttentionRope and EvaAttention"
+            )
+        self.source_type = type(src).__name__
+        self.num_heads = int(src.num_heads)
+        self.head_dim = int(src.head_dim)
+        self.attn_dim = self.num_heads * self.head_dim
+        self.num_kv_heads = int(getattr(src, "num_kv_heads", self.num_heads))
+        self.scale = float(src.scale)
+        self.num_prefix_tokens = int(getattr(src, "num_prefix_tokens", 0))
+        self.rotate_half = bool(getattr(src, "rotate_half", False))
+        _adopt(self, src)
+        for attr in ("qkv", "q_proj", "k_proj", "v_proj", "gate", "q_bias", "k_bias", "v_bias"):
+            if not hasattr(self, attr):
+                setattr(self, attr, None)
+        for kind in self.SITES:
+            self.add_module(f"sfn_{kind}", site_factory(kind))
+        self._counts: dict[str, torch.Tensor | None] = {}
+
+    def extra_repr(self) -> str:
+        return f"from={self.source_type}, num_heads={self.num_heads}, head_dim={self.head_dim}, kv_heads={self.num_kv_heads}"
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, _ = x.shape
+        if self.qkv is not None:
+            qkv = self.qkv(x)
+            if self.q_bias is not None:
+                qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            return qkv.unbind(0)
+        q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+        k = self.k_proj(x).reshape(B, N, self.num_kv_heads, -1).transpose(1, 2)
+        v = self.v_proj(x).reshape(B, N, self.num_kv_heads, -1).transpose(1, 2)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+        from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+        B, N, _ = x.shape
+        x = fire(self.sfn_qkv_in, x)
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self._project(x)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            npt = self.num_prefix_tokens
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=self.rotate_half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=self.rotate_half)], dim=2).type_as(v)
+        q, k, v = fire(self.sfn_q, q), fire(self.sfn_k, k), fire(self.sfn_v, v)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        attn = fire(self.sfn_attn, attn)
+        x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = fire(self.sfn_proj_in, x)
+        return self.proj_drop(self.proj(x))
+
+    def energy_ops(self) -> list[dict]:
+        r"""Operation counts of the two attention products of the last forward (summed over the batch).
+
+        With signed spike counts ``k_q, k_k, k_v`` (``[B, H, N, D]``) and ``k_a`` (``[B, H, N, N]``)
+        from the q/k/v/attn sites, each pair of spikes that meets in a product is one
+        accumulate (a multi-level spike of count ``k`` is ``|k|`` unit spikes):
+
+        .. math::
+
+            AC_{qk} = \sum_{b,h,d} \Big(\sum_i |k_q[i,d]|\Big)\Big(\sum_j |k_k[j,d]|\Big),\quad
+            AC_{av} = \sum_{b,h,j} \Big(\sum_i k_a[i,j]\Big)\Big(\sum_d |k_v[j,d]|\Big)
+
+        ``events`` is the same sum with ``1[k≠0]`` for ``|k|`` (one event per non-zero pair);
+        ``ann_macs = B·H·N·N·D`` for each product. The scale ``d^-1/2`` and the spike values
+        ``λθ`` are per-tensor constants folded into the result, not counted.
+        A site that is not an SFN with ``store_counts=True`` makes its product dense (``macs``).
+        """
+        counts = {kind: getattr(getattr(self, f"sfn_{kind}"), "last_counts", None) for kind in ("q", "k", "v", "attn")}
+        groups = self.num_heads // self.num_kv_heads
+        for kind in ("k", "v"):
+            if counts[kind] is not None and groups > 1:
+                counts[kind] = counts[kind].repeat_interleave(groups, dim=1)
+        return [
+            _product_ops("qk", counts["q"], counts["k"], "qk"),
+            _product_ops("av", counts["attn"], counts["v"], "av"),
+        ]
+
+
+def _product_ops(name: str, a: torch.Tensor | None, b: torch.Tensor | None, kind: str) -> dict:
+    """Counts for ``a @ bᵀ`` (``qk``: a=[..,N,D], b=[..,M,D]) or ``a @ b`` (``av``: a=[..,N,M], b=[..,M,D])."""
+    if a is None or b is None:
+        raise RuntimeError(
+            f"energy_ops: the sites of the {name} product kept no spike counts; set store_counts=True on the "
+            "SFN sites (sj_sfn.energy.measure_energy does this) and run a forward first"
+        )
+    a_abs, b_abs = a.abs().to(torch.float64), b.abs().to(torch.float64)
+    a_ev, b_ev = (a != 0).to(torch.float64), (b != 0).to(torch.float64)
+    if kind == "qk":  # Σ_d (Σ_i |a_id|)(Σ_j |b_jd|)
+        n, d, m = a.shape[-2], a.shape[-1], b.shape[-2]
+        acs = (a_abs.sum(-2) * b_abs.sum(-2)).sum().item()
+        events = (a_ev.sum(-2) * b_ev.sum(-2)).sum().item()
+    else:  # Σ_j (Σ_i |a_ij|)(Σ_d |b_jd|)
+        n, m, d = a.shape[-2], a.shape[-1], b.shape[-1]
+        acs = (a_abs.sum(-2) * b_abs.sum(-1)).sum().item()
+        events = (a_ev.sum(-2) * b_ev.sum(-1)).sum().item()
+    batch = a.numel() // (a.shape[-2] * a.shape[-1])
+    ann_macs = float(batch * n * m * d)
+    return {"name": name, "kind": "matmul", "macs": 0.0, "acs": acs, "events": events, "ann_macs": ann_macs}
+
+
+class SFormerMlp(nn.Module):
+    """timm's ``Mlp`` / ``GluMlp`` / ``SwiGLU`` with SFN sites before ``fc1`` and ``fc2``.
+
+    ``Mlp``: ``fc2(s2(norm(act(fc1(s1(x))))))``; ``GluMlp``: ``fc1`` output split in two halves,
+    ``act(x1)·x2`` (or ``x1·act(x2)``); ``SwiGLU``: ``act(fc1_g(s1(x)))·fc1_x(s1(x))``.
+    """
+
+    SITES = ("fc1_in", "fc2_in")
+
+    def __init__(self, src: nn.Module, site_factory: SiteFactory):
+        super().__init__()
+        if not isinstance(src, mlp_types()):
+            raise TypeError(f"unsupported MLP module {type(src).__qualname__}: SFormer converts timm's Mlp, GluMlp and SwiGLU")
+        from timm.layers.mlp import GluMlp, SwiGLU
+
+        self.variant = "swiglu" if isinstance(src, SwiGLU) else "glu" if isinstance(src, GluMlp) else "mlp"
+        self.chunk_dim = int(getattr(src, "chunk_dim", -1))
+        self.gate_last = bool(getattr(src, "gate_last", True))
+        _adopt(self, src)
+        linears = ("fc1_g", "fc1_x", "fc2") if self.variant == "swiglu" else ("fc1", "fc2")
+        for name in linears:
+            if not isinstance(getattr(self, name), nn.Linear):
+                raise TypeError(
+                    f"unsupported MLP: {type(src).__qualname__}.{name} is {type(getattr(self, name)).__name__}, "
+                    "SFormer needs nn.Linear (use_conv MLPs are not supported)"
+                )
+        for kind in self.SITES:
+            self.add_module(f"sfn_{kind}", site_factory(kind))
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fire(self.sfn_fc1_in, x)
+        if self.variant == "swiglu":
+            x = self.act(self.fc1_g(x)) * self.fc1_x(x)
+        else:
+            x = self.fc1(x)
+            if self.variant == "glu":
+                x1, x2 = x.chunk(2, dim=self.chunk_dim)
+                x = x1 * self.act(x2) if self.gate_last else self.act(x1) * x2
+            else:
+                x = self.act(x)
+        x = self.norm(self.drop1(x))
+        x = fire(self.sfn_fc2_in, x)
+        return self.drop2(self.fc2(x))
+
+
+class HeadSite(nn.Sequential):
+    """``head_drop`` followed by the ``head_in`` site: the classifier's input spikes, its output does not."""
+
+    def __init__(self, drop: nn.Module, site: nn.Module):
+        super().__init__()
+        self.add_module("drop", drop)
+        self.add_module("sfn_head_in", site)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fire(self.sfn_head_in, self.drop(x))
