@@ -427,6 +427,12 @@ def sfn(
     _check_seq(x_seq)
     impl = _choose(x_seq, backend)
     x0 = x_seq[0]
+    if impl == "torch" and not torch.compiler.is_compiling():
+        tp_b = F.broadcast_threshold(torch.as_tensor(theta_pos), x0, channel_dim, "theta_pos")
+        tn_b = None if theta_neg is None else F.broadcast_threshold(torch.as_tensor(theta_neg), x0, channel_dim, "theta_neg")
+        return F.sfn_multi_step(
+            x_seq, v, tp_b, tn_b, lam, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq
+        )
     dtype = F.compute_dtype(x_seq.dtype)
 
     def as_t(t):
@@ -437,12 +443,6 @@ def sfn(
         return torch.tensor(float(t), device=x_seq.device, dtype=dtype)
 
     tp, tn, lam_t = as_t(theta_pos), as_t(theta_neg), as_t(lam)
-    if impl == "torch" and not torch.compiler.is_compiling():
-        tp_b = F.broadcast_threshold(tp, x0, channel_dim, "theta_pos")
-        tn_b = None if tn is None else F.broadcast_threshold(tn, x0, channel_dim, "theta_neg")
-        return F.sfn_multi_step(
-            x_seq, v, tp_b, tn_b, lam_t, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq
-        )
     # Scale exactly as the reference does (θ in the compute dtype times λ), then validate the shapes.
     tp = tp * lam_t
     tn = None if tn is None else tn * lam_t
