@@ -170,14 +170,20 @@ def implementation(
     return _resolve(dev, "auto")
 
 
+@torch.compiler.assume_constant_result
+def _choose_on(device: torch.device, backend: str) -> str:
+    """Name of the implementation for ``device`` (a constant for torch.compile), or raise."""
+    impl = _resolve(device, backend)
+    if impl.error:
+        raise RuntimeError(impl.error)
+    return impl.name
+
+
 def _choose(x: torch.Tensor, backend: str) -> str:
     if x.device.type == "cpu" and backend != "cupy" and backend in _BACKENDS:
         _env_choice()  # a bad value is reported on every device
         return "torch"
-    impl = _resolve(x.device, backend)
-    if impl.error:
-        raise RuntimeError(impl.error)
-    return impl.name
+    return _choose_on(x.device, backend)
 
 
 # ---------------------------------------------------------------------------------------

@@ -286,3 +286,13 @@ def test_bad_inputs_are_clear_errors(rng):
         ops.mtn(torch.randn(2, 3, generator=rng), 0.0, 0.5, 3, backend="triton")
     with pytest.raises(ValueError, match="channels"):
         ops.sfn(torch.randn(2, 3, 4, generator=rng), 0.0, torch.ones(5), channel_dim=1)
+
+
+def test_choice_for_cuda_is_a_compile_time_constant():
+    """On CUDA the choice (which may import CuPy) is made once at trace time, without a graph break."""
+    torch._dynamo.reset()
+
+    def f(x):
+        return x + (1.0 if ops._choose_on(torch.device("cuda"), "torch") == "torch" else 2.0)
+
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(3)), torch.ones(3))
