@@ -1,0 +1,374 @@
+"""SFormer conversion of timm Vision Transformers: accuracy, site placement, SoftMax cap, energy counts."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.models.eva import Eva
+from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
+
+from sj_sfn import SFNode, sformer, zoo
+from sj_sfn.calibration import CalibrationError
+from sj_sfn.sformer import SFormerAttention
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _tiny_vit(**kw) -> VisionTransformer:
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, mlp_ratio=2.0)
+    args.update(kw)
+    return VisionTransformer(**args).eval()
+
+
+def _tiny_eva(**kw) -> Eva:
+    """EVA-02-style: rope, SwiGLU (packed GLU) MLP, fused qkv with separate q/v biases."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4 * 2 / 3, swiglu_mlp=True,
+                use_rot_pos_emb=True, ref_feat_shape=(4, 4), num_classes=5)
+    args.update(kw)
+    m = Eva(**args).eval()
+    with torch.no_grad():  # timm zero-initialises the q/v biases: make them matter
+        for mod in m.modules():
+            for name in ("q_bias", "v_bias"):
+                b = getattr(mod, name, None)
+                if isinstance(b, nn.Parameter):
+                    b.normal_(0, 0.1)
+    return m
+
+
+def _set_fused(model: nn.Module, fused: bool) -> None:
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+            n += 1
+    assert n > 0
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+TINY_MODELS = {
+    "test_vit": lambda: __import__("timm").create_model("test_vit", img_size=32, num_classes=5),
+    "dinov2_style": lambda: _tiny_vit(reg_tokens=4, init_values=1e-1, qk_norm=True, no_embed_class=True),
+    "eva02_style": _tiny_eva,
+    "rope_gqa": lambda: _tiny_eva(attn_type="rope", qkv_fused=False, num_heads=4, num_kv_heads=2, qk_norm=True),
+}
+
+
+# ----------------------------------------------------------------------------- the trained digits ViT
+
+
+def test_digits_vit_t1_accuracy_within_one_point(vit_digits_model, vit_digits_snn, cnn_digits_splits):
+    test = cnn_digits_splits.loader("test", 512)
+    ann = zoo.accuracy(vit_digits_model, test)
+    snn = zoo.accuracy(vit_digits_snn, test)
+    assert ann > 85.0, f"the fixture ViT trained badly ({ann:.2f}%)"
+    assert abs(ann - snn) <= 1.0, f"ANN {ann:.2f}% vs SFormer T=1 {snn:.2f}%"
+
+
+def test_linear_inputs_are_threshold_multiples_and_softmax_is_capped(vit_digits_model, vit_digits_snn, vit_digits_calib,
+                                                                      cnn_digits_splits):
+    snn = vit_digits_snn
+    # the caps, computed here from the ANN on the calibration batches: per block, max of softmax(q·kᵀ/√d)
+    caps, seen = [0.0] * len(snn.blocks), 0
+    for x, _ in vit_digits_calib:
+        qkv_out = []
+        hooks = [b.attn.qkv.register_forward_hook(lambda m, i, o, _l=qkv_out: _l.append(o)) for b in vit_digits_model.blocks]
+        vit_digits_model(x)
+        for h in hooks:
+            h.remove()
+        for i, (blk, o) in enumerate(zip(vit_digits_model.blocks, qkv_out)):
+            att = blk.attn
+            B, N, _ = o.shape
+            q, k, _v = o.reshape(B, N, 3, att.num_heads, att.head_dim).permute(2, 0, 3, 1, 4)
+            caps[i] = max(caps[i], (q @ k.transpose(-2, -1) * att.head_dim**-0.5).softmax(-1).max().item())
+        seen += 1
+        if seen == 4:
+            break
+    # which SFN feeds which Linear: the site named after the layer's input
+    feeds = {"qkv": "sfn_qkv_in", "proj": "sfn_proj_in", "fc1": "sfn_fc1_in", "fc2": "sfn_fc2_in", "head": "head_drop.sfn_head_in"}
+    linears = {n: m for n, m in snn.named_modules() if isinstance(m, nn.Linear)}
+    assert len(linears) == 4 * len(snn.blocks) + 1
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, _n=n: inputs.__setitem__(_n, a[0].detach())) for n, m in linears.items()]
+    attn_out: list[torch.Tensor] = []
+    hooks += [b.attn.sfn_attn.register_forward_hook(lambda m, a, o: attn_out.append(o.detach())) for b in snn.blocks]
+    x = next(iter(cnn_digits_splits.loader("test", 256)))[0]
+    snn(x)
+    for h in hooks:
+        h.remove()
+    assert set(inputs) == set(linears)
+    for name, v in inputs.items():
+        parent, _, leaf = name.rpartition(".")
+        site = snn.get_submodule(f"{parent}.{feeds[leaf]}" if parent else feeds[leaf])
+        assert isinstance(site, SFNode)
+        tp, tn = (t.item() for t in site.scaled_thresholds())
+        k_pos, k_neg = v.clamp(min=0) / tp, (-v).clamp(min=0) / tn
+        for k in (k_pos, k_neg):
+            assert torch.allclose(k, k.round(), atol=1e-3), f"{name}: input is not a multiple of its site threshold"
+            assert k.round().max() <= site.max_spikes
+        assert (v != 0).any(), f"{name}: the site never fired"
+    assert len(attn_out) == len(snn.blocks)
+    for o, blk, cap in zip(attn_out, snn.blocks, caps):
+        assert o.min() >= 0, "a SoftMax site emitted a negative value"
+        assert o.max() <= cap * (1 + 1e-5), f"SoftMax site output {o.max():.6f} exceeds the calibration max {cap:.6f}"
+        step = blk.attn.sfn_attn.scaled_thresholds()[0].item()
+        assert torch.allclose(o / step, (o / step).round(), atol=1e-3)
+        # the cap is the calibration max (softmax_cap='max'): recomputed here independently
+        assert blk.attn.sfn_attn.ceiling.item() == pytest.approx(cap, rel=1e-5)
+
+
+def test_convert_leaves_the_ann_alone(vit_digits_model, vit_digits_calib):
+    before = copy.deepcopy(vit_digits_model.state_dict())
+    types = [type(m) for m in vit_digits_model.modules()]
+    sformer.convert(vit_digits_model, vit_digits_calib, num_batches=1, progress=False)
+    assert [type(m) for m in vit_digits_model.modules()] == types
+    after = vit_digits_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sites_cover_every_kind_with_statistics(vit_digits_snn, cnn_digits_splits):
+    found = sformer.sites(vit_digits_snn, cnn_digits_splits.loader("val", 64), num_batches=2)
+    per_block = {}
+    for s in found:
+        per_block.setdefault(s.block, []).append(s.kind)
+        assert s.threshold == pytest.approx(s.lam * (s.theta_pos if isinstance(s.theta_pos, float) else max(s.theta_pos)))
+        assert 0.0 <= s.active <= 1.0 and 0.0 <= s.saturated <= 1.0 and s.rate >= 0.0
+        assert s.signed == (s.kind != "attn")
+    assert per_block[None] == ["head_in"]
+    for b in range(len(vit_digits_snn.blocks)):
+        assert sorted(per_block[b]) == sorted(["qkv_in", "q", "k", "v", "attn", "proj_in", "fc1_in", "fc2_in"])
+    assert all(s.rate > 0 for s in found), "every site should fire on real data"
+
+
+def test_set_lambda_and_max_spikes_per_kind(vit_digits_snn):
+    snn = copy.deepcopy(vit_digits_snn)
+    n_blocks = len(snn.blocks)
+    assert sformer.set_lambda(snn, 0.1, kinds=["attn"]) == n_blocks
+    for s in sformer.sites(snn):
+        assert s.lam == pytest.approx(0.1 if s.kind == "attn" else 0.25)
+    assert sformer.set_max_spikes(snn, 8, kinds=("q", "k")) == 2 * n_blocks
+    assert {s.max_spikes for s in sformer.sites(snn) if s.kind in ("q", "k")} == {8}
+    assert sformer.set_lambda(snn, 0.3) == len(sformer.sites(snn))
+    with pytest.raises(ValueError, match="unknown site kind"):
+        sformer.set_lambda(snn, 0.2, kinds=["softmax"])
+    with pytest.raises(ValueError, match="lam"):
+        sformer.set_lambda(snn, 0.0)
+    with pytest.raises(ValueError, match="no SFormer SFN sites"):
+        sformer.sites(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_softmax_cap_options(vit_digits_model, vit_digits_calib):
+    caps = {}
+    for cap in ("max", "one", 0.999):
+        snn = sformer.convert(vit_digits_model, vit_digits_calib, num_batches=2, softmax_cap=cap, softmax_max_spikes=8,
+                              progress=False)
+        attn = [s for s in sformer.sites(snn) if s.kind == "attn"]
+        assert all(s.max_spikes == 8 for s in attn)
+        # 'cap' thresholds: the N_a levels evenly cover [0, cap] at the conversion λ
+        assert all(s.full_scale == pytest.approx(s.ceiling, rel=1e-5) for s in attn)
+        caps[cap] = [s.ceiling for s in attn]
+    assert caps["one"] == [1.0] * len(caps["one"])
+    assert all(0 < q <= m <= 1.0 for q, m in zip(caps[0.999], caps["max"]))
+    snn = sformer.convert(vit_digits_model, vit_digits_calib, num_batches=2, softmax_theta="quantile", progress=False)
+    for s in sformer.sites(snn):
+        if s.kind == "attn":
+            assert s.threshold < s.ceiling <= 1.0
+
+
+def test_bad_arguments(vit_digits_model, vit_digits_calib):
+    for kw, match in [
+        (dict(lam=0.0), "lam"),
+        (dict(max_spikes=0), "max_spikes"),
+        (dict(p=1.5), "quantile"),
+        (dict(softmax_cap="median"), "softmax_cap"),
+        (dict(softmax_cap=1.5), "softmax_cap"),
+        (dict(softmax_theta="max"), "softmax_theta"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sformer.convert(vit_digits_model, vit_digits_calib, progress=False, **kw)
+    with pytest.raises(CalibrationError, match="empty"):
+        sformer.convert(vit_digits_model, [], progress=False)
+
+
+# ----------------------------------------------------------------------------- timm architectures (random weights)
+
+
+@pytest.mark.parametrize("arch", list(TINY_MODELS))
+def test_explicit_path_matches_timm(arch, rng):
+    model = TINY_MODELS[arch]()
+    x = torch.rand(3, 3, 32, 32, generator=rng)
+    explicit = sformer.prepare(model, lambda kind, name: nn.Identity()).eval()
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    mask = torch.rand(n, n, generator=rng) > 0.3
+    mask |= torch.eye(n, dtype=torch.bool)
+    with torch.no_grad():
+        for fused in (True, False):
+            _set_fused(model, fused)
+            torch.testing.assert_close(explicit(x), model(x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(explicit.forward_features(x, attn_mask=mask), model.forward_features(x, attn_mask=mask),
+                                       rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(TINY_MODELS))
+@pytest.mark.parametrize("fused", [True, False])
+def test_tiny_models_convert_and_converge_to_the_ann(arch, fused, rng):
+    model = TINY_MODELS[arch]()
+    _set_fused(model, fused)
+    calib = [(torch.rand(8, 3, 32, 32, generator=rng),) for _ in range(2)]
+    x = torch.rand(4, 3, 32, 32, generator=rng)
+    with torch.no_grad():
+        ref = model(x)
+        snn = sformer.convert(model, calib, lam=0.25, progress=False)
+        assert sum(isinstance(m, SFormerAttention) for m in snn.modules()) == len(model.blocks)
+        out = snn(x)
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        coarse = _rel_err(out, ref)
+        # λ → 0 with N·λ fixed large: every site tends to the identity, the SNN to the ANN
+        fine = sformer.convert(model, calib, lam=1e-4, max_spikes=1 << 20, softmax_cap="one", progress=False)
+        err = _rel_err(fine(x), ref)
+    assert err < 2e-3, f"{arch}: λ=1e-4 output differs from the ANN by {err:.2e}"
+    assert err < coarse
+
+
+def test_converged_snn_keeps_attention_masks(rng):
+    model = _tiny_eva()
+    calib = [(torch.rand(8, 3, 32, 32, generator=rng),)]
+    snn = sformer.convert(model, calib, lam=1e-4, max_spikes=1 << 20, softmax_cap="one", progress=False)
+    x = torch.rand(2, 3, 32, 32, generator=rng)
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    mask = torch.eye(n, dtype=torch.bool)  # every token attends to itself only
+    with torch.no_grad():
+        ref, out = model.forward_features(x, attn_mask=mask), snn.forward_features(x, attn_mask=mask)
+        unmasked = model.forward_features(x)
+    assert _rel_err(out, ref) < 2e-3
+    assert _rel_err(unmasked, ref) > 10 * _rel_err(out, ref)  # the mask matters, and the SNN follows it
+
+
+def test_unsupported_attention_is_named():
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        sformer.convert(WithMHA(), [(torch.rand(2, 4, 8),)], progress=False)
+    with pytest.raises(TypeError, match="AttentionPoolLatent"):
+        sformer.prepare(_tiny_vit(global_pool="map", class_token=False))
+    with pytest.raises(TypeError, match="ParallelScalingBlock"):
+        sformer.prepare(_tiny_vit(block_fn=ParallelScalingBlock))
+    with pytest.raises(TypeError, match="no timm attention"):
+        sformer.prepare(zoo.digits_cnn())
+    with pytest.raises(TypeError, match="unsupported attention module .*Linear"):
+        SFormerAttention(nn.Linear(2, 2), lambda kind: nn.Identity())
+    with pytest.raises(ValueError, match="already"):
+        sformer.prepare(sformer.prepare(_tiny_vit()))
+
+
+# ----------------------------------------------------------------------------- energy of the attention products
+
+
+def _counts_from_output(out: torch.Tensor, node: SFNode) -> torch.Tensor:
+    """Signed spike counts recovered from a site's output values and its thresholds."""
+    tp, tn = node.scaled_thresholds()
+    k = torch.where(out >= 0, out / tp, out / (tn if tn is not None else tp))
+    return k.round()
+
+
+def _brute_force(kq, kk, kv, ka):
+    """Σ over every multiply of both products of |count|·|count| and of 1[both ≠ 0] (explicit broadcast)."""
+    qk = kq.abs()[..., :, None, :] * kk.abs()[..., None, :, :]  # [B,H,N,N,D]
+    av = ka.abs()[..., :, :, None] * kv.abs()[..., None, :, :]  # [B,H,N,N,D]
+    qk_ev = (kq != 0)[..., :, None, :] & (kk != 0)[..., None, :, :]
+    av_ev = (ka != 0)[..., :, :, None] & (kv != 0)[..., None, :, :]
+    return qk.sum().item(), qk_ev.sum().item(), av.sum().item(), av_ev.sum().item(), qk[..., 0].numel() * kq.shape[-1]
+
+
+def test_energy_ops_match_a_brute_force_count(rng):
+    from timm.layers.attention import Attention
+
+    att = Attention(dim=12, num_heads=3, qkv_bias=True).eval()
+
+    def site(kind: str, name: str = "") -> SFNode:
+        tp = torch.rand((), generator=rng).item() * 0.3 + 0.05
+        if kind == "attn":
+            return SFNode(theta_pos=0.05, lam=1.0, max_spikes=16, ceiling=0.8)
+        return SFNode(theta_pos=tp, theta_neg=tp * 1.3, lam=1.0, max_spikes=6, store_counts=True)
+
+    mod = SFormerAttention(att, site).eval()
+    mod.sfn_attn.store_counts = True
+    seen = {}
+    for kind in ("q", "k", "v", "attn"):
+        node = getattr(mod, f"sfn_{kind}")
+        node.register_forward_hook(lambda m, a, o, _k=kind: seen.__setitem__(_k, _counts_from_output(o, m)))
+    x = torch.randn(2, 7, 12, generator=rng)
+    with torch.no_grad():
+        mod(x)
+    ops = {o["name"]: o for o in mod.energy_ops()}
+    qk_acs, qk_ev, av_acs, av_ev, macs = _brute_force(seen["q"], seen["k"], seen["v"], seen["attn"])
+    assert qk_acs > 0 and av_acs > 0
+    assert ops["qk"]["acs"] == pytest.approx(qk_acs) and ops["qk"]["events"] == pytest.approx(qk_ev)
+    assert ops["av"]["acs"] == pytest.approx(av_acs) and ops["av"]["events"] == pytest.approx(av_ev)
+    assert ops["qk"]["ann_macs"] == ops["av"]["ann_macs"] == macs == 2 * 3 * 7 * 7 * 4
+    assert ops["qk"]["macs"] == 0 and ops["qk"]["kind"] == "matmul"
+    mod.sfn_q.store_counts = False
+    with torch.no_grad():
+        mod(x)
+    with pytest.raises(RuntimeError, match="store_counts"):
+        mod.energy_ops()
+
+
+def test_measure_energy_counts_attention_products(vit_digits_model, vit_digits_snn, cnn_digits_splits):
+    from sj_sfn.energy import measure_energy
+
+    x = next(iter(cnn_digits_splits.loader("test", 64)))[0]
+    snn = copy.deepcopy(vit_digits_snn)
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    for i, blk in enumerate(snn.blocks):
+        for kind in ("q", "k", "v", "attn"):
+            getattr(blk.attn, f"sfn_{kind}").register_forward_hook(
+                lambda m, a, o, _k=kind, _i=i: seen.setdefault(_i, {}).__setitem__(_k, _counts_from_output(o, m)))
+    report = measure_energy(snn, [(x,)], ann=vit_digits_model)
+    rows = {r.name: r for r in report.per_layer}
+    for i in range(len(snn.blocks)):
+        c = seen[i]
+        qk_acs, qk_ev, av_acs, av_ev, macs = _brute_force(c["q"], c["k"], c["v"], c["attn"])
+        assert rows[f"blocks.{i}.attn.qk"].snn_acs == pytest.approx(qk_acs / 64)
+        assert rows[f"blocks.{i}.attn.av"].events == pytest.approx(av_ev / 64)
+        assert rows[f"blocks.{i}.attn.av"].ann_macs == pytest.approx(macs / 64)
+        for lin in ("qkv", "proj", "fc1", "fc2"):  # every Linear is fed by a site: no dense MACs
+            assert rows[f"blocks.{i}.{'attn' if lin in ('qkv', 'proj') else 'mlp'}.{lin}"].macs == 0
+    assert rows["head"].macs == 0 and rows["patch_embed.proj"].macs > 0
+    assert 0 < report.ratio < 1.0 and math.isfinite(report.ratio)
+
+
+# ----------------------------------------------------------------------------- Figure 6
+
+
+def test_figure6_histograms(vit_digits_model, vit_digits_snn, cnn_digits_splits, tmp_path):
+    from sj_sfn.sformer.plots import collect_site_values, plot_site_histograms
+
+    x = next(iter(cnn_digits_splits.loader("test", 32)))[0]
+    vals = collect_site_values(vit_digits_model, vit_digits_snn, x, lams=(0.5, 0.25), block=1)
+    assert set(vals) == {"qkv_in", "fc2_in", "attn"}
+    ann_attn = vals["attn"]["ANN"]
+    assert ann_attn.min() >= 0 and ann_attn.max() <= 1
+    # post-SoftMax rows sum to 1 in the ANN: one per image, head and query token
+    heads, tokens = vit_digits_model.blocks[1].attn.num_heads, vit_digits_model.patch_embed.num_patches + 1
+    assert ann_attn.sum().item() == pytest.approx(32 * heads * tokens, rel=1e-4)
+    for kind in vals:
+        assert vals[kind]["λ=0.5"].numel() == vals[kind]["ANN"].numel()
+        # a coarser λ leaves no more distinct values than a finer one
+        assert vals[kind]["λ=0.5"].unique().numel() <= vals[kind]["λ=0.25"].unique().numel()
+    assert vit_digits_snn.blocks[0].attn.sfn_attn.lam.item() == pytest.approx(0.25)  # not modified
+    path = tmp_path / "fig6.png"
+    fig = plot_site_histograms(vit_digits_model, vit_digits_snn, x, lams=(0.5, 0.25), path=str(path))
+    assert path.stat().st_size > 10_000 and len(fig.axes) == 9
