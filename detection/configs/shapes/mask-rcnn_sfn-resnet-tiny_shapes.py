@@ -1,0 +1,14 @@
+# Mask R-CNN with a tiny timm ResNet (SFNTimmBackbone) on the generated shapes data set.
+_base_ = './mask-rcnn_sformer-vit-tiny_shapes.py'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='SFNTimmBackbone',
+        model_name='resnet10t',
+        out_indices=(1, 2, 3, 4),
+        timm_kwargs=dict(channels=(16, 32, 64, 128), stem_width=16),
+        snn=dict(lam=0.25, max_spikes=32, p=0.99, calib={{_base_.calib}}),
+    ),
+    neck=dict(in_channels=[16, 32, 64, 128]),
+)
