@@ -4,7 +4,9 @@ For each size ``n`` (elements per step, 2^16 .. 2^28) and each ``T``, times one 
 forward ``[T, n] -> [T, n]`` of
 
 * ``cupy``   the fused SFN kernel (CUDA only; needs CuPy),
-* ``torch``  the torch reference (``sj_sfn.functional``) on the same device,
+* ``torch``  the torch implementation the dispatcher uses without CuPy (the reference's
+             operations, in place, without autograd) on the same device,
+* ``reference``  ``sj_sfn.functional.sfn_multi_step`` itself (the truth, autograd-ready),
 * ``sj_if``  SpikingJelly's ``IFNode`` in step mode ``'m'`` at the same ``T``,
 
 and reports elements/s (``T·n / time``) and effective bandwidth: the bytes a fused forward
@@ -99,10 +101,16 @@ def _runners(neuron: str, device: torch.device, dtype: torch.dtype, steps: int, 
             return lambda: ops.mtn(x, v, 0.1, 32, backend=backend)
         return lambda: ops.sfn(x, v, tp, tn, lam, 32, backend=backend)
 
+    def reference():
+        if neuron == "mtn":
+            return F.mtn_multi_step(x, v, 0.1, 32)
+        return F.sfn_multi_step(x, v, tp, tn, lam, 32)
+
     out = {}
     if cupy_ok and device.type == "cuda" and dtype in sj_sfn.cuda.KERNEL_DTYPES:
         out["cupy"] = (run("cupy"), fused_bytes)
     out["torch"] = (run("torch"), ref_bytes)
+    out["reference"] = (reference, ref_bytes)
     if_node = sjn.IFNode(v_threshold=0.1, v_reset=None, step_mode="m")
 
     def sj_if():
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per point (at least 3 calls)")
     p.add_argument("--max-reps", type=int, default=50)
     p.add_argument("--memory-fraction", type=float, default=0.6, help="skip sizes needing more than this of free memory")
-    p.add_argument("--impl", nargs="+", choices=("cupy", "torch", "sj_if"), default=None, help="only these implementations")
+    p.add_argument("--impl", nargs="+", choices=("cupy", "torch", "reference", "sj_if"), default=None, help="only these implementations")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU: stable timings on a shared machine)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="print only the table")
@@ -185,24 +193,25 @@ def main(argv: list[str] | None = None) -> dict:
                         "fraction_of_copy": None if bw is None else moved / t / bw,
                     }  # fmt: skip
                     results.append(row)
-                    log(f"{impl:6s} {dtype_name} T={steps} 2^{k}: {t * 1e3:.3f} ms, {row['gbytes_per_s']:.1f} GB/s")
+                    log(f"{impl:9s} {dtype_name} T={steps} 2^{k}: {t * 1e3:.3f} ms, {row['gbytes_per_s']:.1f} GB/s")
                 del runners, x, v
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
     by_key = {(r["dtype"], r["steps"], r["log2_n"], r["impl"]): r for r in results}
     for r in results:
-        base = by_key.get((r["dtype"], r["steps"], r["log2_n"], "torch"))
-        r["speedup_vs_torch"] = None if base is None else base["seconds"] / r["seconds"]
+        base = by_key.get((r["dtype"], r["steps"], r["log2_n"], "reference"))
+        r["speedup_vs_reference"] = None if base is None else base["seconds"] / r["seconds"]
 
-    header = f"{'impl':6s} {'dtype':8s} {'T':>3s} {'n':>6s} {'ms':>10s} {'Gelem/s':>9s} {'GB/s':>8s} {'copy%':>6s} {'vs torch':>8s}"
+    header = f"{'impl':9s} {'dtype':8s} {'T':>3s} {'n':>6s} {'ms':>10s} {'Gelem/s':>9s} {'GB/s':>8s} {'copy%':>6s} {'vs ref':>7s}"
     print(f"# {args.neuron.upper()} forward on {device} ({name})" + (f", copy bandwidth {bw / 1e9:.0f} GB/s" if bw else ""))
     print(header)
     for r in sorted(results, key=lambda r: (r["dtype"], r["steps"], r["log2_n"], r["impl"])):
         frac = "" if r["fraction_of_copy"] is None else f"{100 * r['fraction_of_copy']:.0f}"
+        speed = "" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}"
         print(
-            f"{r['impl']:6s} {r['dtype']:8s} {r['steps']:3d} {'2^' + str(r['log2_n']):>6s} {r['seconds'] * 1e3:10.3f} "
-            f"{r['elements_per_s'] / 1e9:9.3f} {r['gbytes_per_s']:8.1f} {frac:>6s} {r['speedup_vs_torch']:8.2f}"
+            f"{r['impl']:9s} {r['dtype']:8s} {r['steps']:3d} {'2^' + str(r['log2_n']):>6s} {r['seconds'] * 1e3:10.3f} "
+            f"{r['elements_per_s'] / 1e9:9.3f} {r['gbytes_per_s']:8.1f} {frac:>6s} {speed:>7s}"
         )
     report = {
         "device": str(device), "device_name": name, "torch": torch.__version__,

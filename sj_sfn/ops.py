@@ -199,6 +199,82 @@ def _pack(out: F.SeqOutput, x_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return out.spike_seq, out.v, count, v_seq
 
 
+def _torch_fused(
+    x_seq: torch.Tensor,
+    v: torch.Tensor | float,
+    tp: torch.Tensor,
+    tn: torch.Tensor | None,
+    max_spikes: int,
+    offset: float,
+    ceiling: torch.Tensor | None,
+    return_count: bool,
+    store_v_seq: bool,
+) -> F.SeqOutput:
+    """The reference's forward (uniform levels, no autograd) with in-place torch ops.
+
+    Same operations in the same order as :func:`sj_sfn.functional.multi_threshold_fire`, so the
+    result is identical: ``k+ = clip(floor(h/θ+ + r), 0, N)`` (``min(k+, max(1, floor(c/θ+)))``
+    with a ceiling), ``k- = clip(floor(-h/θ- + r), 0, N)``, ``o = θ+·k+ - θ-·k-``, ``v = h - o``.
+    ``tp``/``tn`` are the scaled thresholds in the compute dtype, shaped to broadcast.
+    """
+    dtype = F.compute_dtype(x_seq.dtype)
+    if isinstance(v, torch.Tensor):
+        v = v.to(device=x_seq.device, dtype=dtype)
+    else:
+        v = torch.full(x_seq.shape[1:], float(v), dtype=dtype, device=x_seq.device)
+    shape = torch.broadcast_shapes(v.shape, x_seq.shape[1:])
+    v = v.expand(shape)  # a 0-d v would not promote a 16-bit x to float32
+    spike_seq = torch.empty((x_seq.shape[0], *shape), dtype=x_seq.dtype, device=x_seq.device)
+    count_seq = torch.empty(spike_seq.shape, dtype=F.count_dtype(max_spikes), device=x_seq.device) if return_count else None
+    v_seq = torch.empty(spike_seq.shape, dtype=dtype, device=x_seq.device) if store_v_seq else None
+    cap = None
+    if ceiling is not None:
+        cap = torch.clamp(torch.floor(torch.as_tensor(ceiling, dtype=dtype, device=x_seq.device) / tp), min=1)
+    u = torch.empty(shape, dtype=dtype, device=x_seq.device)
+    w = None if tn is None else torch.empty_like(u)
+    for t in range(x_seq.shape[0]):
+        h = v + x_seq[t]  # promotes a 16-bit x to float32 exactly as x.to(float32)
+        torch.div(h, tp, out=u)
+        u.add_(offset).floor_().clamp_(0, max_spikes)
+        if cap is not None:
+            torch.minimum(u, cap, out=u)
+        if w is not None:
+            torch.div(h, tn, out=w)  # (-h)/θ- == -(h/θ-) in round-to-nearest
+            w.neg_().add_(offset).floor_().clamp_(0, max_spikes)
+            if count_seq is not None:
+                count_seq[t].copy_(u - w)
+            u.mul_(tp)
+            u.sub_(w.mul_(tn))
+        else:
+            if count_seq is not None:
+                count_seq[t].copy_(u)
+            u.mul_(tp)
+        spike_seq[t].copy_(u)
+        v = h.sub_(u)
+        if v_seq is not None:
+            v_seq[t].copy_(v)
+    return F.SeqOutput(spike_seq, v, count_seq, v_seq)
+
+
+def _mtn_torch(x_seq, v, v_threshold, max_spikes, return_count, store_v_seq) -> F.SeqOutput:
+    dtype = F.compute_dtype(x_seq.dtype)
+    theta = torch.tensor(float(v_threshold), dtype=dtype, device=x_seq.device)
+    return _torch_fused(x_seq, v, theta, None, max_spikes, 0.0, None, return_count, store_v_seq)
+
+
+def _sfn_torch(x_seq, v, tp, tn, levels, ceiling, max_spikes, offset, channel_dim, detach_reset, return_count, store_v_seq):
+    """No-autograd SFN forward with scaled 0-d/1-D thresholds: fused ops, or the reference for custom levels."""
+    if levels is not None:
+        return _sfn_reference(
+            x_seq, v, tp, tn, levels, ceiling, max_spikes, offset, channel_dim, detach_reset, return_count, store_v_seq
+        )
+    dtype = F.compute_dtype(x_seq.dtype)
+    x0 = x_seq[0]
+    tp = F.broadcast_threshold(tp.to(dtype), x0, channel_dim, "theta_pos")
+    tn = None if tn is None else F.broadcast_threshold(tn.to(dtype), x0, channel_dim, "theta_neg")
+    return _torch_fused(x_seq, v, tp, tn, max_spikes, offset, ceiling, return_count, store_v_seq)
+
+
 def _mtn_reference(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq) -> F.SeqOutput:
     return F.mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
 
@@ -235,15 +311,14 @@ def _mtn_op(
     store_v_seq: bool,
     implementation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MTN over ``[T, ...]``: returns ``(spike_seq, v, count_seq or [], v_seq or [])`` (reference)."""
-    out = _mtn_reference(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
-    return _pack(out, x_seq)
+    """MTN over ``[T, ...]``: returns ``(spike_seq, v, count_seq or [], v_seq or [])`` (torch)."""
+    return _pack(_mtn_torch(x_seq, v, v_threshold, max_spikes, return_count, store_v_seq), x_seq)
 
 
 @_mtn_op.register_kernel("cuda")
 def _mtn_cuda(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq, implementation):
     if not _kernel_ok(x_seq, implementation, max_spikes, return_count):
-        return _pack(_mtn_reference(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq), x_seq)
+        return _pack(_mtn_torch(x_seq, v, v_threshold, max_spikes, return_count, store_v_seq), x_seq)
     # float32(θ) as the reference's torch.tensor(float(θ), dtype=float32)
     theta = torch.tensor(float(v_threshold), dtype=torch.float32).item()
     s, vo, c, vs = cuda.fire(x_seq, v, theta, None, max_spikes, return_count=return_count, store_v_seq=store_v_seq)
@@ -267,7 +342,7 @@ def _sfn_op(
     implementation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SFN over ``[T, ...]`` with scaled thresholds ``λθ±``: ``(spike_seq, v, count_seq or [], v_seq or [])``."""
-    out = _sfn_reference(
+    out = _sfn_torch(
         x_seq, v, theta_pos, theta_neg, levels, ceiling, max_spikes, offset, channel_dim, detach_reset, return_count, store_v_seq
     )
     return _pack(out, x_seq)
@@ -278,7 +353,7 @@ def _sfn_cuda(
     x_seq, v, theta_pos, theta_neg, levels, ceiling, max_spikes, offset, channel_dim, detach_reset, return_count, store_v_seq, implementation
 ):
     if not _kernel_ok(x_seq, implementation, max_spikes, return_count, levels):
-        out = _sfn_reference(
+        out = _sfn_torch(
             x_seq, v, theta_pos, theta_neg, levels, ceiling, max_spikes, offset, channel_dim, detach_reset, return_count, store_v_seq
         )
         return _pack(out, x_seq)
@@ -374,6 +449,10 @@ def _state(v: torch.Tensor | float, x_seq: torch.Tensor) -> torch.Tensor:
     return torch.full(x_seq.shape[1:], float(v), dtype=dtype, device=x_seq.device)
 
 
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def _check_seq(x_seq: torch.Tensor) -> None:
     if not isinstance(x_seq, torch.Tensor):
         raise TypeError(f"x_seq must be a torch.Tensor, got {type(x_seq).__name__}")
@@ -404,7 +483,9 @@ def mtn(
     _check_seq(x_seq)
     impl = _choose(x_seq, backend)
     if impl == "torch" and not torch.compiler.is_compiling():
-        return F.mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
+        if _needs_autograd(x_seq, v):
+            return F.mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
+        return _mtn_torch(x_seq, v, v_threshold, max_spikes, return_count, store_v_seq)
     out = _mtn_op(x_seq, _state(v, x_seq), float(v_threshold), int(max_spikes), detach_reset, return_count, store_v_seq, impl)
     return _unpack(out, return_count, store_v_seq)
 
@@ -433,7 +514,8 @@ def sfn(
     _check_seq(x_seq)
     impl = _choose(x_seq, backend)
     x0 = x_seq[0]
-    if impl == "torch" and not torch.compiler.is_compiling():
+    eager_torch = impl == "torch" and not torch.compiler.is_compiling()
+    if eager_torch and (levels is not None or _needs_autograd(x_seq, v, theta_pos, theta_neg, lam, ceiling)):
         tp_b = F.broadcast_threshold(torch.as_tensor(theta_pos), x0, channel_dim, "theta_pos")
         tn_b = None if theta_neg is None else F.broadcast_threshold(torch.as_tensor(theta_neg), x0, channel_dim, "theta_neg")
         return F.sfn_multi_step(
@@ -455,8 +537,11 @@ def sfn(
     F.broadcast_threshold(tp, x0, channel_dim, "theta_pos")
     if tn is not None:
         F.broadcast_threshold(tn, x0, channel_dim, "theta_neg")
-    lv = None if levels is None else levels.to(device=x_seq.device)
     ceil = None if ceiling is None else as_t(ceiling).reshape(())
+    if eager_torch:  # uniform levels, no autograd: the fused torch ops, without the op dispatch
+        out = _sfn_torch(x_seq, v, tp, tn, None, ceil, max_spikes, offset, channel_dim, detach_reset, return_count, store_v_seq)
+        return out
+    lv = None if levels is None else levels.to(device=x_seq.device)
     out = _sfn_op(
         x_seq, _state(v, x_seq), tp, tn, lv, ceil, int(max_spikes), float(offset), channel_dim,
         detach_reset, return_count, store_v_seq, impl,

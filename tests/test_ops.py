@@ -296,3 +296,32 @@ def test_choice_for_cuda_is_a_compile_time_constant():
         return x + (1.0 if ops._choose_on(torch.device("cuda"), "torch") == "torch" else 2.0)
 
     assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(3)), torch.ones(3))
+
+
+# -- the fused torch path (eager, no autograd) -------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("signed", [False, True])
+def test_fused_torch_path_equals_reference(dtype, signed, rng):
+    """In-place torch ops give the reference's spikes, v, counts and v_seq exactly."""
+    for per_channel, ceiling, v_kind in [(False, False, "tensor"), (True, False, "float"), (False, True, "tensor"), (True, True, "scalar")]:
+        c = _sfn_case(rng, signed, per_channel, False, ceiling, dtype)
+        v = {"tensor": c["v"], "float": 0.25, "scalar": torch.tensor(-0.1)}[v_kind]
+        ref = _reference({**c, "v": v})
+        with torch.no_grad():
+            out = ops.sfn(c["x"], v, c["tp"], c["tn"], torch.tensor(c["lam"]), c["n"], None, c["offset"], c["ceiling"], 1,
+                          return_count=True, store_v_seq=True, backend="torch")  # fmt: skip
+        for name, a, b in zip(out._fields, out, ref):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs ({per_channel=}, {ceiling=}, {v_kind=})"
+    x = (torch.randn(3, 4, 9, generator=rng) * 2).to(dtype)
+    ref = F.mtn_multi_step(x, 0.05, 0.37, 6, return_count=True, store_v_seq=True)
+    out = ops.mtn(x, 0.05, 0.37, 6, return_count=True, store_v_seq=True)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+def test_eager_torch_path_keeps_autograd(rng):
+    """With inputs that need gradients the eager path is the reference itself (straight-through)."""
+    x1 = torch.randn(2, 40, generator=rng).requires_grad_(True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    ops.sfn(x1, 0.0, 0.3, 0.2, 0.5, 4, backend="torch").spike_seq.sum().backward()
+    F.sfn_multi_step(x2, 0.0, 0.3, 0.2, 0.5, 4).spike_seq.sum().backward()
+    assert torch.equal(x1.grad, x2.grad) and x1.grad.abs().sum() > 0
