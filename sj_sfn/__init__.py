@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 from . import energy, functional
 from .convert import convert
 from .neuron import MTNode, SFNode, _register_with_spikingjelly, set_lambda, sfn_nodes
+from .ops import implementation
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -26,4 +27,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sj_sfn' has no attribute {name!r}")
 
 
-__all__ = ["MTNode", "SFNode", "SFNRecipe", "MTNRecipe", "convert", "energy", "functional", "set_lambda", "sfn_nodes", "__version__"]
+__all__ = ["MTNode", "SFNode", "SFNRecipe", "MTNRecipe", "convert", "energy", "functional", "implementation", "set_lambda", "sfn_nodes", "__version__"]
