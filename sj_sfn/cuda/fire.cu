@@ -116,7 +116,11 @@ __global__ void sj_sfn_fire(
     const long long stride = (long long)blockDim.x * gridDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         long long c = 0;
-        if (PER_CHANNEL) c = (i / inner) % channels;
+        if (PER_CHANNEL) {
+            // 32-bit division when every index fits (much cheaper than 64-bit on the GPU)
+            c = n <= 0x7fffffffLL ? (long long)(((unsigned int)i / (unsigned int)inner) % (unsigned int)channels)
+                                  : (i / inner) % channels;
+        }
         const float tp = theta_pos != NULL ? __ldg(theta_pos + c) : theta_pos_value;
         float tn = 0.0f;
         if (SIGNED) tn = __ldg(theta_neg + c);
