@@ -1,30 +1,34 @@
-"""Dispatch of the neuron forward to an implementation: the torch reference or the CuPy kernel.
+"""Dispatch of the neuron forward to an implementation: torch or the CuPy kernel.
 
 Two ``torch.library`` custom ops, ``sj_sfn::mtn_forward`` and ``sj_sfn::sfn_forward``, run a
 whole ``[T, ...]`` sequence (charge → fire → soft reset at every step). Their CPU
-implementation is the reference in :mod:`sj_sfn.functional`; their CUDA implementation is the
-fused CuPy kernel of :mod:`sj_sfn.cuda` when CuPy and a device are usable and the
-configuration is supported (float32/16/bf16 input; counts need ``N <= 127``), else the
-reference. Both have a fake implementation (``torch.compile`` traces them as one node each)
-and a straight-through backward that replays the reference under autograd, so gradients
-equal those of the reference exactly.
+implementation is torch; their CUDA implementation is the fused CuPy kernel of
+:mod:`sj_sfn.cuda` when CuPy and a device are usable and the configuration is supported
+(float32/16/bf16 input; counts need ``N <= 127``), else torch. Both have a fake
+implementation (``torch.compile`` traces each forward as one node) and a straight-through
+backward that replays the reference under autograd, so gradients equal the reference's.
+
+"torch" means the reference's own operations in the same order: with autograd it is
+:mod:`sj_sfn.functional` itself; without autograd (inference) the same operations run in
+place on preallocated buffers (identical results, fewer passes over memory); custom levels
+always use :mod:`sj_sfn.functional`.
 
 Which implementation runs on a CUDA tensor:
 
-============================  ==================  ==================  ==================
-``SJ_SFN_CUDA_IMPLEMENTATION``  ``backend='torch'``  ``backend='cupy'``  ``backend='auto'``
-============================  ==================  ==================  ==================
-``auto`` (default, unset)     reference           kernel (or error)   kernel if usable
-``cupy``                      kernel (or error)   kernel (or error)   kernel (or error)
-``torch``                     reference           reference           reference
-============================  ==================  ==================  ==================
+================================  =================  =================  =================
+``SJ_SFN_CUDA_IMPLEMENTATION``    ``backend='torch'``  ``backend='cupy'``  ``backend='auto'``
+================================  =================  =================  =================
+``auto`` (default, unset)         torch              kernel (or error)  kernel if usable
+``cupy``                          kernel (or error)  kernel (or error)  kernel (or error)
+``torch``                         torch              torch              torch
+================================  =================  =================  =================
 
 ``backend`` is the neuron's (``MTNode``/``SFNode``; ``'torch'`` by default) or the argument of
-:func:`mtn` / :func:`sfn` (``'auto'`` by default). CPU tensors always get the reference,
-except that ``backend='cupy'`` on a CPU tensor is an error. In eager mode the reference is
-called directly (no op dispatch, no overhead); under ``torch.compile`` every forward goes
-through the custom op. :func:`implementation` reports the choice and why the others are not
-taken. CuPy is imported lazily: ``import sj_sfn`` never imports it.
+:func:`mtn` / :func:`sfn` (``'auto'`` by default). CPU tensors always get torch, except that
+``backend='cupy'`` on a CPU tensor is an error. In eager mode torch is called directly (no op
+dispatch); under ``torch.compile`` every forward goes through the custom op.
+:func:`implementation` reports the choice and why the others are not taken. CuPy is imported
+lazily: ``import sj_sfn`` never imports it.
 """
 
 from __future__ import annotations
@@ -96,8 +100,8 @@ class Implementation:
 
 
 _KERNEL_NOTES = (
-    "float64 inputs use the reference",
-    f"store_counts with max_spikes > {cuda.kernels.MAX_KERNEL_COUNT} uses the reference",
+    "float64 inputs run on torch",
+    f"store_counts with max_spikes > {cuda.kernels.MAX_KERNEL_COUNT} runs on torch (the kernel writes int8 counts)",
 )
 
 
@@ -111,7 +115,7 @@ def _resolve(device: torch.device, backend: str) -> Implementation:
         if backend == "cupy" and env != "torch":
             why = f"backend='cupy' needs CUDA tensors, got input on {dev}; move the model to a CUDA device or use backend='torch'"
             return Implementation("cupy", dev, "backend='cupy'", {"torch": "backend='cupy' was requested"}, error=why)
-        return Implementation("torch", dev, "the reference runs on CPU", {"cupy": f"the CuPy kernels run on CUDA devices only, not {device.type}"})
+        return Implementation("torch", dev, f"torch runs on {device.type}", {"cupy": f"the CuPy kernels run on CUDA devices only, not {device.type}"})
     if env == "torch":
         return Implementation("torch", dev, f"{ENV_VAR}=torch", {"cupy": f"disabled by {ENV_VAR}=torch"})
     ok, status = cuda.cupy_status()
