@@ -372,3 +372,45 @@ def test_figure6_histograms(vit_digits_model, vit_digits_snn, cnn_digits_splits,
     path = tmp_path / "fig6.png"
     fig = plot_site_histograms(vit_digits_model, vit_digits_snn, x, lams=(0.5, 0.25), path=str(path))
     assert path.stat().st_size > 10_000 and len(fig.axes) == 9
+
+
+# ----------------------------------------------------------------------------- the optional compiled fire path
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("v_init", [0.0, 0.5])
+def test_fire_math_equals_the_sfn_reference(signed, v_init, rng):
+    """``fire_math`` (what the compiled path compiles) reproduces an SFNode step from rest bit for bit."""
+    from sj_sfn.sformer.modules import fire_math
+
+    c = 6
+    tp = torch.rand(c, generator=rng) + 0.05
+    tn = torch.rand(c, generator=rng) + 0.05 if signed else None
+    lam = float(torch.rand((), generator=rng)) * 0.5 + 0.01
+    ceiling = None if signed else float(tp.mean() * lam * 5)
+    node = SFNode(tp, tn, lam=lam, max_spikes=7, channel_dim=-1, v_init=v_init, ceiling=ceiling)
+    x = torch.randn(3, 11, c, generator=rng) * 3
+    x[0, 0] = tp * lam * 2  # exact threshold multiples: the boundaries must agree too
+    ref = node(x)
+    stp, stn = (None if t is None else t * node.lam for t in (tp, tn))
+    cap = None if ceiling is None else torch.clamp(torch.floor(torch.tensor(ceiling) / stp), min=1)
+    out = fire_math(x, stp, stn, v_init, 7, cap)
+    assert torch.equal(out, ref)
+
+
+def test_compiled_fire_path_falls_back_when_counts_or_hooks_are_needed(vit_digits_snn, cnn_digits_splits):
+    x = next(iter(cnn_digits_splits.loader("test", 16)))[0]
+    snn = copy.deepcopy(vit_digits_snn)
+    with pytest.raises(ValueError, match="fire path"):
+        sformer.set_fire_path("fast")
+    with torch.no_grad():
+        ref = snn(x)
+        prev = sformer.set_fire_path("compiled")
+        try:
+            for _, _, m in sformer.site_modules(snn):
+                m.store_counts = True
+            out = snn(x)  # every site must keep its counts: the module path runs, nothing compiles
+            assert all(m.last_counts is not None for _, _, m in sformer.site_modules(snn))
+        finally:
+            sformer.set_fire_path(prev)
+    assert torch.equal(out, ref)

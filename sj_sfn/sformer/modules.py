@@ -17,6 +17,7 @@ must exist as a tensor for its site.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -24,7 +25,10 @@ import torch.nn as nn
 
 from ..neuron import SFNode
 
-__all__ = ["SITE_KINDS", "SFormerAttention", "SFormerMlp", "attention_types", "mlp_types", "fire"]
+__all__ = [
+    "SITE_KINDS", "FIRE_PATHS", "SFormerAttention", "SFormerMlp", "HeadSite", "attention_types", "mlp_types", "fire",
+    "fire_math", "set_fire_path",
+]
 
 #: every site kind, in the order a token meets them inside a block (``head_in`` feeds the classifier)
 SITE_KINDS = ("qkv_in", "q", "k", "v", "attn", "proj_in", "fc1_in", "fc2_in", "head_in")
@@ -47,10 +51,83 @@ def mlp_types() -> tuple[type, ...]:
     return (Mlp, GluMlp, SwiGLU)
 
 
+FIRE_PATHS = ("module", "compiled")
+_fire_path = os.environ.get("SJ_SFN_SFORMER_FIRE", "module")
+_compiled_fire: Callable | None = None
+
+
+def set_fire_path(path: str) -> str:
+    """Choose how SFormer sites fire in inference; returns the previous choice.
+
+    ``'module'`` (default): every site runs its :class:`SFNode` forward (the project's
+    dispatched op). ``'compiled'``: in eval without autograd, a site whose spike counts and
+    hooks nobody asked for fires through :func:`fire_math` compiled by ``torch.compile`` into
+    one fused loop (the same arithmetic as the reference, bit for bit; the first call compiles
+    for tens of seconds and needs a C++ compiler on CPU). Energy measurement, hooks,
+    ``store_counts`` and training always take the module path. Also set by the environment
+    variable ``SJ_SFN_SFORMER_FIRE``.
+    """
+    global _fire_path
+    if path not in FIRE_PATHS:
+        raise ValueError(f"fire path must be one of {FIRE_PATHS}, got {path!r}")
+    previous, _fire_path = _fire_path, path
+    return previous
+
+
+def fire_math(x: torch.Tensor, tp: torch.Tensor, tn: torch.Tensor | None, offset: float, n: int,
+              cap: torch.Tensor | None) -> torch.Tensor:
+    """One SFN step from rest, as the reference computes it (scaled thresholds ``tp = λθ+``, ``tn = λθ-``):
+
+    ``k+ = min(clip(floor(x/tp + r), 0, N), cap)``, ``k- = clip(floor(-x/tn + r), 0, N)``,
+    ``o = tp·k+ - tn·k-``.
+    """
+    k = torch.clamp(torch.floor(x / tp + offset), 0, n)
+    if cap is not None:
+        k = torch.minimum(k, cap)
+    o = tp * k
+    if tn is not None:
+        o = o - tn * torch.clamp(torch.floor(-x / tn + offset), 0, n)
+    return o
+
+
+def _fast_ok(site: SFNode, x: torch.Tensor) -> bool:
+    from torch.nn.modules import module as _m
+
+    return (
+        not site.store_counts
+        and not site.store_v_seq
+        and site.levels is None
+        and site.step_mode == "s"
+        and site.backend == "torch"
+        and x.dtype in (torch.float32, torch.float64)
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not site._forward_hooks
+        and not site._forward_pre_hooks
+        and not _m._global_forward_hooks
+        and not _m._global_forward_pre_hooks
+    )
+
+
+def _fire_compiled(site: SFNode, x: torch.Tensor) -> torch.Tensor:
+    global _compiled_fire
+    if _compiled_fire is None:
+        _compiled_fire = torch.compile(fire_math, dynamic=True)
+    tp, tn = site.broadcast_thresholds(x)
+    lam = site.lam.to(x.dtype)
+    tp = tp.to(x.dtype) * lam
+    tn = None if tn is None else tn.to(x.dtype) * lam
+    cap = None
+    if site.ceiling is not None:
+        cap = torch.clamp(torch.floor(site.ceiling.to(x.dtype) / tp), min=1)
+    return _compiled_fire(x, tp, tn, float(site.v_init), int(site.max_spikes), cap)
+
+
 def fire(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run one site at T=1: an SFN starts from a zero membrane on every forward."""
+    """Run one site at T=1: an SFN starts from a zero membrane on every forward (see :func:`set_fire_path`)."""
     if isinstance(site, SFNode):
         site.reset()
+        if _fire_path == "compiled" and _fast_ok(site, x):
+            return _fire_compiled(site, x)
     return site(x)
 
 

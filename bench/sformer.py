@@ -1,0 +1,183 @@
+"""SFormer on Fashion-MNIST and SFormer CPU latency.
+
+1. Trains (or loads from the cache) a timm ``VisionTransformer`` on a subset of Fashion-MNIST
+   (28×28, patch 7 → 16 tokens + class token, dim 64, 4 blocks, 4 heads), converts it to a
+   one-timestep SFormer and reports ANN vs SNN (T=1) accuracy on the validation and test
+   splits and the energy ratio (``sj_sfn.energy.measure_energy``) over a λ grid, then the
+   SoftMax-site options (cap, N_a, θ rule) and floor vs rounding at the λ picked on the
+   validation split (the largest λ whose validation accuracy is within 1 point of the ANN's).
+2. Latency: timm ``vit_tiny_patch16_224`` (random weights), batch 64 at 224 px on CPU, ANN
+   (timm's fused attention) vs the converted model on the module path and on the compiled
+   fire path (``sformer.set_fire_path('compiled')``, checked bit-identical), median of repeats.
+
+Prints tables and writes ``results.json`` under ``--out``.
+
+    apt-get update && apt-get install -y dataset-fashion-mnist      # once (root)
+    python bench/sformer.py --out runs/sformer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from sj_sfn import sformer, zoo
+from sj_sfn.data import make_splits
+from sj_sfn.energy import measure_energy
+
+
+def fmnist_vit() -> torch.nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
+                             mlp_ratio=2.0)
+
+
+def train_or_load(args, splits) -> torch.nn.Module:
+    os.makedirs(args.cache, exist_ok=True)
+    path = os.path.join(args.cache, f"vit_fmnist_p7_d64x4_n{args.train_limit}_e{args.epochs}_s{args.seed}.pt")
+    model = fmnist_vit()
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        print(f"loaded {path}")
+    else:
+        t0 = time.time()
+        torch.manual_seed(args.seed)
+        zoo.fit(model, splits.loader("train", 128, seed=args.seed), epochs=args.epochs, lr=3e-3, progress=True, seed=args.seed)
+        torch.save(model.state_dict(), path)
+        print(f"trained in {time.time() - t0:.0f} s, cached at {path}")
+    return model.eval()
+
+
+def evaluate(snn, loaders, energy_loader, ann) -> dict:
+    out = {split: zoo.accuracy(snn, ld) for split, ld in loaders.items()}
+    rep = measure_energy(snn, energy_loader, ann=ann)
+    out.update(ratio=rep.ratio, event_ratio=rep.event_ratio, sops=rep.sops, ann_macs=rep.ann_macs)
+    attn = [r for r in rep.per_layer if r.kind == "matmul"]
+    out["attn_products_acs_share"] = sum(r.snn_acs for r in attn) / max(rep.sops, 1e-9)
+    return out
+
+
+def fmnist_study(args) -> dict:
+    splits = make_splits("fashion-mnist", seed=args.seed, train_limit=args.train_limit)
+    ann = train_or_load(args, splits)
+    test = splits.loader("test", 500)
+    if args.test_limit:
+        test = DataLoader(Subset(splits.test, range(args.test_limit)), batch_size=500)
+    loaders = {"val": splits.loader("val", 500), "test": test}
+    energy_loader = DataLoader(Subset(splits.test, range(args.energy_images)), batch_size=250)
+    calib = splits.loader("train", 128, shuffle=False)
+    res: dict = {"ann": {s: zoo.accuracy(ann, ld) for s, ld in loaders.items()}, "lam_grid": [], "variants": []}
+    print(f"ANN: val {res['ann']['val']:.2f}%  test {res['ann']['test']:.2f}%")
+
+    def conv(lam, **kw):
+        return sformer.convert(ann, calib, lam=lam, max_spikes=args.max_spikes, num_batches=args.calib_batches, progress=False,
+                               **kw).eval()
+
+    base = conv(args.lams[0])
+    for lam in args.lams:
+        sformer.set_lambda(base, lam)  # thresholds λθ: no recalibration needed
+        r = evaluate(base, loaders, energy_loader, ann)
+        r["lam"] = lam
+        res["lam_grid"].append(r)
+        print(f"λ={lam:<6g} val {r['val']:.2f}%  test {r['test']:.2f}%  energy ratio {r['ratio']:.3f} (events {r['event_ratio']:.3f})")
+    ok = [r for r in res["lam_grid"] if r["val"] >= res["ann"]["val"] - 1.0]
+    pick = max(ok, key=lambda r: r["lam"]) if ok else max(res["lam_grid"], key=lambda r: r["val"])
+    res["picked_lam"] = pick["lam"]
+    print(f"picked on val: λ={pick['lam']:g}")
+    variants = [
+        ("default (cap=max, N_a=N, θ_a=cap/(λN_a), round)", {}),
+        ("floor (v_init=0)", dict(v_init=0.0)),
+        ("softmax_cap='one'", dict(softmax_cap="one")),
+        ("softmax_cap=0.999 quantile", dict(softmax_cap=0.999)),
+        ("softmax_max_spikes=8", dict(softmax_max_spikes=8)),
+        ("softmax_max_spikes=16", dict(softmax_max_spikes=16)),
+        ("softmax_theta='quantile'", dict(softmax_theta="quantile")),
+        ("per_channel thresholds", dict(per_channel=True)),
+    ]
+    for name, kw in variants:
+        r = evaluate(conv(pick["lam"], **kw), loaders, energy_loader, ann)
+        r.update(name=name, lam=pick["lam"], **{f"kw_{k}": v for k, v in kw.items()})
+        res["variants"].append(r)
+        print(f"  {name:<50} val {r['val']:.2f}%  test {r['test']:.2f}%  ratio {r['ratio']:.3f}")
+    return res
+
+
+@torch.no_grad()
+def latency(args) -> dict:
+    import timm
+
+    torch.manual_seed(0)
+    ann = timm.create_model("vit_tiny_patch16_224").eval()
+    x = torch.rand(args.latency_batch, 3, 224, 224)
+    snn = sformer.convert(ann, [(x[:16],)], progress=False).eval()
+
+    def median_time(f) -> float:
+        f(x)
+        ts = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            f(x)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    prev = sformer.set_fire_path("module")
+    ref = snn(x)
+    t_module = median_time(snn)
+    sformer.set_fire_path("compiled")
+    t0 = time.perf_counter()
+    fast = snn(x)
+    compile_s = time.perf_counter() - t0
+    identical = torch.equal(fast, ref)
+    t_ann, t_comp = [], []
+    for _ in range(2):  # interleave: the machine's load drifts
+        t_ann.append(median_time(ann))
+        t_comp.append(median_time(snn))
+    sformer.set_fire_path(prev)
+    t_ann_m, t_comp_m = min(t_ann), min(t_comp)
+    res = dict(model="vit_tiny_patch16_224", batch=args.latency_batch, img=224, threads=torch.get_num_threads(),
+               ann_s=t_ann_m, snn_module_s=t_module, snn_compiled_s=t_comp_m, compile_s=compile_s,
+               compiled_identical_to_module=identical, ratio_module=t_module / t_ann_m, ratio_compiled=t_comp_m / t_ann_m)
+    print(f"latency (batch {args.latency_batch}, 224 px, {torch.get_num_threads()} threads): ANN {t_ann_m:.2f} s, "
+          f"SNN module path {t_module:.2f} s ({res['ratio_module']:.2f}x), compiled fire {t_comp_m:.2f} s "
+          f"({res['ratio_compiled']:.2f}x; first call {compile_s:.0f} s; identical: {identical})")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/sformer")
+    ap.add_argument("--cache", default=".cache/bench")
+    ap.add_argument("--train-limit", type=int, default=20000)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--energy-images", type=int, default=1000)
+    ap.add_argument("--lams", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
+    ap.add_argument("--max-spikes", type=int, default=32)
+    ap.add_argument("--latency-batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip", choices=["fmnist", "latency"], nargs="*", default=[])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    res: dict = {"args": vars(args), "note": "CPU timings on a shared machine are noisy"}
+    if "fmnist" not in args.skip:
+        res["fmnist"] = fmnist_study(args)
+    if "latency" not in args.skip:
+        res["latency"] = latency(args)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    print(f"wrote {args.out}/results.json")
+
+
+if __name__ == "__main__":
+    main()
