@@ -56,12 +56,31 @@ def test_all_variants_compile_in_one_program(arch):
     assert f".target sm_{arch.split('_')[1]}" in ptx
 
 
+# CuPy's RawModule appends these to every NVRTC compilation (cupy/cuda/compiler.py)
+CUPY_ADDED_OPTIONS = ("--device-as-default-execution-space", "-ftz=true")
+INEXACT = ("fma.rn", "mad.", "div.approx", "div.full", "add.rn.ftz", "sub.rn.ftz", "mul.rn.ftz", "div.rn.ftz",
+           "cvt.rmi.ftz", "add.ftz", "sub.ftz", "mul.ftz", "neg.ftz")  # fmt: skip
+
+
+def _arith_lines(ptx: str) -> list[str]:
+    return [ln.strip() for ln in ptx.splitlines() if ".f32" in ln and not ln.strip().startswith("//")]
+
+
 def test_ptx_is_ieee_exact(ptx_per_variant):
     """Round-to-nearest division, no fused multiply-add, no approximate math, no flush-to-zero."""
     for v, (ptx, _) in ptx_per_variant.items():
         assert "div.rn.f32" in ptx, v
-        for bad in ("fma.rn.f32", "div.approx", "div.full", ".ftz.f32", "mad.f32"):
-            assert bad not in ptx, f"{v}: PTX contains {bad}"
+        for line in _arith_lines(ptx):
+            assert not any(bad in line for bad in INEXACT), f"{v}: {line}"
+
+
+def test_ptx_stays_exact_with_the_flags_cupy_adds():
+    """CuPy compiles with -ftz=true (and NVRTC's default --fmad=true): the arithmetic must not change."""
+    for options in (cuda.NVRTC_OPTIONS + CUPY_ADDED_OPTIONS, ("--std=c++17", "--fmad=true", "-ftz=true", "--use_fast_math")):
+        ptx, lowered = cuda.compile_ptx(options=options)
+        assert len(_entries(ptx)) == len(lowered)
+        for line in _arith_lines(ptx):
+            assert not any(bad in line for bad in INEXACT), f"{options}: {line}"
 
 
 def test_variant_specialisation_shows_in_ptx(ptx_per_variant):
@@ -89,7 +108,7 @@ def test_source_is_packaged():
 
 # -- the check can fail ------------------------------------------------------------------
 def test_syntax_error_is_caught():
-    broken = cuda.source().replace("v = __fsub_rn(h, o);", "v = __fsub_rn(h, o)", 1)
+    broken = cuda.source().replace("v = f_sub(h, o);", "v = f_sub(h, o)", 1)
     assert broken != cuda.source()
     with pytest.raises(cuda.CompileError) as info:
         cuda.compile_ptx(cuda.all_variants()[:1], code=broken)
@@ -108,7 +127,7 @@ def test_error_in_one_instantiation_is_caught():
 
 
 def test_unknown_identifier_is_caught():
-    broken = cuda.source().replace("floorf(u)", "floor_f(u)", 1)
+    broken = cuda.source().replace("f_floor(u)", "floor_f(u)", 1)
     with pytest.raises(cuda.CompileError, match="floor_f"):
         cuda.compile_ptx(cuda.all_variants()[:1], code=broken)
 
@@ -144,33 +163,33 @@ def test_import_does_not_import_cupy():
 # IEEE float operations, one "thread" that strides over every element) and called through
 # ctypes with the very arguments that sj_sfn.cuda.kernels.plan() builds for a launch. This
 # checks the per-element math, the channel indexing and the argument marshalling against the
-# reference without a GPU. The two PTX half-precision conversions are swapped for _Float16.
+# reference without a GPU. The source's PTX helpers (SJ_SFN_HOST) become plain C++ float ops.
 _SHIM = r"""
 #include <math.h>
 #include <cstring>
 #include <cstddef>
+#define SJ_SFN_HOST 1
 #define __global__
 #define __device__
 #define __forceinline__ inline
 struct sj_dim3 { unsigned int x; };
 static sj_dim3 blockIdx, blockDim, gridDim, threadIdx;
 template <class T> static inline T __ldg(const T* p) { return *p; }
-static inline float __fadd_rn(float a, float b) { return a + b; }
-static inline float __fsub_rn(float a, float b) { return a - b; }
-static inline float __fmul_rn(float a, float b) { return a * b; }
-static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+static inline float f_add(float a, float b) { return a + b; }
+static inline float f_sub(float a, float b) { return a - b; }
+static inline float f_mul(float a, float b) { return a * b; }
+static inline float f_div(float a, float b) { return a / b; }
+static inline float f_floor(float a) { return floorf(a); }
+static inline float f16_to_f32(unsigned short h) { return (float)__builtin_bit_cast(_Float16, h); }
+static inline unsigned short f32_to_f16(float f) { return __builtin_bit_cast(unsigned short, (_Float16)f); }
 """
 
 
 def _host_source() -> str:
     src = cuda.source()
-    to_f32 = 'asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));'
-    to_f16 = 'asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));'
-    assert to_f32 in src and to_f16 in src
-    src = src.replace(to_f32, "f = (float)__builtin_bit_cast(_Float16, h);")
-    src = src.replace(to_f16, "h = __builtin_bit_cast(unsigned short, (_Float16)f);")
+    assert "#ifndef SJ_SFN_HOST" in src
     wrappers = []
     for i, v in enumerate(cuda.all_variants()):
         st = f"io<{cuda.KERNEL_DTYPES[v.dtype]}>::storage"
@@ -283,7 +302,7 @@ def test_host_build_catches_a_wrong_formula(host_kernels, rng, tmp_path):
     """The host comparison fails when the kernel's math is changed (floor → round)."""
     import ctypes
 
-    src = _host_source().replace("float k = floorf(u);", "float k = floorf(u + 0.5f);", 1)
+    src = _host_source().replace("float k = f_floor(u);", "float k = f_floor(u + 0.5f);", 1)
     (tmp_path / "bad.cpp").write_text(src)
     cxx = shutil.which("g++") or shutil.which("c++")
     res = subprocess.run([cxx, "-std=c++20", "-O0", "-shared", "-fPIC", "-o", str(tmp_path / "bad.so"), str(tmp_path / "bad.cpp")],
@@ -294,3 +313,14 @@ def test_host_build_catches_a_wrong_formula(host_kernels, rng, tmp_path):
     p = _host_fire(bad, x, torch.zeros(50), torch.tensor(0.3), None, 10, return_count=True)
     ref = _reference(x, torch.zeros(50), torch.tensor(0.3), None, 1.0, 10, None, 0.0, None, None)
     assert not torch.equal(p.spike_seq, ref.spike_seq)
+
+
+def test_exactness_check_catches_plain_float_ops_under_ftz():
+    """Written as plain C++ (a + b, a * b) the same helpers flush denormals under CuPy's -ftz=true."""
+    src = cuda.source()
+    for op, sym in (("add", "+"), ("mul", "*")):
+        asm = f'{{ float r; asm("{op}.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }}'
+        assert asm in src
+        src = src.replace(asm, f"{{ return a {sym} b; }}")
+    ptx, _ = cuda.compile_ptx(cuda.all_variants()[:1], code=src, options=cuda.NVRTC_OPTIONS + CUPY_ADDED_OPTIONS)
+    assert any(any(bad in line for bad in INEXACT) for line in _arith_lines(ptx))

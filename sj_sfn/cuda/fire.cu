@@ -11,8 +11,8 @@
 // writes o (in the input dtype), optionally the signed count k+ - k- (int8), the membrane of
 // every step, and the final v. The membrane stays in a register; x is read once and every
 // output written once. θ± are the scaled thresholds λ·θ±, per tensor (index 0) or per channel
-// (channel = (i / inner) % C). Every operation is IEEE round-to-nearest (no contraction, no
-// fast math) so that the result equals the float32 torch reference bit for bit.
+// (channel = (i / inner) % C). Every float operation is IEEE round-to-nearest without
+// flush-to-zero or contraction, so the result equals the float32 torch reference bit for bit.
 //
 // Template parameters (one compiled kernel per combination, thresholds/λ/N are arguments):
 //     DT           input/output dtype: 0 = float32, 1 = float16, 2 = bfloat16
@@ -20,6 +20,22 @@
 //     PER_CHANNEL  thresholds indexed by channel
 //     LEVELS       custom (non-uniform) levels
 //     ONE_STEP     T == 1 (no time loop)
+
+// Exact IEEE float32 operations written as PTX instructions: round to nearest, no
+// flush-to-zero and no multiply-add contraction, whatever flags the compiler is given (CuPy
+// always adds -ftz=true). A host build (tests) defines SJ_SFN_HOST and provides its own.
+#ifndef SJ_SFN_HOST
+__device__ __forceinline__ float f_add(float a, float b) { float r; asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+__device__ __forceinline__ float f_sub(float a, float b) { float r; asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+__device__ __forceinline__ float f_mul(float a, float b) { float r; asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+__device__ __forceinline__ float f_div(float a, float b) { float r; asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+__device__ __forceinline__ float f_floor(float a) { float r; asm("cvt.rmi.f32.f32 %0, %1;" : "=f"(r) : "f"(a)); return r; }
+__device__ __forceinline__ float f16_to_f32(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ unsigned short f32_to_f16(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+#endif
+
+// -x by flipping the sign bit (exact for every input, denormals included)
+__device__ __forceinline__ float f_neg(float a) { return __uint_as_float(__float_as_uint(a) ^ 0x80000000u); }
 
 template <int DT> struct io;
 
@@ -31,17 +47,8 @@ template <> struct io<0> {
 
 template <> struct io<1> {
     typedef unsigned short storage;
-    static __device__ __forceinline__ float load(const storage* p, long long i) {
-        unsigned short h = __ldg(p + i);
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-        return f;
-    }
-    static __device__ __forceinline__ void store(storage* p, long long i, float f) {
-        unsigned short h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-        p[i] = h;
-    }
+    static __device__ __forceinline__ float load(const storage* p, long long i) { return f16_to_f32(__ldg(p + i)); }
+    static __device__ __forceinline__ void store(storage* p, long long i, float f) { p[i] = f32_to_f16(f); }
 };
 
 template <> struct io<2> {
@@ -74,7 +81,7 @@ __device__ __forceinline__ float branch_count(float u, float n_max, const float*
         }
         return (float)lo;
     } else {
-        float k = floorf(u);
+        float k = f_floor(u);
         k = k < 0.0f ? 0.0f : k;
         k = k > n_max ? n_max : k;
         return k;
@@ -126,25 +133,25 @@ __global__ void sj_sfn_fire(
         if (SIGNED) tn = __ldg(theta_neg + c);
         float cap = 0.0f;
         if (ceiling != NULL) {
-            const float u_cap = __fdiv_rn(__ldg(ceiling), tp);
-            cap = LEVELS ? branch_count<LEVELS>(u_cap, n_max, levels, max_spikes) : floorf(u_cap);
+            const float u_cap = f_div(__ldg(ceiling), tp);
+            cap = LEVELS ? branch_count<LEVELS>(u_cap, n_max, levels, max_spikes) : f_floor(u_cap);
             cap = cap < 1.0f ? 1.0f : cap;
         }
         float v = __ldg(v_in + i);
         #pragma unroll 4
         for (int t = 0; t < T; ++t) {
             const long long j = (long long)t * n + i;
-            const float h = __fadd_rn(v, io<DT>::load(x_seq, j));
-            float kp = branch_count<LEVELS>(__fadd_rn(__fdiv_rn(h, tp), offset), n_max, levels, max_spikes);
+            const float h = f_add(v, io<DT>::load(x_seq, j));
+            float kp = branch_count<LEVELS>(f_add(f_div(h, tp), offset), n_max, levels, max_spikes);
             if (ceiling != NULL) kp = kp > cap ? cap : kp;
-            float o = __fmul_rn(tp, level_value<LEVELS>(kp, levels));
+            float o = f_mul(tp, level_value<LEVELS>(kp, levels));
             float k = kp;
             if (SIGNED) {
-                const float kn = branch_count<LEVELS>(__fadd_rn(__fdiv_rn(-h, tn), offset), n_max, levels, max_spikes);
-                o = __fsub_rn(o, __fmul_rn(tn, level_value<LEVELS>(kn, levels)));
-                k = __fsub_rn(kp, kn);
+                const float kn = branch_count<LEVELS>(f_add(f_div(f_neg(h), tn), offset), n_max, levels, max_spikes);
+                o = f_sub(o, f_mul(tn, level_value<LEVELS>(kn, levels)));
+                k = f_sub(kp, kn);
             }
-            v = __fsub_rn(h, o);
+            v = f_sub(h, o);
             io<DT>::store(spike_seq, j, o);
             if (count_seq != NULL) count_seq[j] = (signed char)(int)k;
             if (v_seq != NULL) v_seq[j] = v;
