@@ -226,8 +226,10 @@ def _torch_fused(
         v = v.to(device=x_seq.device, dtype=dtype)
     else:
         v = torch.full(x_seq.shape[1:], float(v), dtype=dtype, device=x_seq.device)
-    shape = torch.broadcast_shapes(v.shape, x_seq.shape[1:])
-    v = v.expand(shape)  # a 0-d v would not promote a 16-bit x to float32
+    shape = x_seq.shape[1:]
+    if v.shape != shape:
+        shape = torch.broadcast_shapes(v.shape, shape)
+        v = v.expand(shape)  # a 0-d v would not promote a 16-bit x to float32
     spike_seq = torch.empty((x_seq.shape[0], *shape), dtype=x_seq.dtype, device=x_seq.device)
     count_seq = torch.empty(spike_seq.shape, dtype=F.count_dtype(max_spikes), device=x_seq.device) if return_count else None
     v_seq = torch.empty(spike_seq.shape, dtype=dtype, device=x_seq.device) if store_v_seq else None
@@ -538,13 +540,11 @@ def sfn(
     # Scale exactly as the reference does (θ in the compute dtype times λ), then validate the shapes.
     tp = tp * lam_t
     tn = None if tn is None else tn * lam_t
-    F.broadcast_threshold(tp, x0, channel_dim, "theta_pos")
-    if tn is not None:
-        F.broadcast_threshold(tn, x0, channel_dim, "theta_neg")
+    tp_b = F.broadcast_threshold(tp, x0, channel_dim, "theta_pos")
+    tn_b = None if tn is None else F.broadcast_threshold(tn, x0, channel_dim, "theta_neg")
     ceil = None if ceiling is None else as_t(ceiling).reshape(())
     if eager_torch:  # uniform levels, no autograd: the fused torch ops, without the op dispatch
-        out = _sfn_torch(x_seq, v, tp, tn, None, ceil, max_spikes, offset, channel_dim, detach_reset, return_count, store_v_seq)
-        return out
+        return _torch_fused(x_seq, v, tp_b, tn_b, max_spikes, offset, ceil, return_count, store_v_seq)
     lv = None if levels is None else levels.to(device=x_seq.device)
     out = _sfn_op(
         x_seq, _state(v, x_seq), tp, tn, lv, ceil, int(max_spikes), float(offset), channel_dim,
