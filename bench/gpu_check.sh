@@ -92,7 +92,7 @@ rc=${PIPESTATUS[0]}
 
 say "benchmark"
 if [ "$cuda_ok" = "1" ]; then
-  bench_args=(--steps 1 4 --dtype float32 float16 --min-time 0.1 --max-reps 20)
+  bench_args=(--steps 1 4 --dtype float32 float16 --min-time 0.1 --max-reps 20 --time-budget 80)
 else
   bench_args=(--device cpu --steps 1 4 --max-log2 18 --min-time 0.05)
 fi

@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--memory-fraction", type=float, default=0.6, help="skip sizes needing more than this of free memory")
     p.add_argument("--impl", nargs="+", choices=("cupy", "torch", "reference", "sj_if"), default=None, help="only these implementations")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU: stable timings on a shared machine)")
+    p.add_argument("--time-budget", type=float, default=None, help="stop starting new points after this many seconds")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     args = p.parse_args(argv)
@@ -170,10 +171,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     results, parity = [], {}
     sizes = list(range(args.min_log2, max_log2 + 1, args.step_log2))
+    t_start, stopped = time.perf_counter(), False
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
         for steps in args.steps:
             for k in sizes:
+                if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+                    if not stopped:
+                        log(f"time budget of {args.time_budget:.0f} s used up: skipping the remaining points")
+                    stopped = True
+                    continue
                 n = 1 << k
                 runners, x, v, th = _runners(args.neuron, device, dtype, steps, n, cupy_ok)
                 if "cupy" in runners and (dtype_name, steps) not in parity:
@@ -218,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cupy": cupy_why, "copy_bandwidth_bytes_per_s": bw, "neuron": args.neuron, "threads": torch.get_num_threads(),
         "parity": {f"{d} T={t}": ok for (d, t), ok in parity.items()},
         "bytes_model": "T*n*(x read + spike write) + n*(v read + v write)",
+        "complete": not stopped,
         "results": results,
     }  # fmt: skip
     if args.out:
