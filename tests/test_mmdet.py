@@ -110,7 +110,7 @@ def test_sformer_vit_pyramid_matches_timm_trunk():
 @pytest.mark.parametrize("kind", ["vit", "cnn"])
 def test_backbone_snn_converts_and_checkpoint_loads_into_snn_form(kind, rng):
     base = TINY_VIT if kind == "vit" else TINY_CNN
-    bb = _build({**base, "snn": dict(lam=0.05, max_spikes=32)})
+    bb = _build({**base, "snn": dict(lam=0.05, max_spikes=32, convert_kwargs=dict(v_init=0.5))})
     if kind == "cnn":  # give BatchNorm real statistics
         bb.train()
         with torch.no_grad():
@@ -127,7 +127,7 @@ def test_backbone_snn_converts_and_checkpoint_loads_into_snn_form(kind, rng):
         bb.set_run_as("snn")
         snn = bb(x)
         snn_again = bb(x)  # T = 1: no membrane carried over between images
-    tol = 0.15 if kind == "vit" else 0.35  # λ = 0.05, N = 32, random weights, random inputs
+    tol = 0.2  # λ = 0.05, N = 32, rounding (v_init = 0.5), random weights and inputs: measured 0.02-0.11
     for a, s, s2 in zip(ann, snn, snn_again):
         assert _rel(s, a) < tol
         torch.testing.assert_close(s2, s)
@@ -235,22 +235,59 @@ def test_trained_vit_mask_rcnn_snn_within_margin(vit_detector, tmp_path):
     assert res.pred_instances.masks.shape[-2:] == photo.shape[:2]
 
 
-def test_trained_cnn_mask_rcnn_snn_within_margin(cnn_detector, tmp_path):
-    _check_trained(cnn_detector, "cnn", tmp_path)
+def test_trained_cnn_mask_rcnn_snn_within_margin_and_tunes_lambda(cnn_detector, tmp_path):
+    from sj_sfn import sfn_nodes
+    from sj_sfn.mmdet import tools
+
+    path, cfg = _check_trained(cnn_detector, "cnn", tmp_path)
+    model = tools.build_detector(cfg, path)
+    val_inputs = tools.calib_loader_from_cfg(cfg, "val", num_images=4, batch_size=4, model=model)
+    res = tools.tune_detector_lambda(model, cfg, val_inputs, split="val", metric="bbox_mAP", trials=3, bounds=(0.03, 0.3))
+    assert 0.03 <= res.best_lam <= 0.3 and len(res.trials) >= 1
+    bb = tools.spiking_backbone(model)
+    assert bb.snn_cfg["lam"] == pytest.approx(res.best_lam)
+    assert all(float(n.lam) == pytest.approx(res.best_lam, rel=1e-6) for _, n in sfn_nodes(bb.snn_trunk))
+    # the recorded score is the COCO bbox mAP (x100) of the detector at that λ
+    assert 100 * tools.evaluate(model, cfg, "val")["bbox_mAP"] == pytest.approx(res.best.metric, abs=1e-6)
+    with pytest.raises(ValueError, match="never on the test split"):
+        tools.tune_detector_lambda(model, cfg, val_inputs, split="test")
 
 
 def test_same_config_trains_ann_and_evaluates_snn(vit_detector):
-    """With snn.calib in the config, eval mode converts on its own (no convert step), on the current ANN weights."""
+    """With snn.calib in the config, eval mode converts on its own, exactly as convert.py would."""
     from sj_sfn.mmdet import tools
 
     cfg = vit_detector.cfg
     model = tools.build_detector(cfg, vit_detector.checkpoint)  # an ANN checkpoint
     bb = tools.spiking_backbone(model)
     assert not bb.is_snn_ready
-    auto = tools.evaluate(model, cfg, "val")
+    auto = tools.evaluate(model, cfg, "val")  # eval → SNN, calibrated from the config's snn.calib
     assert bb.is_snn_ready
+    auto_state = {k: v.clone() for k, v in bb.snn_trunk.state_dict().items() if torch.is_tensor(v)}
+    calib = cfg.model.backbone.snn.calib
+    loader = tools.calib_loader_from_cfg(cfg, "train", calib["num_images"], calib["batch_size"], model=model)
+    tools.convert_detector(model, loader)
+    for k, v in bb.snn_trunk.state_dict().items():
+        if torch.is_tensor(v):
+            torch.testing.assert_close(v, auto_state[k], rtol=1e-6, atol=0)
     explicit = tools.evaluate(model, cfg, "val", run_as_mode="snn")
     assert auto["bbox_mAP"] == pytest.approx(explicit["bbox_mAP"], abs=1e-9)
     model.train()
-    bb(torch.randn(1, 3, 64, 64))  # a training step changes the ANN: the SNN is due for recalibration
+    bb(torch.randn(1, 3, 64, 64))  # a training forward: the ANN may change, the SNN is due for recalibration
     assert not bb.is_snn_ready
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(ROOT / "detection" / "configs" / "coco")))
+def test_coco_configs_parse_and_match_the_neck(name):
+    """The real-COCO configs inherit mmdet's with _base_ and their backbone feeds the neck it declares."""
+    from sj_sfn.mmdet import tools
+
+    cfg = tools.load_config(str(ROOT / "detection" / "configs" / "coco" / name), data_root="/data/coco")
+    assert cfg.custom_imports["imports"] == ["sj_sfn.mmdet"]
+    assert cfg.train_dataloader.dataset.data_root == "/data/coco/"
+    assert cfg.model.backbone.snn.calib.dataset.data_root == "/data/coco/"
+    bcfg = dict(cfg.model.backbone, pretrained=None, snn=None)
+    if bcfg["type"] == "SFormerViT":
+        bcfg.update(img_size=224, depth=1)  # the pyramid's channels depend on embed_dim only
+    bb = _build(bcfg)
+    assert bb.out_channels == list(cfg.model.neck.in_channels)

@@ -288,8 +288,10 @@ class SFormerViT(SpikingTrunkMixin, BaseModule):
             raise TypeError(f"SFormerViT needs a timm ViT-like model (patch_embed + blocks), {model_name!r} is {type(trunk).__name__}")
         self.trunk = trunk
         self.pretrained = pretrained
-        patch = trunk.patch_embed.patch_size
-        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        pe = trunk.patch_embed
+        ratio = pe.feat_ratio() if callable(getattr(pe, "feat_ratio", None)) else pe.patch_size
+        # the trunk's stride: the patch size, times the stem's reduction for hybrid (conv stem) ViTs
+        self.patch_size = int(ratio[0] if isinstance(ratio, (tuple, list)) else ratio)
         dim = int(trunk.embed_dim)
         self.out_strides = tuple(int(s) for s in out_strides)
         self.pyramid = nn.ModuleList()

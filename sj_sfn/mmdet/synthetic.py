@@ -1,8 +1,9 @@
 """A small COCO-format instance-segmentation data set of coloured shapes.
 
 Each image has a plain background with mild noise and 1..``max_objects`` non-overlapping
-filled shapes of random colour; the class is the shape (``rectangle``, ``ellipse``,
-``triangle``). Every shape is drawn from the same polygon that is written as its COCO
+filled shapes; the class is the shape (``rectangle``, ``ellipse``, ``triangle``), and each
+class has its own hue (red, blue, green, jittered) so that a tiny detector learns the task
+in a few hundred iterations. Every shape is drawn from the same polygon that is written as its COCO
 segmentation, so boxes and masks are exact::
 
     bbox = [min x, min y, max x - min x, max y - min y]       area = ½·|Σ_i (x_i y_{i+1} - x_{i+1} y_i)|
@@ -76,7 +77,7 @@ def _overlaps(box: tuple[float, float, float, float], boxes: list[tuple[float, f
 def _image(rng: np.random.Generator, size: int, max_objects: int, min_frac: float, max_frac: float):
     from PIL import Image, ImageDraw
 
-    bg = rng.integers(150, 256, size=3)
+    bg = rng.integers(170, 256, size=3)
     arr = np.clip(bg[None, None, :] + rng.normal(0, 6, size=(size, size, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr)
     draw = ImageDraw.Draw(img)
@@ -94,7 +95,7 @@ def _image(rng: np.random.Generator, size: int, max_objects: int, min_frac: floa
         box = (poly[:, 0].min(), poly[:, 1].min(), poly[:, 0].max(), poly[:, 1].max())
         if box[2] - box[0] < 4 or box[3] - box[1] < 4 or _overlaps(box, boxes, 2.0):
             continue
-        colour = tuple(int(v) for v in rng.integers(0, 140, size=3))
+        colour = tuple(int(v) for v in np.clip(np.array(PALETTE[label]) * rng.uniform(0.6, 1.0) + rng.normal(0, 12, 3), 0, 255))
         draw.polygon([tuple(p) for p in poly.tolist()], fill=colour)
         objects.append((label, poly))
         boxes.append(box)
@@ -105,9 +106,9 @@ def make_shapes_dataset(
     root: str | os.PathLike,
     splits: dict[str, int] | None = None,
     image_size: int = 96,
-    max_objects: int = 3,
-    min_frac: float = 0.25,
-    max_frac: float = 0.5,
+    max_objects: int = 2,
+    min_frac: float = 0.3,
+    max_frac: float = 0.6,
     seed: int = 0,
 ) -> ShapesDataset:
     """Write a COCO-format shapes data set under ``root`` and return its paths.

@@ -1,0 +1,47 @@
+# Mask R-CNN with an SFormerViT-B/16 backbone (ViTDet-style simple pyramid) on COCO 2017.
+# Set data_root to your local COCO copy and `pretrained` to a local ViT-B/16 checkpoint
+# (MAE / DeiT / timm layout); nothing is downloaded.
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_instance.py',
+    'mmdet::_base_/schedules/schedule_1x.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['sj_sfn.mmdet'], allow_failed_imports=False)
+
+data_root = 'data/coco/'
+pretrained = 'checkpoints/vit_base_patch16_224.pth'
+data_preprocessor = dict(
+    type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True,
+    pad_mask=True, pad_size_divisor=32)
+calib = dict(
+    dataset=dict(
+        type='CocoDataset', data_root=data_root, ann_file='annotations/instances_train2017.json',
+        data_prefix=dict(img='train2017/'), test_mode=True,
+        pipeline=[
+            dict(type='LoadImageFromFile'),
+            dict(type='Resize', scale=(1333, 800), keep_ratio=True),
+            dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+        ]),
+    preprocessor=data_preprocessor, num_images=64, batch_size=2)
+
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        _delete_=True,
+        type='SFormerViT',
+        model_name='vit_base_patch16_224',
+        img_size=1024,
+        out_strides=(4, 8, 16, 32),
+        drop_path_rate=0.1,
+        pretrained=pretrained,
+        snn=dict(lam=0.25, max_spikes=32, p=0.99, calib=calib),
+    ),
+    neck=dict(in_channels=[192, 384, 768, 768], out_channels=256, num_outs=5),
+)
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1),
+    clip_grad=dict(max_norm=1.0, norm_type=2),
+)
