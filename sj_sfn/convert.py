@@ -47,12 +47,12 @@ def _sformer_convert():
 def convert(
     model: nn.Module,
     dataloader: Iterable,
-    lam: float = 0.25,
+    lam: float | None = None,
     max_spikes: int = 32,
     p: float = 0.99,
     *,
     per_channel: bool = False,
-    v_init: float = 0.0,
+    v_init: float | None = None,
     num_batches: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -66,11 +66,13 @@ def convert(
 
     :param model: a CNN with ReLU-family activations, or a timm Vision Transformer
     :param dataloader: calibration batches (``x`` or ``(x, y, ...)``)
-    :param lam: ``λ``
+    :param lam: ``λ``; ``None`` = the family default (CNNs: ``0.1``, see
+        :data:`sj_sfn.ann2snn.recipes.CNN_DEFAULT_LAM`; Transformers: :func:`sj_sfn.sformer.convert`'s)
     :param max_spikes: ``N``
     :param p: calibration quantile
     :param per_channel: per-channel thresholds
-    :param v_init: threshold offset ``r ∈ [0, 1)`` (``0.5`` = round instead of floor)
+    :param v_init: threshold offset ``r ∈ [0, 1)`` (``0.5`` = round, ``0`` = floor); ``None`` = the family
+        default (CNNs: ``0.5``, measured to beat flooring; Transformers: the SFormer default)
     :param num_batches: calibrate on at most this many batches
     :param device: conversion device (default: the model's)
     :param progress: progress bar while calibrating
@@ -79,14 +81,15 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    optional = {k: v for k, v in (("lam", lam), ("v_init", v_init)) if v is not None}
     if is_transformer(model):
         fn = _sformer_convert()
-        return fn(model, dataloader, lam=lam, max_spikes=max_spikes, p=p, per_channel=per_channel, v_init=v_init,
-                  num_batches=num_batches, device=device, progress=progress, **kwargs)
+        return fn(model, dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
+                  device=device, progress=progress, **optional, **kwargs)
     from spikingjelly.activation_based.ann2snn import Converter
 
     from .ann2snn import SFNRecipe
 
-    recipe = SFNRecipe(dataloader, lam=lam, max_spikes=max_spikes, p=p, per_channel=per_channel, v_init=v_init,
-                       num_batches=num_batches, progress=progress, **kwargs)
+    recipe = SFNRecipe(dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
+                       progress=progress, **optional, **kwargs)
     return Converter(recipe, device=device).convert(model)

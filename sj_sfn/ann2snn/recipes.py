@@ -37,7 +37,7 @@ from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import (
     adapt_step_mode_graph,
 )
 from torch import fx
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from ..calibration import SiteObserver, calibrate
 from ..neuron import MTNode, SFNode
@@ -46,31 +46,85 @@ from .matching import activation_input, match_relu_family, unsupported_activatio
 if TYPE_CHECKING:
     from spikingjelly.activation_based.ann2snn.converter import FXConverter
 
-__all__ = ["SFNRecipe", "MTNRecipe", "fuse_conv_bn", "adapt_step_mode"]
+__all__ = ["SFNRecipe", "MTNRecipe", "fuse_conv_bn", "adapt_step_mode", "CNN_DEFAULT_LAM", "CNN_DEFAULT_V_INIT"]
+
+#: Defaults for CNNs (N = 32), chosen from the λ grids in bench/accuracy_vs_t.py and the tests:
+#: rounding (``v_init = 0.5``) is flat within ~0.1 point of the ANN for λ in [0.05, 0.15];
+#: flooring (``v_init = 0``) loses several points above λ ≈ 0.1 (a systematic λθ/2 downward bias per site).
+CNN_DEFAULT_LAM = 0.1
+CNN_DEFAULT_V_INIT = 0.5
 
 
 # -- graph utilities -------------------------------------------------------------------
 
 
+def _sole_value_user(producer: fx.Node, consumer: fx.Node) -> bool:
+    """Whether ``consumer`` is the only user of ``producer``'s values (``x.ndim``/``x.shape`` users do not count)."""
+    for user in producer.users:
+        if user is consumer:
+            continue
+        if user.op == "call_function" and user.target is getattr and user.args[1:] in (("ndim",), ("shape",)):
+            continue
+        if user.op == "call_method" and user.target in ("dim", "size"):
+            continue
+        return False
+    return True
+
+
+def _attr(fx_model: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    if node is None:
+        return None
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return fx_model.get_parameter(node.target) if node.target in dict(fx_model.named_parameters()) else fx_model.get_buffer(node.target)
+    raise ValueError("not a constant attribute")
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def fuse_conv_bn(fx_model: fx.GraphModule) -> fx.GraphModule:
-    """Fold every ``BatchNorm`` that directly follows a convolution (its only user) into it."""
+    """Fold every eval-mode BatchNorm that directly follows a convolution into it.
+
+    Both ``nn.BatchNormNd`` modules and functional ``F.batch_norm(conv(x), running_mean, running_var,
+    weight, bias, training=False)`` calls on module attributes (timm's ``BatchNormAct2d``) are fused:
+    ``w' = w·γ/√(σ²+ε)``, ``b' = (b - μ)·γ/√(σ²+ε) + β``.
+    """
     modules = dict(fx_model.named_modules())
     pairs = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
     for node in list(fx_model.graph.nodes):
-        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+        if not node.args or not isinstance(node.args[0], fx.Node):
             continue
         prev = node.args[0]
-        if prev.op != "call_module" or len(prev.users) != 1:
+        if prev.op != "call_module" or type(modules.get(prev.target)) not in _CONVS or not _sole_value_user(prev, node):
             continue
-        conv, bn = modules.get(prev.target), modules.get(node.target)
-        if not any(type(conv) is c and type(bn) is b for c, b in pairs) or not bn.track_running_stats:
+        conv = modules[prev.target]
+        if node.op == "call_module":
+            bn = modules.get(node.target)
+            if not any(type(conv) is c and type(bn) is b for c, b in pairs) or not bn.track_running_stats:
+                continue
+            fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+        elif node.op == "call_function" and node.target is F.batch_norm:
+            names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+            kw = dict(zip(names, node.args))
+            kw.update(node.kwargs)
+            if kw.get("training", False) is not False:
+                continue
+            try:
+                rm, rv, w, b = (_attr(fx_model, kw.get(k)) for k in ("running_mean", "running_var", "weight", "bias"))
+            except (ValueError, AttributeError):
+                continue
+            if rm is None or rv is None:
+                continue
+            fused = copy.deepcopy(conv).eval()
+            fused.weight, fused.bias = fuse_conv_bn_weights(conv.weight, conv.bias, rm, rv, kw.get("eps", 1e-5), w, b)
+        else:
             continue
-        fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
         parent, _, leaf = prev.target.rpartition(".")
         setattr(fx_model.get_submodule(parent) if parent else fx_model, leaf, fused)
         modules[prev.target] = fused
         node.replace_all_uses_with(prev)
         fx_model.graph.erase_node(node)
+    fx_model.graph.eliminate_dead_code()
     fx_model.graph.lint()
     fx_model.delete_all_unused_submodules()
     fx_model.recompile()
@@ -98,8 +152,15 @@ _FUNCTIONAL_POOLS = {
 
 
 def _modularise_pools(fx_model: fx.GraphModule) -> None:
-    """Turn functional pooling calls with literal arguments into modules (step-mode adaptable)."""
+    """Prepare for step-mode adaptation: functional pools with literal arguments become modules and
+    ``x.ndim`` becomes ``x.dim()`` (which the adapter makes step-aware; timm asserts on it)."""
     for node in list(fx_model.graph.nodes):
+        if node.op == "call_function" and node.target is getattr and node.args[1:] == ("ndim",):
+            with fx_model.graph.inserting_after(node):
+                new = fx_model.graph.call_method("dim", args=(node.args[0],))
+            node.replace_all_uses_with(new)
+            fx_model.graph.erase_node(node)
+            continue
         if node.op != "call_function" or node.target not in _FUNCTIONAL_POOLS:
             continue
         cls, names = _FUNCTIONAL_POOLS[node.target]
@@ -178,12 +239,13 @@ class SFNRecipe(FXConversionRecipe):
     lie in ``[0.05, 1]``.
 
     :param dataloader: calibration batches (``x`` or ``(x, y, ...)``)
-    :param lam: ``λ``, the global threshold scale (change later with :func:`sj_sfn.set_lambda`)
+    :param lam: ``λ``, the global threshold scale (change later with :func:`sj_sfn.set_lambda`);
+        default :data:`CNN_DEFAULT_LAM`
     :param max_spikes: ``N``, spikes per neuron and step
     :param p: calibration quantile
     :param per_channel: one threshold per channel (``channel_dim``) instead of per site
     :param channel_dim: the channel dimension of the activations (1 for ``[N, C, H, W]``)
-    :param v_init: threshold offset ``r`` in ``[0, 1)`` (``0.5`` rounds instead of flooring)
+    :param v_init: threshold offset ``r`` in ``[0, 1)``: ``0.5`` (the default) rounds, ``0`` floors
     :param levels: non-uniform level multipliers ``y_1..y_N`` (default evenly spaced)
     :param num_batches: calibrate on at most this many batches
     :param fuse_bn: fold BatchNorm into the preceding convolution
@@ -195,12 +257,12 @@ class SFNRecipe(FXConversionRecipe):
     def __init__(
         self,
         dataloader: Iterable,
-        lam: float = 0.25,
+        lam: float = CNN_DEFAULT_LAM,
         max_spikes: int = 32,
         p: float = 0.99,
         per_channel: bool = False,
         channel_dim: int = 1,
-        v_init: float = 0.0,
+        v_init: float = CNN_DEFAULT_V_INIT,
         levels: torch.Tensor | None = None,
         num_batches: int | None = None,
         fuse_bn: bool = True,
