@@ -172,7 +172,8 @@ def linear_fanout_acs(counts: torch.Tensor, layer: nn.Linear) -> tuple[float, fl
 def conv_fanout_acs(counts: torch.Tensor, layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[float, float]:
     """``(Σ|k|·F, Σ1[k≠0]·F)`` for counts entering a convolution, with the exact per-position fan-out.
 
-    ``Σ_pos |k|·F(pos) = (C_out/groups) · Σ_out conv(|k|, ones[groups, C_in/groups, *kernel])``.
+    ``Σ_pos |k|·F(pos) = (C_out/groups) · Σ_out conv(|k|, ones[groups, C_in/groups, *kernel])``,
+    computed as a grouped convolution of the per-group channel sums with ``ones[groups, 1, *kernel]``.
     """
     nd = len(layer.kernel_size)
     if counts.dim() == nd + 2:
@@ -183,10 +184,13 @@ def conv_fanout_acs(counts: torch.Tensor, layer: nn.Conv1d | nn.Conv2d | nn.Conv
         counts = counts.flatten(0, 1)
     else:
         raise ValueError(f"counts of shape {tuple(counts.shape)} do not fit a {nd}-d convolution")
+    g = layer.groups
+    # summing |k| over each group's input channels first gives the same result with a 1-channel kernel
     a = counts.abs().to(torch.float64)
     e = (a > 0).to(torch.float64)
-    g = layer.groups
-    ones = torch.ones(g, layer.in_channels // g, *layer.kernel_size, dtype=torch.float64, device=a.device)
+    a = a.unflatten(1, (g, -1)).sum(2)
+    e = e.unflatten(1, (g, -1)).sum(2)
+    ones = torch.ones(g, 1, *layer.kernel_size, dtype=torch.float64, device=a.device)
     conv = _CONV_FN[nd]
     padding = layer.padding
     if layer.padding_mode != "zeros":
