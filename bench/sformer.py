@@ -1,7 +1,7 @@
 """SFormer on Fashion-MNIST and SFormer CPU latency.
 
 1. Trains (or loads from the cache) a timm ``VisionTransformer`` on a subset of Fashion-MNIST
-   (28×28, patch 7 → 16 tokens + class token, dim 64, 4 blocks, 4 heads), converts it to a
+   (28×28, patch 7 → 16 tokens + class token; dim 64 and 4 blocks by default, heads = dim/16), converts it to a
    one-timestep SFormer and reports ANN vs SNN (T=1) accuracy on the validation and test
    splits and the energy ratio (``sj_sfn.energy.measure_energy``) over a λ grid, then the
    SoftMax-site options (cap, N_a, θ rule) and floor vs rounding at the λ picked on the
@@ -10,7 +10,8 @@
    (timm's fused attention) vs the converted model on the module path and on the compiled
    fire path (``sformer.set_fire_path('compiled')``, checked bit-identical), median of repeats.
 
-Prints tables and writes ``results.json`` under ``--out``.
+Prints tables and writes ``results.json`` and ``figure6.png`` (the paper's Figure 6 for this model)
+under ``--out``.
 
     apt-get update && apt-get install -y dataset-fashion-mnist      # once (root)
     python bench/sformer.py --out runs/sformer
@@ -32,17 +33,17 @@ from sj_sfn.data import make_splits
 from sj_sfn.energy import measure_energy
 
 
-def fmnist_vit() -> torch.nn.Module:
+def fmnist_vit(dim: int = 64, depth: int = 4) -> torch.nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
-                             mlp_ratio=2.0)
+    return VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=dim, depth=depth,
+                             num_heads=dim // 16, mlp_ratio=2.0)
 
 
 def train_or_load(args, splits) -> torch.nn.Module:
     os.makedirs(args.cache, exist_ok=True)
-    path = os.path.join(args.cache, f"vit_fmnist_p7_d64x4_n{args.train_limit}_e{args.epochs}_s{args.seed}.pt")
-    model = fmnist_vit()
+    path = os.path.join(args.cache, f"vit_fmnist_p7_d{args.dim}x{args.depth}_n{args.train_limit}_e{args.epochs}_s{args.seed}.pt")
+    model = fmnist_vit(args.dim, args.depth)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         print(f"loaded {path}")
@@ -80,10 +81,8 @@ def fmnist_study(args) -> dict:
         return sformer.convert(ann, calib, lam=lam, max_spikes=args.max_spikes, num_batches=args.calib_batches, progress=False,
                                **kw).eval()
 
-    base = conv(args.lams[0])
-    for lam in args.lams:
-        sformer.set_lambda(base, lam)  # thresholds λθ: no recalibration needed
-        r = evaluate(base, loaders, energy_loader, ann)
+    for lam in args.lams:  # converted at each λ, so the SoftMax site's N_a levels span its cap at that λ
+        r = evaluate(conv(lam), loaders, energy_loader, ann)
         r["lam"] = lam
         res["lam_grid"].append(r)
         print(f"λ={lam:<6g} val {r['val']:.2f}%  test {r['test']:.2f}%  energy ratio {r['ratio']:.3f} (events {r['event_ratio']:.3f})")
@@ -106,6 +105,13 @@ def fmnist_study(args) -> dict:
         r.update(name=name, lam=pick["lam"], **{f"kw_{k}": v for k, v in kw.items()})
         res["variants"].append(r)
         print(f"  {name:<50} val {r['val']:.2f}%  test {r['test']:.2f}%  ratio {r['ratio']:.3f}")
+    from sj_sfn.sformer.plots import plot_site_histograms
+
+    x = next(iter(DataLoader(splits.test, batch_size=64)))[0]
+    fig_path = os.path.join(args.out, "figure6.png")
+    plot_site_histograms(ann, conv(pick["lam"]), x, lams=(1.0, 0.5, pick["lam"]), block=len(ann.blocks) - 1, path=fig_path)
+    res["figure6"] = fig_path
+    print(f"wrote {fig_path}")
     return res
 
 
@@ -154,8 +160,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/sformer")
     ap.add_argument("--cache", default=".cache/bench")
-    ap.add_argument("--train-limit", type=int, default=20000)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--train-limit", type=int, default=30000)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--test-limit", type=int, default=None)
@@ -163,9 +169,12 @@ def main() -> None:
     ap.add_argument("--lams", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
     ap.add_argument("--max-spikes", type=int, default=32)
     ap.add_argument("--latency-batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", choices=["fmnist", "latency"], nargs="*", default=[])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared CPU)")
+    ap.add_argument("--latency-threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -173,6 +182,7 @@ def main() -> None:
     if "fmnist" not in args.skip:
         res["fmnist"] = fmnist_study(args)
     if "latency" not in args.skip:
+        torch.set_num_threads(args.latency_threads)
         res["latency"] = latency(args)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
