@@ -55,25 +55,32 @@ def accuracy_over_steps(snn: torch.nn.Module, loader: DataLoader, steps: tuple[i
 
 def train_or_load(args, splits) -> torch.nn.Module:
     os.makedirs(args.cache, exist_ok=True)
-    path = os.path.join(args.cache, f"small_resnet_fmnist_n{args.train_limit}_e{args.epochs}_s{args.seed}.pt")
-    model = zoo.small_resnet()
+    if args.dataset == "digits":
+        path = os.path.join(args.cache, f"digits_cnn_e{args.epochs}_s{args.seed}.pt")
+        model = zoo.digits_cnn()
+    else:
+        path = os.path.join(args.cache, f"small_resnet_fmnist_n{args.train_limit}_e{args.epochs}_s{args.seed}.pt")
+        model = zoo.small_resnet()
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         print(f"loaded checkpoint {path}")
         return model.eval()
     t0 = time.time()
-    zoo.fit(model, splits.loader("train", 128, seed=args.seed), epochs=args.epochs, lr=3e-3, seed=args.seed)
-    print(f"trained small ResNet on {len(splits.train)} images, {args.epochs} epochs, {time.time() - t0:.0f} s")
+    bs = 64 if args.dataset == "digits" else 128
+    zoo.fit(model, splits.loader("train", bs, seed=args.seed), epochs=args.epochs, lr=3e-3, seed=args.seed)
+    print(f"trained {type(model).__name__} on {len(splits.train)} images, {args.epochs} epochs, {time.time() - t0:.0f} s")
     torch.save(model.state_dict(), path)
     return model.eval()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist",
+                    help="fashion-mnist: small ResNet; digits: the 3-conv digits CNN (epochs default 12)")
     ap.add_argument("--out", default="runs/accuracy_vs_t")
     ap.add_argument("--cache", default=".cache/bench")
     ap.add_argument("--train-limit", type=int, default=12000, help="training images (a subset keeps CPU training short)")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=None, help="default 4 (fashion-mnist) or 12 (digits)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib-batches", type=int, default=8, help="calibration batches of 128 training images")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on the first n test images (default: all 10,000)")
@@ -82,16 +89,21 @@ def main() -> None:
     ap.add_argument("--max-spikes", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = ap.parse_args()
+    if args.epochs is None:
+        args.epochs = 12 if args.dataset == "digits" else 4
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
 
-    splits = make_splits("fashion-mnist", seed=args.seed, train_limit=args.train_limit)
+    if args.dataset == "digits":
+        splits = make_splits("digits", seed=args.seed)
+    else:
+        splits = make_splits("fashion-mnist", seed=args.seed, train_limit=args.train_limit)
     ann = train_or_load(args, splits)
     test_ds = splits.test if args.test_limit is None else Subset(splits.test, range(args.test_limit))
     test = DataLoader(test_ds, batch_size=500)
     val = splits.loader("val", 500)
-    energy_loader = DataLoader(Subset(splits.test, range(args.energy_images)), batch_size=250)
+    energy_loader = DataLoader(Subset(splits.test, range(min(args.energy_images, len(splits.test)))), batch_size=250)
     calib = [b for _, b in zip(range(args.calib_batches), splits.loader("train", 128, shuffle=True, seed=args.seed + 1))]
     res: dict = {"config": vars(args), "n_test": len(test_ds), "n_train": len(splits.train)}
 
@@ -130,7 +142,8 @@ def main() -> None:
     print(f"SFN done ({time.time() - t0:.0f} s)")
 
     # table
-    lines = [f"Fashion-MNIST, small ResNet ({res['n_train']} training images), test set {res['n_test']} images",
+    what = "digits, 3-conv CNN" if args.dataset == "digits" else "Fashion-MNIST, small ResNet"
+    lines = [f"{what} ({res['n_train']} training images), test set {res['n_test']} images",
              f"ANN: {res['ann']:.2f}%", "",
              "| T | IF (RateCodingRecipe), T steps | energy | MTN (MTNRecipe), 1 step, N=T | energy |",
              "|---|---|---|---|---|"]

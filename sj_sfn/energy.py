@@ -10,7 +10,8 @@ For a layer whose input is *spiking*, every input element with signed spike coun
 ``ACs = Σ |k|·F`` (count-weighted synaptic operations, "SOPs") and
 ``events = Σ 1[k≠0]·F`` (what it costs if a multi-level spike is one event). A layer whose
 input is not spiking (the image into the first convolution, an average-pooled spike map,
-a LayerNorm output) costs its dense MACs.
+a LayerNorm output) costs its dense MACs. Run for ``T`` steps on a constant input, the layer
+that reads the input itself is charged once (its output is the same every step).
 
 Fan-out: a ``Linear`` input element meets ``out_features`` weights. A convolution input
 element at a given position meets ``C_out/groups`` times the number of kernel taps that
@@ -246,6 +247,8 @@ class _Recorder:
         self.input_counts: dict[str, list[float]] = {}
         self.handles: list[Any] = []
         self.saved_store: list[tuple[nn.Module, bool]] = []
+        self.step = 0
+        self.static_input: torch.Tensor | None = None
         for name, m in model.named_modules():
             name = name or type(m).__name__
             if role == "snn" and _is_neuron(m):
@@ -326,6 +329,8 @@ class _Recorder:
                 return
             counts = self._counts_of(inputs[0])
             if counts is None:
+                if self.step > 0 and inputs[0] is self.static_input:
+                    return  # the same input every step: computed once, its output reused (direct encoding)
                 row.macs += ann
                 row.spiking_input = False if row.spiking_input is None else row.spiking_input
                 return
@@ -374,10 +379,13 @@ def _run(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int |
         if device is not None:
             x = x.to(device)
         sjf.reset_net(model)
-        for _ in range(time_steps):
+        recorder.static_input = x
+        for t in range(time_steps):
             recorder.new_forward()
+            recorder.step = t
             model(x)
         recorder.new_forward()
+        recorder.static_input = None
         samples += int(x.shape[0])
         seen += 1
         if num_batches is not None and seen >= num_batches:
@@ -405,7 +413,8 @@ def measure_energy(
     :param ann: the source ANN; when given, ``ann_macs`` are its measured Linear/Conv MACs plus
         the ``ann_macs`` that ``energy_ops`` report; otherwise the dense MACs of the SNN's own layers
     :param time_steps: forward passes per input (a rate-coded network run for ``T`` steps);
-        the SNN counts are summed over the steps, the ANN runs once
+        the SNN counts are summed over the steps, the ANN runs once. A layer that reads the
+        network input itself (the image: the same every step) is charged its MACs once
     :param num_batches: stop after this many batches
     :param device: move inputs here (default: leave them where the loader puts them)
     :param progress: show a progress bar
