@@ -6,7 +6,10 @@
    splits and the energy ratio (``sj_sfn.energy.measure_energy``) over a λ grid, then the
    SoftMax-site options (cap, N_a, θ rule) and floor vs rounding at the λ picked on the
    validation split (the largest λ whose validation accuracy is within 1 point of the ANN's).
-2. Latency: timm ``vit_tiny_patch16_224`` (random weights), batch 64 at 224 px on CPU, ANN
+2. Optional (``--spikingjelly``): SpikingJelly 2.0's ``STATransformerRecipe`` on the same weights
+   (rewritten with ``nn.LayerNorm`` / ``nn.MultiheadAttention`` and a plain ``forward(x)``, which
+   it needs), accuracy after t = 1..T steps of the input ``[x, 0, 0, ...]``.
+3. Latency: timm ``vit_tiny_patch16_224`` (random weights), batch 64 at 224 px on CPU, ANN
    (timm's fused attention) vs the converted model on the module path and on the compiled
    fire path (``sformer.set_fire_path('compiled')``, checked bit-identical), median of repeats.
 
@@ -156,6 +159,79 @@ def latency(args) -> dict:
     return res
 
 
+class _PlainBlock(torch.nn.Module):
+    """A timm ViT block with ``nn.LayerNorm`` / ``nn.MultiheadAttention`` (what SpikingJelly's STA recipe accepts)."""
+
+    def __init__(self, blk):
+        super().__init__()
+        nn = torch.nn
+        d = blk.norm1.normalized_shape[0]
+        self.norm1 = nn.LayerNorm(d, eps=blk.norm1.eps)
+        self.norm1.load_state_dict(blk.norm1.state_dict())
+        self.attn = nn.MultiheadAttention(d, blk.attn.num_heads, batch_first=True)
+        with torch.no_grad():
+            self.attn.in_proj_weight.copy_(blk.attn.qkv.weight)
+            self.attn.in_proj_bias.copy_(blk.attn.qkv.bias)
+            self.attn.out_proj.weight.copy_(blk.attn.proj.weight)
+            self.attn.out_proj.bias.copy_(blk.attn.proj.bias)
+        self.norm2 = nn.LayerNorm(d, eps=blk.norm2.eps)
+        self.norm2.load_state_dict(blk.norm2.state_dict())
+        self.fc1, self.act, self.fc2 = blk.mlp.fc1, nn.GELU(), blk.mlp.fc2
+
+    def forward(self, x):
+        h = self.norm1(x)
+        a, _w = self.attn(h, h, h, need_weights=False)  # (out, weights) unpacked: STA's tracer needs this form
+        x = x + a
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class _PlainViT(torch.nn.Module):
+    """The same ViT as plain PyTorch modules, ``forward(x)`` only (the workarounds of shared ENV notes)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.patch = vit.patch_embed.proj
+        self.cls_token, self.pos_embed = vit.cls_token, vit.pos_embed
+        self.blocks = torch.nn.Sequential(*[_PlainBlock(b) for b in vit.blocks])
+        self.norm = torch.nn.LayerNorm(vit.norm.normalized_shape[0], eps=vit.norm.eps)
+        self.norm.load_state_dict(vit.norm.state_dict())
+        self.head = vit.head
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, :1].flatten(1))  # a slice, not x[:, 0]: STA rejects integer getitem
+
+
+@torch.no_grad()
+def spikingjelly_sta(args, ann, splits) -> dict:
+    """SpikingJelly's STA recipe on the same ViT: accuracy after t = 1..T steps of input [x, 0, 0, ...]."""
+    from spikingjelly.activation_based import functional
+    from spikingjelly.activation_based.ann2snn import Converter
+    from spikingjelly.activation_based.ann2snn.recipes.sta_transformer import STATransformerRecipe
+
+    plain = _PlainViT(ann).eval()
+    test = DataLoader(Subset(splits.test, range(args.test_limit or len(splits.test))), batch_size=500)
+    x0 = next(iter(test))[0][:8]
+    res = {"plain_vs_timm_max_abs": (plain(x0) - ann(x0)).abs().max().item(), "runs": []}
+    calib = splits.loader("train", 128, shuffle=False)
+    for mode, steps in (("spiking_encoder", 1), ("spiking_encoder", 4), ("equivalent", 1)):
+        snn = Converter(STATransformerRecipe(calib, time_steps=steps, mode=mode, num_calibration_batches=args.calib_batches)).convert(plain)
+        functional.set_step_mode(snn, "m")
+        correct, total = [0] * steps, 0
+        for xb, yb in test:
+            functional.reset_net(snn)
+            out = snn(torch.cat([xb[None], xb.new_zeros(steps - 1, *xb.shape)])).cumsum(0)
+            for t in range(steps):
+                correct[t] += (out[t].argmax(-1) == yb).sum().item()
+            total += yb.numel()
+        acc = {t + 1: 100.0 * c / total for t, c in enumerate(correct)}
+        res["runs"].append({"mode": mode, "time_steps": steps, "accuracy_after_t": acc})
+        print(f"SpikingJelly STA mode={mode} T={steps}: test accuracy after t steps {acc}")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/sformer")
@@ -171,6 +247,7 @@ def main() -> None:
     ap.add_argument("--latency-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", choices=["fmnist", "latency"], nargs="*", default=[])
+    ap.add_argument("--spikingjelly", action="store_true", help="also run SpikingJelly's STA Transformer recipe on the same ViT")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared CPU)")
@@ -181,6 +258,9 @@ def main() -> None:
     res: dict = {"args": vars(args), "note": "CPU timings on a shared machine are noisy"}
     if "fmnist" not in args.skip:
         res["fmnist"] = fmnist_study(args)
+    if args.spikingjelly:
+        splits = make_splits("fashion-mnist", seed=args.seed, train_limit=args.train_limit)
+        res["spikingjelly_sta"] = spikingjelly_sta(args, train_or_load(args, splits), splits)
     if "latency" not in args.skip:
         torch.set_num_threads(args.latency_threads)
         res["latency"] = latency(args)

@@ -132,6 +132,16 @@ def test_convert_leaves_the_ann_alone(vit_digits_model, vit_digits_calib):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_sj_sfn_convert_routes_vits_here(vit_digits_model, vit_digits_calib, vit_digits_snn, cnn_digits_splits):
+    import sj_sfn
+
+    snn = sj_sfn.convert(vit_digits_model, vit_digits_calib, num_batches=4, progress=False)
+    assert sum(isinstance(m, SFormerAttention) for m in snn.modules()) == len(vit_digits_model.blocks)
+    x = next(iter(cnn_digits_splits.loader("test", 64)))[0]
+    with torch.no_grad():  # same defaults (λ=0.25, N=32, p=0.99, rounding) as the fixture's sformer.convert
+        torch.testing.assert_close(snn(x), vit_digits_snn(x), rtol=0, atol=0)
+
+
 def test_sites_cover_every_kind_with_statistics(vit_digits_snn, cnn_digits_splits):
     found = sformer.sites(vit_digits_snn, cnn_digits_splits.loader("val", 64), num_batches=2)
     per_block = {}
