@@ -1,11 +1,608 @@
-"""The ``sj-sfn`` command."""
+"""The ``sj-sfn`` command: ``demo``, ``convert``, ``eval``, ``tune``, ``info``, ``theorem``.
+
+    sj-sfn demo                                   # digits: train a CNN and a ViT, convert at T=1, tune λ
+    sj-sfn convert zoo:digits_cnn --checkpoint cnn.pth --data digits --tune --out snn.pth
+    sj-sfn eval snn.pth --data digits --json eval.json
+    sj-sfn tune snn.pth --data digits --trials 20 --json tune.json --plot tune.png
+    sj-sfn info
+
+MODEL is a timm model name, ``torchvision:NAME`` or ``zoo:NAME`` (``digits_cnn``,
+``digits_vit``, ``small_resnet``); ``--data`` is ``digits``, ``fashion-mnist`` or an
+ImageFolder tree (``DIR/train`` + ``DIR/val`` as for ImageNet, or one folder that is split).
+λ is tuned on a validation split cut from the training data, never on the test split.
+Every user error ends with exit code 2 and a one-line reason; ``SJ_SFN_TRACEBACK=1`` shows
+the traceback instead. Under ``torchrun`` calibration and evaluation are split across the
+processes (see :mod:`sj_sfn.distributed`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "UserError", "build_model", "load_checkpoint", "load_data", "load_converted", "save_converted"]
+
+FORMAT = "sj-sfn-snn"
+DEMO_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sj-sfn", "demo")
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, exit code 2."""
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+def build_model(spec: str, num_classes: int, in_chans: int = 3, img_size: int | None = None):
+    """``timm`` name, ``torchvision:NAME`` or ``zoo:NAME`` → an untrained ``nn.Module``."""
+    from . import zoo
+
+    if spec.startswith("zoo:"):
+        name = spec[4:]
+        fns = {"digits_cnn": zoo.digits_cnn, "small_resnet": zoo.small_resnet, "digits_vit": zoo.digits_vit}
+        if name not in fns:
+            raise UserError(f"unknown model {spec!r}: zoo models are {', '.join('zoo:' + k for k in fns)}")
+        kw: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
+        if name == "digits_vit" and img_size is not None:
+            kw.update(img_size=img_size, patch_size=2 if img_size <= 8 else 4)
+        return fns[name](**kw)
+    if spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.split(":", 1)[1]
+        if name not in torchvision.models.list_models():
+            raise UserError(f"unknown model {spec!r}: not in torchvision.models.list_models()")
+        if in_chans != 3:
+            raise UserError(f"{spec} takes 3-channel images; this data set has {in_chans}")
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    try:
+        import timm
+    except ImportError as e:
+        raise UserError(f"model {spec!r} needs timm: pip install 'sj-sfn[timm]'") from e
+    name = spec[5:] if spec.startswith("timm:") else spec
+    if not timm.is_model(name):
+        raise UserError(f"unknown model {spec!r}: not a timm model name (see timm.list_models()), nor torchvision:NAME or zoo:NAME")
+    kw = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans}
+    if img_size is not None:
+        try:
+            return timm.create_model(name, img_size=img_size, **kw)
+        except TypeError:
+            pass
+    return timm.create_model(name, **kw)
+
+
+def _state_dict_of(obj: Any, path: str) -> dict:
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        if obj.get("format") == FORMAT:
+            raise UserError(f"{path} is a converted SNN (sj-sfn convert output), not an ANN checkpoint")
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net"):
+            if isinstance(obj.get(key), dict) and obj[key] and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise UserError(f"{path} holds no state_dict (expected a dict of tensors or one under 'state_dict'/'model')")
+
+
+def _torch_load(path: str) -> Any:
+    import pickle
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f"file not found: {path}")
+    bad = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, ModuleNotFoundError)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):  # not a torch file at all
+            raise UserError(f"cannot read {path}: not a torch checkpoint ({str(e).splitlines()[0]})") from e
+    except bad as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+    try:  # a full training checkpoint (optimizer state, args): a local file the user named
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except bad as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+
+
+def load_checkpoint(model, path: str, spec: str = "model") -> None:
+    """Load an ANN checkpoint into ``model``; a mismatch is a :class:`UserError` naming the keys."""
+    sd = _state_dict_of(_torch_load(path), path)
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+        raise UserError(f"checkpoint {path} does not match {spec}: " + "; ".join(parts))
+    model.load_state_dict(sd)
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    """Loaders of one data set: calibration and tuning splits come from training data."""
+
+    name: str
+    calib: Any
+    val: Any
+    test: Any
+    num_classes: int
+    in_chans: int
+    img_size: int
+    note: str
+    train_root: str | None = None  # ImageFolder of the training images (folders only)
+    train_indices: list[int] | None = None  # its images outside the validation and test splits
+
+
+def _subset(ds, n: int | None, seed: int = 0):
+    import torch
+    from torch.utils.data import Subset
+
+    if n is None or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return Subset(ds, idx.tolist())
+
+
+def _image_transform(model, spec: str, img_size: int | None):
+    from torchvision import transforms as T
+
+    if model is not None and not spec.startswith(("torchvision:", "zoo:")):
+        try:
+            from timm.data import create_transform, resolve_data_config
+
+            return create_transform(**resolve_data_config({}, model=model))
+        except Exception:  # noqa: BLE001 - fall back to the ImageNet eval transform
+            pass
+    size = img_size or 224
+    return T.Compose([
+        T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+
+
+def _image_folder(path: str, transform):
+    from torchvision.datasets import ImageFolder
+
+    try:
+        ds = ImageFolder(path, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"no images found under {path}: an ImageFolder tree needs one sub-folder of images per class") from e
+    if len(ds) == 0:
+        raise UserError(f"no images found under {path}")
+    return ds
+
+
+def data_info(data: str) -> tuple[int, int, int | None]:
+    """``(num_classes, in_chans, img_size)`` of a ``--data`` value without loading images."""
+    if data == "digits":
+        return 10, 1, 8
+    if data in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        return 10, 1, 28
+    if not os.path.exists(data):
+        raise UserError(f"data not found: {data!r} is neither 'digits', 'fashion-mnist' nor an existing folder")
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data} is a file; give an ImageFolder directory")
+    root = os.path.join(data, "train") if os.path.isdir(os.path.join(data, "train")) else data
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    if not classes:
+        raise UserError(f"no class folders under {root}: an ImageFolder tree needs one sub-folder of images per class")
+    return len(classes), 3, None
+
+
+def load_data(
+    data: str, batch_size: int = 64, calib_samples: int | None = None, val_samples: int | None = None,
+    test_samples: int | None = None, model=None, spec: str = "", img_size: int | None = None, workers: int = 0,
+    seed: int = 0, distributed: bool = False,
+) -> Data:
+    """Calibration / validation (λ tuning) / test loaders for ``--data``.
+
+    ``digits``: the 70/10/20 split of :func:`sj_sfn.data.make_splits`; ``fashion-mnist``: the
+    validation split is cut from the official training set, the test split is the official test
+    set; a folder with ``train/`` and ``val/``: calibration and validation from ``train/``
+    (disjoint), ``val/`` is the test split (ImageNet's convention); a single folder is split
+    80/10/10. Under ``torchrun`` (``distributed=True``) each process gets its share of batches.
+    """
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from . import data as sjdata
+
+    train_root = train_indices = None
+    if isinstance(batch_size, int) and batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    num_classes, in_chans, size = data_info(data)
+    if data in ("digits", "fashion-mnist", "fashion_mnist", "fmnist"):
+        try:
+            sp = sjdata.make_splits("digits" if data == "digits" else "fashion-mnist", seed=seed)
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from e
+        calib, val, test = _subset(sp.train, calib_samples, seed), _subset(sp.val, val_samples, seed), _subset(sp.test, test_samples, seed)
+        note = f"{data}: calibration = training split, validation (λ) = held-out part of training data, test = test split"
+    else:
+        transform = _image_transform(model, spec, img_size)
+        train_dir, val_dir = os.path.join(data, "train"), os.path.join(data, "val")
+        if os.path.isdir(train_dir) and os.path.isdir(val_dir):
+            whole = _image_folder(train_dir, transform)
+            pool = list(range(len(whole)))
+            test = _subset(_image_folder(val_dir, transform), test_samples, seed)
+            note = f"{data}: calibration and validation (λ) from train/ (disjoint), test = val/"
+            train_root = train_dir
+        else:
+            whole = _image_folder(data, transform)
+            perm = torch.randperm(len(whole), generator=torch.Generator().manual_seed(seed)).tolist()
+            n_test = max(1, len(whole) // 10)
+            test = _subset(Subset(whole, perm[:n_test]), test_samples, seed)
+            pool = perm[n_test:]
+            note = f"{data}: one folder split 90/10 into training (calibration, validation) and test"
+            train_root = data
+        n_val = min(val_samples or 1000, max(1, len(pool) // 5))
+        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+        val_idx = [pool[i] for i in perm[:n_val]]
+        rest = [pool[i] for i in perm[n_val:]] or val_idx[:1]
+        val = Subset(whole, val_idx)
+        calib = Subset(whole, rest[: calib_samples or 1024])
+        train_indices = rest
+        size = img_size or size
+    if len(calib) == 0 or len(val) == 0 or len(test) == 0:
+        raise UserError(f"--data {data}: a split is empty (calibration {len(calib)}, validation {len(val)}, test {len(test)})")
+
+    def mk(ds):
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+        if distributed:
+            from .distributed import shard_loader
+
+            loader = shard_loader(loader)
+        return loader
+
+    return Data(data, mk(calib), mk(val), mk(test), num_classes, in_chans, size or 224, note, train_root, train_indices)
+
+
+def _sample_shape(loader) -> tuple[int, ...]:
+    from .calibration import batch_inputs
+
+    for batch in loader:
+        return tuple(batch_inputs(batch).shape[1:])
+    raise UserError("the data loader is empty")
+
+
+# -- converted files -----------------------------------------------------------------------
+
+
+def save_converted(path: str, snn, meta: dict) -> str:
+    """Write a converted SNN: its state_dict plus what rebuilds the module (model, options)."""
+    import torch
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    torch.save({"format": FORMAT, **meta, "state_dict": snn.state_dict()}, path)
+    return path
+
+
+def load_converted(path: str, device: str | None = None):
+    """Rebuild a converted SNN from :func:`save_converted` output: ``(snn, meta)``.
+
+    The module is rebuilt by converting the (untrained) architecture on one random batch of the
+    recorded input shape, then every weight, threshold and λ comes from the saved state_dict.
+    """
+    import torch
+
+    from .convert import convert
+
+    obj = _torch_load(path)
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
+        raise UserError(f"{path} is not a converted SNN written by 'sj-sfn convert'")
+    mk = obj["model_kwargs"]
+    ann = build_model(obj["model"], mk["num_classes"], mk["in_chans"], mk.get("img_size"))
+    x = torch.rand(2, *obj["input_shape"], generator=torch.Generator().manual_seed(0))
+    ck = obj["convert_kwargs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        snn = convert(ann, [(x,)], progress=False, **ck)
+    try:
+        snn.load_state_dict(obj["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not match {obj['model']} as converted by this version: {str(e).splitlines()[0]}") from e
+    if device is not None:
+        snn.to(device)
+    return snn.eval(), obj
+
+
+# -- shared steps --------------------------------------------------------------------------
+
+
+def _log(args, *msg: Any) -> None:
+    from .distributed import is_main
+
+    if not getattr(args, "quiet", False) and is_main():
+        print(*msg, file=sys.stderr, flush=True)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    from .distributed import is_main
+    from .tune import _finite
+
+    if not path or not is_main():
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_finite(obj), f, indent=2)
+
+
+def _check_lam(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"λ must be a number, got {v!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"λ must be finite and > 0, got {v}")
+    return x
+
+
+def _positive_int(v: str) -> int:
+    try:
+        x = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
+    if x < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return x
+
+
+def _tune(args, snn, val_loader, ann=None):
+    from .tune import tune_lambda
+
+    groups = None
+    if args.groups:
+        groups = "kind" if args.groups == "kind" else {g.split("=", 1)[0]: g.split("=", 1)[1].split(",") for g in args.groups.split(";")}
+    return tune_lambda(
+        snn, val_loader, objective=args.objective, beta=args.beta, trials=args.trials, bounds=tuple(args.bounds),
+        groups=groups, seed=args.seed, timeout=args.timeout, ann=ann, progress=not args.quiet,
+    )
+
+
+def _evaluate(snn, ann, loader, device=None) -> dict:
+    """ANN and SNN top-1 accuracy and the energy ratio over ``loader`` (all-reduced under torchrun)."""
+    from .distributed import all_reduce_sum, distributed_accuracy
+    from .energy import E_AC_PJ, E_MAC_PJ, measure_energy
+
+    t0 = time.perf_counter()
+    snn_acc, n = distributed_accuracy(snn, loader, device)
+    t_snn = time.perf_counter() - t0
+    out: dict[str, Any] = {"samples": n, "snn_accuracy": snn_acc, "snn_seconds": t_snn}
+    if ann is not None:
+        out["ann_accuracy"], _ = distributed_accuracy(ann, loader, device)
+    rep = measure_energy(snn, loader, ann=ann, device=device)
+    s = rep.samples
+    sops, events, macs, ann_macs, samples = all_reduce_sum([rep.sops * s, rep.events * s, rep.macs * s, rep.ann_macs * s, float(s)])
+    e_snn = E_AC_PJ * sops + E_MAC_PJ * macs
+    out.update(
+        energy_ratio=e_snn / (E_MAC_PJ * ann_macs) if ann_macs else math.nan,
+        event_ratio=(E_AC_PJ * events + E_MAC_PJ * macs) / (E_MAC_PJ * ann_macs) if ann_macs else math.nan,
+        sops_per_sample=sops / samples, events_per_sample=events / samples, snn_macs_per_sample=macs / samples,
+        ann_macs_per_sample=ann_macs / samples, firing_rates=rep.firing_rates,
+    )
+    return out
+
+
+def _lams(snn) -> dict[str, float]:
+    from .neuron import sfn_nodes
+
+    return {n: float(m.lam) for n, m in sfn_nodes(snn)}
+
+
+# -- subcommands ---------------------------------------------------------------------------
+
+
+def _cmd_convert(args) -> int:
+
+    from .convert import convert
+    from .distributed import init_from_env, is_main
+
+    dist_on = init_from_env()
+    if args.lam is not None and args.tune:
+        raise UserError("give either --lam or --tune, not both")
+    num_classes, in_chans, img_size = data_info(args.data)
+    num_classes = args.num_classes or num_classes
+    img_size = args.img_size or img_size
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    ann = build_model(args.model, num_classes, in_chans, img_size)
+    if args.checkpoint:
+        load_checkpoint(ann, args.checkpoint, args.model)
+    elif not args.allow_random_weights:
+        raise UserError("--checkpoint is required (the ANN's trained weights); --allow-random-weights skips it for smoke tests")
+    ann.eval()
+    device = args.device
+    if device:
+        ann.to(device)
+    d = load_data(args.data, args.batch_size, args.calib_samples, args.val_samples, args.test_samples, ann, args.model,
+                  args.img_size, args.workers, args.seed, distributed=dist_on)
+    _log(args, f"data: {d.note}")
+    lam = args.lam if args.lam is not None else 0.25
+    ck = {"lam": lam, "max_spikes": args.max_spikes, "p": args.p, "per_channel": args.per_channel, "v_init": args.v_init}
+    t0 = time.perf_counter()
+    try:
+        snn = convert(ann, d.calib, device=device, progress=not args.quiet, **ck)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise UserError(f"cannot convert {args.model}: {str(e).splitlines()[0]}") from e
+    t_conv = time.perf_counter() - t0
+    tune_info = None
+    if args.tune:
+        res = _tune(args, snn, d.val, ann if args.energy_vs_ann else None)
+        res.apply(snn)
+        tune_info = res.to_dict()
+        ck["lam"] = res.best_lam
+        if args.plot and is_main():
+            res.plot(args.plot)
+        _log(args, res.table())
+    meta = {
+        "model": args.model, "model_kwargs": {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size},
+        "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None, "data": args.data,
+        "convert_kwargs": ck, "input_shape": list(_sample_shape(d.calib)), "lams": _lams(snn), "tune": tune_info,
+        "version": _version(),
+    }
+    summary = {"out": os.path.abspath(args.out), "model": args.model, "lam": ck["lam"], "max_spikes": args.max_spikes,
+               "p": args.p, "convert_seconds": t_conv, "sites": len(meta["lams"]), "tuned": args.tune}
+    if is_main():
+        save_converted(args.out, snn.cpu() if device else snn, meta)
+    if args.eval:
+        summary.update(_evaluate(snn.to(device) if device else snn, ann, d.test, device))
+    _write_json(args.json, summary)
+    if is_main():
+        print(json.dumps({k: v for k, v in summary.items() if k != "firing_rates"}, indent=None if args.quiet else 2))
+    return 0
+
+
+def _ann_for(meta: dict, checkpoint: str | None, device: str | None):
+    ck = checkpoint or meta.get("checkpoint")
+    if not ck:
+        return None
+    if not os.path.isfile(ck):
+        raise UserError(f"ANN checkpoint not found: {ck} (give --checkpoint, or --no-ann)")
+    mk = meta["model_kwargs"]
+    ann = build_model(meta["model"], mk["num_classes"], mk["in_chans"], mk.get("img_size"))
+    load_checkpoint(ann, ck, meta["model"])
+    return ann.to(device).eval() if device else ann.eval()
+
+
+def _cmd_eval(args) -> int:
+    from .distributed import init_from_env, is_main
+
+    dist_on = init_from_env()
+    snn, meta = load_converted(args.snn, args.device)
+    ann = None if args.no_ann else _ann_for(meta, args.checkpoint, args.device)
+    data = args.data or meta.get("data")
+    mk = meta["model_kwargs"]
+    d = load_data(data, args.batch_size, None, None, args.test_samples, ann, meta["model"], mk.get("img_size"), args.workers,
+                  args.seed, distributed=dist_on)
+    shape = _sample_shape(d.test)
+    if list(shape) != list(meta["input_shape"]):
+        raise UserError(f"--data {data} gives inputs of shape {list(shape)} but {args.snn} was converted for {meta['input_shape']}")
+    _log(args, f"data: {d.note}")
+    out = {"snn": os.path.abspath(args.snn), "model": meta["model"], "data": data, "split": "test",
+           "lam": meta["convert_kwargs"]["lam"], "max_spikes": meta["convert_kwargs"]["max_spikes"]}
+    out.update(_evaluate(snn, ann, d.test, args.device))
+    _write_json(args.json, out)
+    if is_main():
+        keys = ("ann_accuracy", "snn_accuracy", "energy_ratio", "event_ratio", "samples", "lam")
+        if args.quiet:
+            print(json.dumps({k: out[k] for k in keys if k in out}))
+        else:
+            print(json.dumps({k: v for k, v in out.items() if k != "firing_rates"}, indent=2))
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from .distributed import is_main
+
+    snn, meta = load_converted(args.snn, args.device)
+    data = args.data or meta.get("data")
+    ann = _ann_for(meta, args.checkpoint, args.device) if args.energy_vs_ann else None
+    mk = meta["model_kwargs"]
+    d = load_data(data, args.batch_size, None, args.val_samples, None, ann, meta["model"], mk.get("img_size"), args.workers, args.seed)
+    _log(args, f"data: {d.note}")
+    res = _tune(args, snn, d.val, ann)
+    _log(args, res.table())
+    if args.json:
+        res.to_json(args.json)
+    if args.plot:
+        res.plot(args.plot)
+    if args.out and is_main():
+        res.apply(snn)
+        meta = {k: v for k, v in meta.items() if k not in ("format", "state_dict")}
+        meta["convert_kwargs"] = {**meta["convert_kwargs"], "lam": res.best_lam}
+        meta.update(lams=_lams(snn), tune=res.to_dict())
+        save_converted(args.out, snn, meta)
+    b = res.best
+    print(json.dumps({"best_lam": res.best_lam, "best_group_lams": res.best_group_lams, "val_accuracy": b.metric,
+                      "energy_ratio": b.energy_ratio, "trials": len(res.trials), "failed": res.failed,
+                      "seconds": res.seconds}))
+    return 0
+
+
+def _version() -> str:
+    from .version import __version__
+
+    return __version__
+
+
+def _cmd_info(args) -> int:
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {"sj-sfn": _version(), "python": platform.python_version(), "platform": platform.platform()}
+    pkgs = {}
+    for p in ("torch", "torchvision", "spikingjelly", "timm", "ax-platform", "matplotlib", "scikit-learn", "scikit-image",
+              "cupy-cuda13x", "cupy-cuda12x", "mmengine", "mmcv", "mmdet"):
+        try:
+            pkgs[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pkgs[p] = None
+    info["packages"] = pkgs
+    extras = {"timm": pkgs["timm"] is not None, "tune": pkgs["ax-platform"] is not None and pkgs["matplotlib"] is not None,
+              "det": all(pkgs[p] for p in ("mmengine", "mmcv", "mmdet")),
+              "cuda": bool(pkgs["cupy-cuda13x"] or pkgs["cupy-cuda12x"]), "data": pkgs["scikit-learn"] is not None}
+    info["extras"] = extras
+    info["cuda"] = {"torch_cuda": torch.version.cuda, "available": torch.cuda.is_available(),
+                    "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    kernels = {}
+    try:
+        from .ops import implementation
+
+        devs = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+        if not torch.cuda.is_available():
+            devs.append("cuda")
+        for dev in devs:
+            impl = implementation(dev)
+            kernels[dev] = {"name": impl.name, "reason": impl.reason, "unavailable": impl.unavailable, "error": impl.error}
+    except Exception as e:  # noqa: BLE001 - info must not fail
+        kernels["error"] = str(e).splitlines()[0]
+    info["kernels"] = kernels
+    from .data import FASHION_MNIST_ROOT
+
+    info["data"] = {"digits": extras["data"], "fashion-mnist": os.path.isdir(FASHION_MNIST_ROOT)}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"sj-sfn {info['sj-sfn']}  (Python {info['python']}, {info['platform']})")
+    print("packages:")
+    for k, v in pkgs.items():
+        print(f"  {k:14s} {v or '-'}")
+    print("extras: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in extras.items()))
+    c = info["cuda"]
+    print(f"CUDA: torch built with {c['torch_cuda']}, available={c['available']} {c['devices']}")
+    print("kernels:")
+    for dev, k in kernels.items():
+        if dev == "error":
+            print(f"  (could not query: {k})")
+            continue
+        why = "; ".join(f"{n}: {r}" for n, r in (k["unavailable"] or {}).items())
+        print(f"  {dev:7s} -> {k['name']} ({k['reason']}){'  [' + why + ']' if why else ''}")
+    print("data: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["data"].items())
+          + ("" if info["data"]["fashion-mnist"] else "  (Fashion-MNIST: apt-get install dataset-fashion-mnist)"))
+    return 0
 
 
 def _theorem(args: argparse.Namespace) -> int:
@@ -35,23 +632,135 @@ def _theorem(args: argparse.Namespace) -> int:
     return 0 if worst < 1e-6 else 1
 
 
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def _add_tune_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("λ tuning (Ax Bayesian optimisation on the validation split)")
+    g.add_argument("--trials", type=_positive_int, default=20, help="number of trials (default 20)")
+    g.add_argument("--objective", choices=("accuracy", "tradeoff", "pareto"), default="accuracy",
+                   help="maximise accuracy, accuracy − β·energy ratio, or both (Pareto front)")
+    g.add_argument("--beta", type=float, default=10.0, help="β of the tradeoff objective (accuracy points per unit of energy ratio)")
+    g.add_argument("--bounds", type=_check_lam, nargs=2, default=(0.05, 1.0), metavar=("LOW", "HIGH"), help="λ range (log scale)")
+    g.add_argument("--groups", default=None,
+                   help="separate λ per group: 'kind' (SFormer site kinds) or 'NAME=PAT,PAT;NAME=PAT' (fnmatch patterns or kinds)")
+    g.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
+    g.add_argument("--energy-vs-ann", action="store_true", help="measure the energy denominator on the ANN itself")
+    g.add_argument("--val-samples", type=_positive_int, default=None, help="cap the validation split (images)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default 64)")
+    p.add_argument("--device", default=None, help="torch device (default: CPU, or the local GPU under torchrun)")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data splits and of Ax")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or logs, one JSON line")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sj-sfn", description="One-timestep ANN-to-SNN conversion for SpikingJelly.")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("theorem", help="check Theorem 1 (IF over T steps == one MTN step) on random data")
-    t.add_argument("--n", type=int, default=20000)
-    t.add_argument("--seed", type=int, default=0)
-    t.set_defaults(func=_theorem)
-    d = sub.add_parser("demo", help="the one-command demo")
-    d.add_argument("--n", type=int, default=20000)
+    p = argparse.ArgumentParser(prog="sj-sfn", description="One-timestep ANN-to-SNN conversion for SpikingJelly (MTN, SFN, SFormer).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  sj-sfn demo\n  sj-sfn convert zoo:digits_cnn --checkpoint cnn.pth --data digits --tune --out snn.pth\n"
+                                       "  sj-sfn eval snn.pth --data digits --json eval.json\n  sj-sfn info")
+    p.add_argument("--version", action="version", version=f"sj-sfn {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train a small CNN and ViT on digits, convert at T=1, tune λ, print the table",
+                       description="Train (or load from the cache) a small CNN and ViT, convert both to one-timestep SNNs, tune λ "
+                                   "with a few Ax trials on the validation split and compare with SpikingJelly's IF rate coding.")
+    d.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits", help="bundled data set (default digits)")
+    d.add_argument("--models", default="cnn,vit", help="comma-separated subset of cnn,vit")
+    d.add_argument("--trials", type=_positive_int, default=8, help="Ax trials per model (default 8)")
+    d.add_argument("--epochs", type=float, default=1.0, help="scale the training epochs (e.g. 0.2 for a smoke test)")
+    d.add_argument("--cache", default=None, help=f"trained-model cache (default {DEMO_CACHE})")
+    d.add_argument("--out", default=os.path.join("runs", "demo"), help="where the JSON and λ plots go (default runs/demo)")
+    d.add_argument("--retrain", action="store_true", help="ignore the cache")
+    d.add_argument("--max-if-steps", type=_positive_int, default=256, help="largest T tried for IF rate coding")
     d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=_theorem)
+    d.add_argument("--quiet", "-q", action="store_true", help="only the table")
+    d.set_defaults(func=_cmd_demo)
+
+    c = sub.add_parser("convert", help="convert a trained ANN (timm, torchvision:NAME, zoo:NAME) into a T=1 SNN",
+                       description="Calibrate SFN thresholds on the training data, set λ (or tune it on a validation split) "
+                                   "and save the SNN.")
+    c.add_argument("model", metavar="MODEL", help="timm model name, torchvision:NAME or zoo:NAME")
+    c.add_argument("--checkpoint", default=None, help="the ANN's weights (state_dict or a training checkpoint)")
+    c.add_argument("--allow-random-weights", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--data", required=True, help="digits, fashion-mnist or an ImageFolder directory")
+    lam = c.add_mutually_exclusive_group()
+    lam.add_argument("--lam", type=_check_lam, default=None, help="λ (default 0.25)")
+    lam.add_argument("--tune", action="store_true", help="tune λ with Ax on the validation split")
+    c.add_argument("--out", required=True, help="converted model file (.pth)")
+    c.add_argument("--max-spikes", "-N", type=_positive_int, default=32, help="N, spikes per sign and step (default 32)")
+    c.add_argument("--p", type=float, default=0.99, help="calibration quantile (default 0.99)")
+    c.add_argument("--per-channel", action="store_true", help="per-channel thresholds")
+    c.add_argument("--v-init", type=float, default=0.0, help="threshold offset in [0, 1) (0.5 rounds)")
+    c.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration images (default: all, 1024 for folders)")
+    c.add_argument("--test-samples", type=_positive_int, default=None, help="cap the test split for --eval")
+    c.add_argument("--num-classes", type=_positive_int, default=None, help="override the number of classes")
+    c.add_argument("--img-size", type=_positive_int, default=None, help="input size for models that take one")
+    c.add_argument("--eval", action="store_true", help="also report ANN/SNN test accuracy and energy")
+    c.add_argument("--plot", default=None, help="with --tune: λ plot (PNG)")
+    _add_common(c)
+    _add_tune_options(c)
+    c.set_defaults(func=_cmd_convert)
+
+    e = sub.add_parser("eval", help="ANN vs SNN test accuracy and energy ratio of a converted model",
+                       description="Evaluate a converted model (and its ANN) on the test split; JSON output.")
+    e.add_argument("snn", metavar="CONVERTED", help="file written by 'sj-sfn convert'")
+    e.add_argument("--data", default=None, help="data set (default: the one it was converted on)")
+    e.add_argument("--checkpoint", default=None, help="the ANN's weights (default: the path recorded at conversion)")
+    e.add_argument("--no-ann", action="store_true", help="evaluate the SNN only")
+    e.add_argument("--test-samples", type=_positive_int, default=None, help="cap the test split")
+    _add_common(e)
+    e.set_defaults(func=_cmd_eval)
+
+    t = sub.add_parser("tune", help="tune λ of a converted model with Ax on the validation split",
+                       description="Bayesian optimisation of λ (accuracy, accuracy − β·energy, or a Pareto front).")
+    t.add_argument("snn", metavar="CONVERTED", help="file written by 'sj-sfn convert'")
+    t.add_argument("--data", default=None, help="data set (default: the one it was converted on)")
+    t.add_argument("--checkpoint", default=None, help="the ANN's weights (for --energy-vs-ann)")
+    t.add_argument("--out", default=None, help="write the model with the chosen λ here")
+    t.add_argument("--plot", default=None, help="λ plot (PNG)")
+    _add_common(t)
+    _add_tune_options(t)
+    t.set_defaults(func=_cmd_tune)
+
+    i = sub.add_parser("info", help="versions, kernels (CuPy/CUDA) and extras installed")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=_cmd_info)
+
+    th = sub.add_parser("theorem", help="check Theorem 1 (IF over T steps == one MTN step) on random data")
+    th.add_argument("--n", type=_positive_int, default=20000, help="random neurons per T")
+    th.add_argument("--seed", type=int, default=0)
+    th.set_defaults(func=_theorem)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "quiet", False):
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    if os.environ.get("SJ_SFN_TRACEBACK"):
+        return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"sj-sfn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ImportError) as e:
+        print(f"sj-sfn {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sj-sfn {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
