@@ -1,0 +1,77 @@
+"""Calibration and evaluation under torch.distributed (2 processes, gloo, CPU) equal one process."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+
+from sj_sfn.distributed import ShardedBatchSampler, shard_loader
+
+
+def _thresholds(snn) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in snn.state_dict().items() if k.endswith(("theta_pos", "theta_neg"))}
+
+
+def _worker(rank: int, world: int, init_file: str, payload: dict, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    import sj_sfn
+    from sj_sfn import sformer
+    from sj_sfn.distributed import distributed_accuracy, shard_loader
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ds = TensorDataset(payload["x"], payload["y"])
+        loader = shard_loader(DataLoader(ds, batch_size=payload["bs"], shuffle=False))
+        cnn = sj_sfn.convert(payload["cnn"], loader, progress=False)
+        vit = sformer.convert(payload["vit"], loader, progress=False)
+        acc, n = distributed_accuracy(cnn, loader)
+        torch.save({"cnn": _thresholds(cnn), "vit": _thresholds(vit), "acc": acc, "n": n, "batches": len(loader)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_batch_sampler_covers_every_batch_once():
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    bs = BatchSampler(SequentialSampler(range(23)), batch_size=4, drop_last=False)
+    shards = [list(ShardedBatchSampler(bs, r, 3)) for r in range(3)]
+    assert sorted(b for s in shards for b in map(tuple, s)) == sorted(map(tuple, bs))
+    assert [len(ShardedBatchSampler(bs, r, 3)) for r in range(3)] == [len(s) for s in shards] == [2, 2, 2]
+    with pytest.raises(ValueError):
+        ShardedBatchSampler(bs, 3, 3)
+    loader = DataLoader(TensorDataset(torch.arange(10.0)), batch_size=3)
+    assert shard_loader(loader) is loader  # no process group: unchanged
+
+
+@pytest.mark.slow
+def test_two_process_thresholds_equal_single_process(cnn_digits_model, vit_digits_model, cnn_digits_splits):
+    import sj_sfn
+    from sj_sfn import sformer, zoo
+
+    x, y = cnn_digits_splits.train.tensors
+    x, y = x[:700], y[:700]  # 7 batches of 100: rank 0 gets 4, rank 1 gets 3
+    payload = {"x": x, "y": y, "bs": 100, "cnn": cnn_digits_model, "vit": vit_digits_model}
+    loader = DataLoader(TensorDataset(x, y), batch_size=100, shuffle=False)
+    single_cnn = sj_sfn.convert(cnn_digits_model, loader, progress=False)
+    single_vit = sformer.convert(vit_digits_model, loader, progress=False)
+    single_acc = zoo.accuracy(single_cnn, loader)
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_worker, args=(2, os.path.join(d, "init"), payload, d), nprocs=2, join=True, start_method="spawn")
+        r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2))
+    assert (r0["batches"], r1["batches"]) == (4, 3)
+    for name, single in (("cnn", single_cnn), ("vit", single_vit)):
+        ref = _thresholds(single)
+        assert ref and set(r0[name]) == set(ref)
+        for k, v in ref.items():
+            torch.testing.assert_close(r0[name][k], v, rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+            torch.testing.assert_close(r1[name][k], v, rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+    assert r0["n"] == r1["n"] == 700
+    assert r0["acc"] == pytest.approx(single_acc, abs=1e-9) and r1["acc"] == r0["acc"]
