@@ -80,7 +80,11 @@ class SiteObserver(nn.Module):
             return rows
         if self._generator is None or self._generator.device != rows.device:
             self._generator = torch.Generator(device=rows.device)
-            self._generator.manual_seed(0)
+        # seeded by the batch itself, not by how many batches came before: a calibration split
+        # over several processes (torchrun) draws the same subsample of a batch as one process
+        probe = rows[:, :: max(1, m // 256)].double()
+        seed = int(torch.frexp(probe.abs().sum() + probe.sum() * 0.5)[0].item() * 2**52) & 0x7FFFFFFFFFFFFFFF
+        self._generator.manual_seed(seed)
         idx = torch.randint(0, m, (self.max_samples,), device=rows.device, generator=self._generator)
         return rows[:, idx]
 
@@ -131,11 +135,19 @@ class SiteObserver(nn.Module):
 
         if not (dist.is_available() and dist.is_initialized()):
             return
+        # NCCL reduces CUDA tensors only; the statistics live on the CPU
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+
+        def reduce(t: torch.Tensor, op) -> None:
+            u = t if dev is None else t.to(dev)
+            dist.all_reduce(u, op=op, group=group)
+            if dev is not None:
+                t.copy_(u.cpu())
+
         for name in ("num_batches", "pos_sum", "neg_sum"):
-            t = getattr(self, name)
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX, group=group)
-        dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN, group=group)
+            reduce(getattr(self, name), dist.ReduceOp.SUM)
+        reduce(self.max_val, dist.ReduceOp.MAX)
+        reduce(self.min_val, dist.ReduceOp.MIN)
 
     def statistics(self, min_threshold: float = 1e-6) -> dict[str, torch.Tensor | None]:
         """Thresholds for :meth:`SFNode.from_statistics`: ``{"pos", "neg", "max", "min"}``.
@@ -201,7 +213,9 @@ def calibrate(
     """Run ``loader`` through ``model`` (eval mode) so its observers see the data.
 
     Returns the number of batches seen. Raises :class:`CalibrationError` for an empty loader
-    or non-finite inputs.
+    or non-finite inputs. Under an initialised ``torch.distributed`` group every observer is
+    all-reduced afterwards (each process passes its own shard of the batches) and the count
+    returned is the total over processes.
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
@@ -228,6 +242,18 @@ def calibrate(
                 break
     finally:
         model.train(was_training)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # torchrun: sum every observer's statistics over the processes (each saw its own batches),
+        # so the thresholds equal a single-process run over all the batches
+        for _, obs in observers(model):
+            obs.all_reduce()
+        n = torch.tensor([float(seen)], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            n = n.cuda()
+        dist.all_reduce(n)
+        seen = int(n.item())
     if seen == 0:
         raise CalibrationError("the calibration loader is empty: give it at least one batch")
     return seen
