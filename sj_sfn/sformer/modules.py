@@ -144,7 +144,7 @@ def _adopt(dst: nn.Module, src: nn.Module) -> None:
 class SFormerAttention(nn.Module):
     """Multi-head self-attention on the explicit path with SFN sites (see the module doc).
 
-    ``attn = softmax((s_q(q) · s_k(k)ᵀ)·d^-1/2 + mask)``, ``out = proj(s_p(norm(s_a(attn) · s_v(v))))``
+    ``attn = softmax((s_q(q)·d^-1/2) · s_k(k)ᵀ + mask)``, ``out = proj(s_p(norm(s_a(attn) · s_v(v))))``
     with ``s_·`` the sites; accepts the ``rope``, ``attn_mask`` and ``is_causal`` arguments of
     timm's attention modules (rope is applied after qk-norm and before the q/k sites, to all
     tokens but the ``num_prefix_tokens`` class/register tokens).
@@ -215,7 +215,7 @@ class SFormerAttention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # scale the spikes of q (N·D values), not the N·N scores
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self.attn_drop(attn.softmax(dim=-1))
         attn = fire(self.sfn_attn, attn)
