@@ -6,7 +6,7 @@ test splits), train the ANN detector with mmengine's Runner, convert the backbon
 report on the test split: bbox/segm AP of the ANN and the SNN, the backbone energy ratio
 E_SNN/E_ANN, and CPU inference time (whole detector and backbone trunk alone, SNN/ANN).
 
-    python bench/detection.py --out runs/detection.json [--tune 10] [--epochs 24]
+    python bench/detection.py --out runs/detection.json [--tune 8] [--epochs 16]
 
 Prints a table and writes JSON. Timings are wall-clock on the CPU: noisy on a shared machine.
 """
@@ -27,6 +27,9 @@ CONFIGS = {
     "vit": os.path.join(HERE, "..", "detection", "configs", "shapes", "mask-rcnn_sformer-vit-tiny_shapes.py"),
     "cnn": os.path.join(HERE, "..", "detection", "configs", "shapes", "mask-rcnn_sfn-resnet-tiny_shapes.py"),
 }
+
+
+DEFAULT_LAM = {"vit": 0.1, "cnn": 0.05}
 
 
 def _use_test_split(cfg, root: str) -> None:
@@ -71,7 +74,7 @@ def run_one(name: str, root: str, work: str, args) -> dict:
     train_s = time.perf_counter() - t0
     model = tools.build_detector(cfg, os.path.join(work, name, f"epoch_{args.epochs}.pth"))
     calib = tools.calib_loader_from_cfg(cfg, "train", args.calib_images, 4, model=model)
-    tools.convert_detector(model, calib, lam=args.lam)
+    tools.convert_detector(model, calib, lam=args.lam if args.lam is not None else DEFAULT_LAM[name])
     tune = None
     if args.tune:
         val = tools.calib_loader_from_cfg(cfg, "val", 8, 4, model=model)
@@ -108,12 +111,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/detection.json")
     ap.add_argument("--backbones", default="vit,cnn")
-    ap.add_argument("--epochs", type=int, default=24)
-    ap.add_argument("--train-images", type=int, default=96)
+    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--train-images", type=int, default=64)
     ap.add_argument("--val-images", type=int, default=24)
     ap.add_argument("--test-images", type=int, default=48)
     ap.add_argument("--image-size", type=int, default=96)
-    ap.add_argument("--lam", type=float, default=0.1, help="λ (the starting point when --tune is given)")
+    ap.add_argument("--lam", type=float, help=f"λ for conversion (default per backbone: {DEFAULT_LAM}); --tune then searches")
     ap.add_argument("--tune", type=int, default=0, help="tune λ with this many trials on the val split (0: no)")
     ap.add_argument("--calib-images", type=int, default=32)
     ap.add_argument("--energy-images", type=int, default=16)

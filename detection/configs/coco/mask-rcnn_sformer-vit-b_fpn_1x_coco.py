@@ -35,7 +35,8 @@ model = dict(
         out_strides=(4, 8, 16, 32),
         drop_path_rate=0.1,
         pretrained=pretrained,
-        snn=dict(lam=0.25, max_spikes=32, p=0.99, calib=calib),
+        # softmax_max_spikes: more SoftMax levels for flat attention over many tokens (README)
+        snn=dict(lam=0.25, max_spikes=32, p=0.99, calib=calib, convert_kwargs=dict(softmax_max_spikes=128)),
     ),
     neck=dict(in_channels=[192, 384, 768, 768], out_channels=256, num_outs=5),
 )

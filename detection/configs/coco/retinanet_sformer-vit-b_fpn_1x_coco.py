@@ -23,7 +23,9 @@ calib = dict(
 model = dict(
     backbone=dict(
         _delete_=True, type='SFormerViT', model_name='vit_base_patch16_224', img_size=1024, out_strides=(4, 8, 16, 32),
-        drop_path_rate=0.1, pretrained=pretrained, snn=dict(lam=0.25, max_spikes=32, p=0.99, calib=calib)),
+        drop_path_rate=0.1, pretrained=pretrained,
+        # softmax_max_spikes: more SoftMax levels for flat attention over many tokens (README)
+        snn=dict(lam=0.25, max_spikes=32, p=0.99, calib=calib, convert_kwargs=dict(softmax_max_spikes=128))),
     neck=dict(in_channels=[192, 384, 768, 768], start_level=1, add_extra_convs='on_input', num_outs=5),
 )
 optim_wrapper = dict(

@@ -12,3 +12,4 @@ model = dict(
     ),
     neck=dict(in_channels=[16, 32, 64, 128]),
 )
+optim_wrapper = dict(optimizer=dict(lr=1e-3))

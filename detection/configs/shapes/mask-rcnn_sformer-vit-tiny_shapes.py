@@ -32,9 +32,12 @@ calib = dict(
 backbone = dict(
     _delete_=True,
     type='SFormerViT',
-    model_name='vit_tiny_patch16_224',
+    # a hybrid ViT: timm's small conv stem (stride 4, stays non-spiking like a patch embedding)
+    # + 2x2 patches = stride 8 tokens. A plain patch-8 ViT trained from scratch on 48 images
+    # reached 0-6 AP in this budget; the stem makes training steadier.
+    model_name='vit_tiny_r_s16_p8_224',
     img_size=96,
-    patch_size=8,
+    patch_size=2,
     embed_dim=64,
     depth=3,
     num_heads=2,
@@ -42,7 +45,9 @@ backbone = dict(
     out_strides=(4, 8, 16, 32),
     # T=1 SNN for evaluation: lam = λ, max_spikes = N; calib = where thresholds come from
     # (calib=None: a converted checkpoint must be loaded before evaluating); snn=None: ANN only.
-    snn=dict(lam=0.25, max_spikes=32, p=0.99, calib=calib),
+    # softmax_max_spikes: levels of the SoftMax site. With 144 tokens the attention is flat and
+    # 32 levels over [0, max prob] cost 0.32 relative trunk error at every λ; 128 levels: 0.05.
+    snn=dict(lam=0.25, max_spikes=32, p=0.99, calib=calib, convert_kwargs=dict(softmax_max_spikes=128)),
 )
 model = dict(
     data_preprocessor=data_preprocessor,
@@ -114,7 +119,7 @@ param_scheduler = [
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=2e-4, weight_decay=0.05),
     clip_grad=dict(max_norm=10.0, norm_type=2),
 )
 default_hooks = dict(logger=dict(interval=20), checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))

@@ -33,7 +33,7 @@ model = dict(
     backbone=dict(
         _delete_=True, type='SFormerViT', model_name='vit_tiny_patch16_224', img_size=96, patch_size=8, embed_dim=64,
         depth=3, num_heads=2, mlp_ratio=2.0, out_strides=(4, 8, 16, 32),
-        snn=dict(lam=0.25, max_spikes=32, p=0.99, calib=calib)),
+        snn=dict(lam=0.25, max_spikes=32, p=0.99, calib=calib, convert_kwargs=dict(softmax_max_spikes=128))),
     neck=dict(in_channels=[32, 64, 64, 64], out_channels=64, start_level=1, add_extra_convs='on_input', num_outs=5),
     bbox_head=dict(num_classes=3, in_channels=64, feat_channels=64, stacked_convs=2),
     test_cfg=dict(max_per_img=20),
