@@ -66,7 +66,7 @@ def convert(
 
     :param model: a CNN with ReLU-family activations, or a timm Vision Transformer
     :param dataloader: calibration batches (``x`` or ``(x, y, ...)``)
-    :param lam: ``λ``; ``None`` = the family default (CNNs: ``0.1``, see
+    :param lam: ``λ``; ``None`` = the family default (CNNs: ``0.05``, see
         :data:`sj_sfn.ann2snn.recipes.CNN_DEFAULT_LAM`; Transformers: :func:`sj_sfn.sformer.convert`'s)
     :param max_spikes: ``N``
     :param p: calibration quantile

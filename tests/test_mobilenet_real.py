@@ -11,7 +11,7 @@ Measured (8 photos, per-channel thresholds, rounding, several random calibration
   that the rocket, whose ANN top-2 probabilities are 0.25 vs 0.24, may swap its top two.
   The error is the quantisation step θ/256 accumulated over 35 ReLU6 sites; the bound 0.1 is
   about twice the largest measured value.
-* the paper's setting, N = 32 (λ = 0.1): relative error 0.16-0.6 (median ~0.3); top-1 agrees
+* the paper's setting, N = 32 (λ = 0.05-0.1): relative error 0.16-0.6 (median ~0.3); top-1 agrees
   on the photos where the ANN is confident and can flip where its top-2 probabilities are close
   (the rocket: 0.25 vs 0.24). MobileNetV2 is the textbook quantisation-sensitive CNN (depthwise
   convolutions, wide per-channel ranges): 32 levels per site is about 5-bit activation
