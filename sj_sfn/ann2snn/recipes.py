@@ -4,7 +4,7 @@
 whose base threshold ``θ`` is the calibrated ``p``-quantile of that activation (capped by a
 ReLU6/clamp ceiling ``c``: ``θ = min(q_p, c)``), with thresholds ``λ·θ·i``, ``i = 1..N``::
 
-    snn = ann2snn.Converter(SFNRecipe(loader, lam=0.25, max_spikes=32)).convert(ann)
+    snn = ann2snn.Converter(SFNRecipe(loader, lam=0.05, max_spikes=32)).convert(ann)
     out = snn(x)                       # one step, same input and output as the ANN
 
 ``MTNRecipe``: Theorem 2. SpikingJelly's ``RateCodingRecipe`` replaces ``ReLU`` by
