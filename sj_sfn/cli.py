@@ -101,6 +101,15 @@ def _torch_load(path: str) -> Any:
 
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise UserError(f"{path}: reading .safetensors needs 'pip install safetensors'") from e
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+            raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
     bad = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, ModuleNotFoundError)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -267,15 +276,17 @@ def load_data(
     if len(calib) == 0 or len(val) == 0 or len(test) == 0:
         raise UserError(f"--data {data}: a split is empty (calibration {len(calib)}, validation {len(val)}, test {len(test)})")
 
-    def mk(ds):
+    def mk(ds, shard: bool = True):
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
-        if distributed:
+        if distributed and shard:
             from .distributed import shard_loader
 
             loader = shard_loader(loader)
         return loader
 
-    return Data(data, mk(calib), mk(val), mk(test), num_classes, in_chans, size or 224, note, train_root, train_indices)
+    # the validation split is not sharded: every process runs the same λ trials on all of it,
+    # so the Ax searches (same seed, same numbers) stay identical across processes
+    return Data(data, mk(calib), mk(val, shard=False), mk(test), num_classes, in_chans, size or 224, note, train_root, train_indices)
 
 
 def _sample_shape(loader) -> tuple[int, ...]:
@@ -368,7 +379,7 @@ def _positive_int(v: str) -> int:
     return x
 
 
-def _tune(args, snn, val_loader, ann=None):
+def _tune(args, snn, val_loader, ann=None, device=None):
     from .tune import tune_lambda
 
     groups = None
@@ -376,7 +387,7 @@ def _tune(args, snn, val_loader, ann=None):
         groups = "kind" if args.groups == "kind" else {g.split("=", 1)[0]: g.split("=", 1)[1].split(",") for g in args.groups.split(";")}
     return tune_lambda(
         snn, val_loader, objective=args.objective, beta=args.beta, trials=args.trials, bounds=tuple(args.bounds),
-        groups=groups, seed=args.seed, timeout=args.timeout, ann=ann, progress=not args.quiet,
+        groups=groups, seed=args.seed, timeout=args.timeout, ann=ann, progress=not args.quiet, device=device,
     )
 
 
@@ -402,6 +413,17 @@ def _evaluate(snn, ann, loader, device=None) -> dict:
         ann_macs_per_sample=ann_macs / samples, firing_rates=rep.firing_rates,
     )
     return out
+
+
+def _device(args, dist_on: bool) -> str | None:
+    """``--device``, else the local GPU under torchrun (``LOCAL_RANK``), else ``None`` (CPU)."""
+    if args.device:
+        return args.device
+    import torch
+
+    if dist_on and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return None
 
 
 def _lams(snn) -> dict[str, float]:
@@ -432,7 +454,7 @@ def _cmd_convert(args) -> int:
     elif not args.allow_random_weights:
         raise UserError("--checkpoint is required (the ANN's trained weights); --allow-random-weights skips it for smoke tests")
     ann.eval()
-    device = args.device
+    device = _device(args, dist_on)
     if device:
         ann.to(device)
     d = load_data(args.data, args.batch_size, args.calib_samples, args.val_samples, args.test_samples, ann, args.model,
@@ -448,7 +470,7 @@ def _cmd_convert(args) -> int:
     t_conv = time.perf_counter() - t0
     tune_info = None
     if args.tune:
-        res = _tune(args, snn, d.val, ann if args.energy_vs_ann else None)
+        res = _tune(args, snn, d.val, ann if args.energy_vs_ann else None, device)
         res.apply(snn)
         tune_info = res.to_dict()
         ck["lam"] = res.best_lam
@@ -489,8 +511,9 @@ def _cmd_eval(args) -> int:
     from .distributed import init_from_env, is_main
 
     dist_on = init_from_env()
-    snn, meta = load_converted(args.snn, args.device)
-    ann = None if args.no_ann else _ann_for(meta, args.checkpoint, args.device)
+    device = _device(args, dist_on)
+    snn, meta = load_converted(args.snn, device)
+    ann = None if args.no_ann else _ann_for(meta, args.checkpoint, device)
     data = args.data or meta.get("data")
     mk = meta["model_kwargs"]
     d = load_data(data, args.batch_size, None, None, args.test_samples, ann, meta["model"], mk.get("img_size"), args.workers,
@@ -501,7 +524,7 @@ def _cmd_eval(args) -> int:
     _log(args, f"data: {d.note}")
     out = {"snn": os.path.abspath(args.snn), "model": meta["model"], "data": data, "split": "test",
            "lam": meta["convert_kwargs"]["lam"], "max_spikes": meta["convert_kwargs"]["max_spikes"]}
-    out.update(_evaluate(snn, ann, d.test, args.device))
+    out.update(_evaluate(snn, ann, d.test, device))
     _write_json(args.json, out)
     if is_main():
         keys = ("ann_accuracy", "snn_accuracy", "energy_ratio", "event_ratio", "samples", "lam")
@@ -521,7 +544,7 @@ def _cmd_tune(args) -> int:
     mk = meta["model_kwargs"]
     d = load_data(data, args.batch_size, None, args.val_samples, None, ann, meta["model"], mk.get("img_size"), args.workers, args.seed)
     _log(args, f"data: {d.note}")
-    res = _tune(args, snn, d.val, ann)
+    res = _tune(args, snn, d.val, ann, args.device)
     _log(args, res.table())
     if args.json:
         res.to_json(args.json)
