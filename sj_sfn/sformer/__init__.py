@@ -7,7 +7,7 @@
 """
 
 from .core import SITE_KINDS, Site, convert, is_sformer, prepare, set_lambda, set_max_spikes, site_modules, sites
-from .modules import FIRE_PATHS, HeadSite, SFormerAttention, SFormerMlp, fire_math, set_fire_path
+from .modules import FIRE_PATHS, HeadSite, SFormerAttention, SFormerMlp, set_fire_path
 
 __all__ = [
     "SITE_KINDS",
@@ -23,6 +23,5 @@ __all__ = [
     "SFormerMlp",
     "HeadSite",
     "FIRE_PATHS",
-    "fire_math",
     "set_fire_path",
 ]

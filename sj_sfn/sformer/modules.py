@@ -23,11 +23,12 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from ..functional import multi_threshold_fire
 from ..neuron import SFNode
 
 __all__ = [
     "SITE_KINDS", "FIRE_PATHS", "SFormerAttention", "SFormerMlp", "HeadSite", "attention_types", "mlp_types", "fire",
-    "fire_math", "set_fire_path",
+    "set_fire_path",
 ]
 
 #: every site kind, in the order a token meets them inside a block (``head_in`` feeds the classifier)
@@ -61,7 +62,7 @@ def set_fire_path(path: str) -> str:
 
     ``'module'`` (default): every site runs its :class:`SFNode` forward (the project's
     dispatched op). ``'compiled'``: in eval without autograd, a site whose spike counts and
-    hooks nobody asked for fires through :func:`fire_math` compiled by ``torch.compile`` into
+    hooks nobody asked for fires through the reference :func:`~sj_sfn.functional.multi_threshold_fire` compiled by ``torch.compile`` into
     one fused loop (the same arithmetic as the reference, bit for bit; the first call compiles
     for tens of seconds and needs a C++ compiler on CPU). Energy measurement, hooks,
     ``store_counts`` and training always take the module path. Also set by the environment
@@ -72,22 +73,6 @@ def set_fire_path(path: str) -> str:
         raise ValueError(f"fire path must be one of {FIRE_PATHS}, got {path!r}")
     previous, _fire_path = _fire_path, path
     return previous
-
-
-def fire_math(x: torch.Tensor, tp: torch.Tensor, tn: torch.Tensor | None, offset: float, n: int,
-              cap: torch.Tensor | None) -> torch.Tensor:
-    """One SFN step from rest, as the reference computes it (scaled thresholds ``tp = λθ+``, ``tn = λθ-``):
-
-    ``k+ = min(clip(floor(x/tp + r), 0, N), cap)``, ``k- = clip(floor(-x/tn + r), 0, N)``,
-    ``o = tp·k+ - tn·k-``.
-    """
-    k = torch.clamp(torch.floor(x / tp + offset), 0, n)
-    if cap is not None:
-        k = torch.minimum(k, cap)
-    o = tp * k
-    if tn is not None:
-        o = o - tn * torch.clamp(torch.floor(-x / tn + offset), 0, n)
-    return o
 
 
 def _fast_ok(site: SFNode, x: torch.Tensor) -> bool:
@@ -109,17 +94,16 @@ def _fast_ok(site: SFNode, x: torch.Tensor) -> bool:
 
 
 def _fire_compiled(site: SFNode, x: torch.Tensor) -> torch.Tensor:
+    """One step from rest through the reference :func:`~sj_sfn.functional.multi_threshold_fire`, compiled."""
     global _compiled_fire
     if _compiled_fire is None:
-        _compiled_fire = torch.compile(fire_math, dynamic=True)
+        _compiled_fire = torch.compile(multi_threshold_fire, dynamic=True)
     tp, tn = site.broadcast_thresholds(x)
     lam = site.lam.to(x.dtype)
     tp = tp.to(x.dtype) * lam
     tn = None if tn is None else tn.to(x.dtype) * lam
-    cap = None
-    if site.ceiling is not None:
-        cap = torch.clamp(torch.floor(site.ceiling.to(x.dtype) / tp), min=1)
-    return _compiled_fire(x, tp, tn, float(site.v_init), int(site.max_spikes), cap)
+    ceiling = None if site.ceiling is None else site.ceiling.to(x.dtype)
+    return _compiled_fire(x, tp, tn, int(site.max_spikes), None, float(site.v_init), ceiling).spike
 
 
 def fire(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
