@@ -29,7 +29,7 @@ def _models(dataset: str):
 
     if dataset == "digits":
         return {"cnn": (lambda: zoo.digits_cnn(), 15, 3e-3), "vit": (lambda: zoo.digits_vit(patch_size=4), 20, 4e-3)}
-    return {"cnn": (lambda: zoo.digits_cnn(), 3, 3e-3), "vit": (lambda: zoo.digits_vit(img_size=28, patch_size=4), 4, 2e-3)}
+    return {"cnn": (lambda: zoo.small_resnet(), 3, 3e-3), "vit": (lambda: zoo.digits_vit(img_size=28, patch_size=4), 4, 2e-3)}
 
 
 def main(argv: list[str] | None = None) -> int:
