@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         build, epochs, lr = _models(args.dataset)[name]
         epochs = max(1, round(epochs * args.epochs))
-        path = os.path.join(args.cache, f"lambda_sweep-{args.dataset}-{name}-e{epochs}-s{args.seed}-n{len(sp.train)}.pth")
         ann = build()
+        arch = f"{type(ann).__name__}{sum(p.numel() for p in ann.parameters())}"
+        path = os.path.join(args.cache, f"lambda_sweep-{args.dataset}-{name}-{arch}-e{epochs}-s{args.seed}-n{len(sp.train)}.pth")
         if os.path.isfile(path):
             ann.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
