@@ -257,6 +257,11 @@ def evaluate(model: nn.Module, cfg, split: str = "val", run_as_mode: str | None 
     with _quiet() if quiet else contextlib.nullcontext():
         metrics = evaluator.evaluate(len(loader.dataset))
     out = {k.split("/")[-1]: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    # CocoMetric returns nothing when the detector predicted nothing at all: that is AP 0
+    kinds = ev_cfg.get("metric", "bbox") if isinstance(ev_cfg, dict) else "bbox"
+    for kind in [kinds] if isinstance(kinds, str) else kinds:
+        for suffix in ("mAP", "mAP_50", "mAP_75"):
+            out.setdefault(f"{kind}_{suffix}", 0.0)
     out["seconds_per_image"] = seconds / max(images, 1)
     return out
 
