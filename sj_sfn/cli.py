@@ -460,14 +460,18 @@ def _cmd_convert(args) -> int:
     d = load_data(args.data, args.batch_size, args.calib_samples, args.val_samples, args.test_samples, ann, args.model,
                   args.img_size, args.workers, args.seed, distributed=dist_on)
     _log(args, f"data: {d.note}")
-    lam = args.lam if args.lam is not None else 0.25
-    ck = {"lam": lam, "max_spikes": args.max_spikes, "p": args.p, "per_channel": args.per_channel, "v_init": args.v_init}
+    # λ and v_init left unset take the converter's per-family defaults (CNN / SFormer)
+    ck = {"lam": args.lam, "max_spikes": args.max_spikes, "p": args.p, "per_channel": args.per_channel, "v_init": args.v_init}
+    ck = {k: v for k, v in ck.items() if v is not None}
     t0 = time.perf_counter()
     try:
         snn = convert(ann, d.calib, device=device, progress=not args.quiet, **ck)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise UserError(f"cannot convert {args.model}: {str(e).splitlines()[0]}") from e
     t_conv = time.perf_counter() - t0
+    lams = _lams(snn)
+    if "lam" not in ck and lams and len(set(lams.values())) == 1:
+        ck["lam"] = next(iter(lams.values()))  # the converter's default
     tune_info = None
     if args.tune:
         res = _tune(args, snn, d.val, ann if args.energy_vs_ann else None, device)
@@ -483,7 +487,7 @@ def _cmd_convert(args) -> int:
         "convert_kwargs": ck, "input_shape": list(_sample_shape(d.calib)), "lams": _lams(snn), "tune": tune_info,
         "version": _version(),
     }
-    summary = {"out": os.path.abspath(args.out), "model": args.model, "lam": ck["lam"], "max_spikes": args.max_spikes,
+    summary = {"out": os.path.abspath(args.out), "model": args.model, "lam": ck.get("lam"), "max_spikes": args.max_spikes,
                "p": args.p, "convert_seconds": t_conv, "sites": len(meta["lams"]), "tuned": args.tune}
     if is_main():
         save_converted(args.out, snn.cpu() if device else snn, meta)
@@ -718,13 +722,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-random-weights", action="store_true", help=argparse.SUPPRESS)
     c.add_argument("--data", required=True, help="digits, fashion-mnist or an ImageFolder directory")
     lam = c.add_mutually_exclusive_group()
-    lam.add_argument("--lam", type=_check_lam, default=None, help="λ (default 0.25)")
+    lam.add_argument("--lam", type=_check_lam, default=None, help="λ (default: the converter's, 0.05 for CNNs, 0.25 for ViTs)")
     lam.add_argument("--tune", action="store_true", help="tune λ with Ax on the validation split")
     c.add_argument("--out", required=True, help="converted model file (.pth)")
     c.add_argument("--max-spikes", "-N", type=_positive_int, default=32, help="N, spikes per sign and step (default 32)")
     c.add_argument("--p", type=float, default=0.99, help="calibration quantile (default 0.99)")
     c.add_argument("--per-channel", action="store_true", help="per-channel thresholds")
-    c.add_argument("--v-init", type=float, default=0.0, help="threshold offset in [0, 1) (0.5 rounds)")
+    c.add_argument("--v-init", type=float, default=None, help="threshold offset in [0, 1) (default: the converter's, 0.5 = round)")
     c.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration images (default: all, 1024 for folders)")
     c.add_argument("--test-samples", type=_positive_int, default=None, help="cap the test split for --eval")
     c.add_argument("--num-classes", type=_positive_int, default=None, help="override the number of classes")

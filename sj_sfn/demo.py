@@ -157,7 +157,7 @@ def run_demo(args) -> int:
         t1 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            snn = convert(ann, calib, lam=0.25, max_spikes=32, p=0.99, progress=not args.quiet)
+            snn = convert(ann, calib, max_spikes=32, p=0.99, progress=not args.quiet)
         t_conv = time.perf_counter() - t1
         _say(args, f"[{name}] converted in {t_conv:.1f} s; tuning λ with {args.trials} Ax trials on the validation split")
         res = tune_lambda(snn, val, trials=args.trials, seed=args.seed, progress=not args.quiet)
