@@ -14,17 +14,22 @@ if TYPE_CHECKING:
 _register_with_spikingjelly()
 
 _LAZY = {"SFNRecipe": "sj_sfn.ann2snn", "MTNRecipe": "sj_sfn.ann2snn"}
+# Submodules with heavier or optional dependencies (timm, Ax, matplotlib) load on first access.
+_LAZY_MODULES = ("sformer", "tune", "calibration", "data", "zoo", "models")
 
 
 def __getattr__(name: str):
-    """Lazy exports: the SpikingJelly ``ann2snn`` recipes load on first use."""
-    if name in _LAZY:
-        import importlib
+    """Lazy exports: the ``ann2snn`` recipes and the optional submodules load on first use."""
+    import importlib
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'sj_sfn' has no attribute {name!r}")
+    elif name in _LAZY_MODULES:
+        value = importlib.import_module(f"sj_sfn.{name}")
+    else:
+        raise AttributeError(f"module 'sj_sfn' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 __all__ = ["MTNode", "SFNode", "SFNRecipe", "MTNRecipe", "convert", "energy", "functional", "implementation", "set_lambda", "sfn_nodes", "__version__"]
