@@ -150,16 +150,9 @@ def distributed_accuracy(model: nn.Module, loader: Iterable, device: torch.devic
 
     Returns ``(accuracy, total samples)``. Each rank passes its own shard (:func:`shard_loader`).
     """
-    from spikingjelly.activation_based import functional
+    from .zoo import count_correct
 
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        functional.reset_net(model)
-        correct += (model(x).argmax(-1) == y).sum().item()
-        total += y.numel()
+    correct, total = count_correct(model, loader, device)
     correct, total = all_reduce_sum([float(correct), float(total)])
     if total == 0:
         raise ValueError("the evaluation loader is empty")

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .calibration import batch_inputs
 
-__all__ = ["digits_cnn", "digits_vit", "small_resnet", "fit", "accuracy", "predict_logits"]
+__all__ = ["digits_cnn", "digits_vit", "small_resnet", "fit", "accuracy", "count_correct", "predict_logits"]
 
 
 def digits_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> nn.Sequential:
@@ -110,8 +110,8 @@ def predict_logits(model: nn.Module, loader, device: torch.device | str | None =
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader, device: torch.device | str | None = None) -> float:
-    """Top-1 accuracy in percent of ``model`` over a loader of ``(x, y)`` batches."""
+def count_correct(model: nn.Module, loader, device: torch.device | str | None = None) -> tuple[int, int]:
+    """``(correct, total)`` top-1 counts of ``model`` over ``(x, y)`` batches (network state reset per batch)."""
     from spikingjelly.activation_based import functional
 
     model.eval()
@@ -122,6 +122,12 @@ def accuracy(model: nn.Module, loader, device: torch.device | str | None = None)
         functional.reset_net(model)
         correct += (model(x).argmax(-1) == y).sum().item()
         total += y.numel()
+    return correct, total
+
+
+def accuracy(model: nn.Module, loader, device: torch.device | str | None = None) -> float:
+    """Top-1 accuracy in percent, ``100·correct/total``, of ``model`` over a loader of ``(x, y)`` batches."""
+    correct, total = count_correct(model, loader, device)
     if total == 0:
         raise ValueError("the loader is empty")
     return 100.0 * correct / total
