@@ -29,6 +29,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def rng() -> torch.Generator:
-    """A fresh generator per test, seeded at random (``rng.initial_seed()`` reproduces a failure)."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+def rng(request) -> torch.Generator:
+    """A fresh generator per test, seeded at random.
+
+    A failing test's report names its seed; ``SJ_SFN_SEED=<seed> pytest <test>`` reruns it with that seed.
+    """
+    seed = int(os.environ.get("SJ_SFN_SEED") or int.from_bytes(os.urandom(4), "little"))
+    request.node.user_properties.append(("rng seed", seed))
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seeds = [value for key, value in item.user_properties if key == "rng seed"]
+    if report.failed and seeds:
+        report.sections.append(("rng seed", f"SJ_SFN_SEED={seeds[0]} reproduces this test's random draws"))

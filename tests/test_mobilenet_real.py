@@ -11,12 +11,15 @@ Measured (8 photos, per-channel thresholds, rounding, several random calibration
   that the rocket, whose ANN top-2 probabilities are 0.25 vs 0.24, may swap its top two.
   The error is the quantisation step θ/256 accumulated over 35 ReLU6 sites; the bound 0.1 is
   about twice the largest measured value.
-* the paper's setting, N = 32 (λ = 0.05-0.1): relative error 0.16-0.6 (median ~0.3); top-1 agrees
-  on the photos where the ANN is confident and can flip where its top-2 probabilities are close
-  (the rocket: 0.25 vs 0.24). MobileNetV2 is the textbook quantisation-sensitive CNN (depthwise
-  convolutions, wide per-channel ranges): 32 levels per site is about 5-bit activation
-  quantisation. The test bounds the median error by 0.5 and requires agreement where the ANN's
-  top-1/top-2 probability margin is at least 0.3.
+* the paper's setting, N = 32 (λ = 0.05-0.1): relative error 0.16-0.6 (median 0.24-0.28); top-1
+  can flip where the ANN's top-2 probabilities are close (the rocket: 0.25 vs 0.24). Over 30
+  calibration seeds the four photos with a top-1/top-2 margin ≥ 0.3 all kept their label in 28;
+  in the other two the synthetic colour wheel (margin 0.91, but far from any ImageNet class)
+  flipped, and the SNN's top-1 was in the ANN's top-5 on ≥ 6 of 8 photos in every seed.
+  MobileNetV2 is the textbook quantisation-sensitive CNN (depthwise convolutions, wide per-channel
+  ranges): 32 levels per site is about 5-bit activation quantisation. The test bounds the median
+  error by 0.5, allows at most one flip among the confident photos, and requires the top-5
+  membership on 6 of 8.
 """
 
 from __future__ import annotations
@@ -115,9 +118,12 @@ def test_real_mobilenet_v2_t1_agrees_with_the_ann(mobilenet_and_photos, rng):
     assert torch.equal(s_fine.argmax(1)[decided], a.argmax(1)[decided]), rel_fine
     assert (s_fine.argmax(1, keepdim=True) == top2).any(1).all()
     assert rel_fine.max() < 0.1, rel_fine
-    # N = 32: agreement where the ANN is confident; the error shrinks with resolution
+    # N = 32: agreement where the ANN is confident (one flip allowed); the error shrinks with resolution
     confident = margin >= 0.3
     assert confident.sum() >= 4
-    assert torch.equal(s32.argmax(1)[confident], a.argmax(1)[confident]), (rel32, p)
+    flips = (s32.argmax(1) != a.argmax(1))[confident]
+    assert flips.sum() <= 1, (rel32, p)
+    in_top5 = (s32.argmax(1, keepdim=True) == a.topk(5, dim=1).indices).any(1)
+    assert in_top5.sum() >= 6, in_top5
     assert rel32.median() < 0.5, rel32
     assert rel_fine.median() < rel32.median() / 3
