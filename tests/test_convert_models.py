@@ -39,17 +39,20 @@ def _randomise_bn(model: nn.Module, gen: torch.Generator) -> nn.Module:
     return model.eval()
 
 
+# name: (builder, SFN sites, input size, bound on the fine-resolution relative error). The bounds are
+# about 1.5x the largest error measured over 40 random seeds (timm MobileNetV2 with random weights and
+# randomised BatchNorm amplifies the per-site quantisation error most: median 0.023, max 0.057).
 MODELS = {
-    "timm_resnet18": (lambda: timm.create_model("resnet18", num_classes=10), 17, 32),
-    "timm_mobilenetv2_100": (lambda: timm.create_model("mobilenetv2_100", num_classes=10), 35, 32),
-    "vgg_style": (vgg_style, 5, 32),
-    "torchvision_mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), 35, 32),
+    "timm_resnet18": (lambda: timm.create_model("resnet18", num_classes=10), 17, 32, 0.03),
+    "timm_mobilenetv2_100": (lambda: timm.create_model("mobilenetv2_100", num_classes=10), 35, 32, 0.08),
+    "vgg_style": (vgg_style, 5, 32, 0.01),
+    "torchvision_mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), 35, 32, 0.01),
 }
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_converts_runs_and_matches_at_fine_resolution(rng, name):
-    build, sites, size = MODELS[name]
+    build, sites, size, bound = MODELS[name]
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
     ann = _randomise_bn(build(), rng)
     assert not is_transformer(ann)
@@ -65,7 +68,12 @@ def test_model_converts_runs_and_matches_at_fine_resolution(rng, name):
         s = snn(x)
     assert s.shape == a.shape
     rel = ((s - a).norm() / a.norm()).item()
-    assert rel < 0.03, rel
+    assert rel < bound, rel
+    # the residual is quantisation: a 4x finer step (same full scale) makes it at least 2x smaller
+    finer = sj_sfn.convert(ann, calib, lam=1 / 1024, max_spikes=16384, v_init=0.5, progress=False)
+    with torch.no_grad():
+        rel_finer = ((finer(x) - a).norm() / a.norm()).item()
+    assert rel_finer < rel / 2, (rel, rel_finer)
     # the practical setting: N = 32 at the CNN defaults, energy accounted
     snn32 = sj_sfn.convert(ann, calib, max_spikes=32, progress=False)
     report = measure_energy(snn32, [x], ann=ann)
