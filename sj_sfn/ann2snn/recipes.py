@@ -227,6 +227,20 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def _fraction(value: Any, name: str) -> float:
+    """Validate a threshold fraction ``r ∈ [0, 1)`` (``v_init``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a fraction of the threshold in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _eval_copy(ann: Any) -> nn.Module:
+    """A deep copy of ``ann`` in eval mode: conversion never edits the caller's model."""
+    if not isinstance(ann, nn.Module):
+        raise TypeError(f"expected an nn.Module to convert, got {type(ann).__name__}")
+    return copy.deepcopy(ann).eval()
+
+
 # -- SFN -------------------------------------------------------------------------------
 
 
@@ -293,17 +307,14 @@ class SFNRecipe(FXConversionRecipe):
         _positive_int(self.max_spikes, "max_spikes (N)")
         if isinstance(self.p, bool) or not isinstance(self.p, numbers.Real) or not 0.0 < self.p <= 1.0:
             raise ValueError(f"p (calibration quantile) must be in (0, 1], got {self.p!r}")
-        if isinstance(self.v_init, bool) or not isinstance(self.v_init, numbers.Real) or not 0.0 <= self.v_init < 1.0:
-            raise ValueError(f"v_init must be a fraction of the threshold in [0, 1), got {self.v_init!r}")
+        _fraction(self.v_init, "v_init")
         if self.num_batches is not None:
             _positive_int(self.num_batches, "num_batches")
         if not isinstance(self.channel_dim, int) or isinstance(self.channel_dim, bool):
             raise TypeError(f"channel_dim must be an int, got {self.channel_dim!r}")
 
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
-        if not isinstance(ann, nn.Module):
-            raise TypeError(f"expected an nn.Module to convert, got {type(ann).__name__}")
-        return copy.deepcopy(ann).eval()
+        return _eval_copy(ann)
 
     def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         if self.fuse_bn:
@@ -435,13 +446,10 @@ class MTNRecipe(RateCodingRecipe):
         _check_loader(self.dataloader, "MTNRecipe")
         super().validate(converter)
         _positive_int(self.time_steps, "time_steps (T)")
-        if isinstance(self.v_init, bool) or not isinstance(self.v_init, numbers.Real) or not 0.0 <= self.v_init < 1.0:
-            raise ValueError(f"v_init must be a fraction of the IF threshold in [0, 1), got {self.v_init!r}")
+        _fraction(self.v_init, "v_init")
 
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
-        if not isinstance(ann, nn.Module):
-            raise TypeError(f"expected an nn.Module to convert, got {type(ann).__name__}")
-        return copy.deepcopy(ann).eval()
+        return _eval_copy(ann)
 
     def replace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         modules = dict(fx_model.named_modules())
