@@ -29,7 +29,6 @@ __all__ = [
     "ShardedBatchSampler",
     "shard_loader",
     "all_reduce_sum",
-    "all_reduce_observers",
     "distributed_accuracy",
     "barrier",
 ]
@@ -132,16 +131,6 @@ def all_reduce_sum(values: list[float], device: torch.device | str | None = None
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
-
-
-def all_reduce_observers(model: nn.Module) -> int:
-    """All-reduce the statistics of every ``SiteObserver`` of ``model``; returns how many."""
-    from .calibration import observers
-
-    obs = list(observers(model))
-    for _, o in obs:
-        o.all_reduce()
-    return len(obs)
 
 
 @torch.no_grad()
