@@ -85,7 +85,45 @@ def _check_seq_input(x_seq: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} in step_mode='m' expects input of shape [T, N, *], got {tuple(x_seq.shape)}")
 
 
-class MTNode(BaseNode):
+class _FusedForward:
+    """Step forwards shared by MTNode and SFNode: every step mode runs ``_dispatch_seq`` over ``[T, ...]``.
+
+    The state is the membrane ``v`` (float32 for 16-bit inputs), starting at ``_initial_v()``.
+    """
+
+    def materialize_states(self, inputs, states, step_mode):
+        x = inputs[0][0] if step_mode == "m" else inputs[0]
+        dtype = F.compute_dtype(x.dtype)
+        v = states[0]
+        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+            v = torch.full(x.shape, self._initial_v(), dtype=dtype, device=x.device)
+        elif v.dtype != dtype or v.device != x.device:
+            v = v.to(dtype=dtype, device=x.device)
+        return (v, *states[1:])
+
+    def single_step_functional_forward(self, inputs, states, **kwargs):
+        out = self._dispatch_seq(inputs[0].unsqueeze(0), states[0], False)
+        self.last_counts = None if out.count_seq is None else out.count_seq[0]
+        return (out.spike_seq[0],), (out.v, *states[1:])
+
+    def multi_step_functional_forward(self, inputs, states, **kwargs):
+        _check_seq_input(inputs[0], type(self).__name__)
+        out = self._dispatch_seq(inputs[0], states[0], False)
+        self.last_counts = out.count_seq
+        return (out.spike_seq,), (out.v, *states[1:])
+
+    def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs):
+        _check_seq_input(x_seq, type(self).__name__)
+        states = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")
+        out = self._dispatch_seq(x_seq, states[0], self.store_v_seq)
+        self._memories["v"] = out.v
+        self.last_counts = out.count_seq
+        if self.store_v_seq:
+            self.v_seq = out.v_seq
+        return out.spike_seq
+
+
+class MTNode(_FusedForward, BaseNode):
     r"""Multi-threshold neuron: at most ``N`` spikes of value ``θ`` per step, soft reset.
 
     .. math::
@@ -163,43 +201,14 @@ class MTNode(BaseNode):
             f"detach_reset={self.detach_reset}, step_mode={self.step_mode}, backend={self.backend}"
         )
 
-    def materialize_states(self, inputs, states, step_mode):
-        x = inputs[0][0] if step_mode == "m" else inputs[0]
-        dtype = F.compute_dtype(x.dtype)
-        v = states[0]
-        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
-            v = torch.full(x.shape, self.v_init, dtype=dtype, device=x.device)
-        elif v.dtype != dtype or v.device != x.device:
-            v = v.to(dtype=dtype, device=x.device)
-        return (v, *states[1:])
+    def _initial_v(self) -> float:
+        return self.v_init
 
-    # -- forward ---------------------------------------------------------------------
     def _dispatch_seq(self, x_seq: torch.Tensor, v: torch.Tensor, store_v_seq: bool) -> F.SeqOutput:
         return ops.mtn_forward(self, x_seq, v, store_v_seq)
 
-    def single_step_functional_forward(self, inputs, states, **kwargs):
-        out = self._dispatch_seq(inputs[0].unsqueeze(0), states[0], False)
-        self.last_counts = None if out.count_seq is None else out.count_seq[0]
-        return (out.spike_seq[0],), (out.v, *states[1:])
 
-    def multi_step_functional_forward(self, inputs, states, **kwargs):
-        _check_seq_input(inputs[0], type(self).__name__)
-        out = self._dispatch_seq(inputs[0], states[0], False)
-        self.last_counts = out.count_seq
-        return (out.spike_seq,), (out.v, *states[1:])
-
-    def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs):
-        _check_seq_input(x_seq, type(self).__name__)
-        states = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")
-        out = self._dispatch_seq(x_seq, states[0], self.store_v_seq)
-        self._memories["v"] = out.v
-        self.last_counts = out.count_seq
-        if self.store_v_seq:
-            self.v_seq = out.v_seq
-        return out.spike_seq
-
-
-class SFNode(base.MemoryModule):
+class SFNode(_FusedForward, base.MemoryModule):
     r"""Scale-and-Fire neuron: a (signed) multi-threshold neuron with thresholds ``λ·θ·y_i``.
 
     .. math::
@@ -393,15 +402,8 @@ class SFNode(base.MemoryModule):
             s += f", ceiling={self.ceiling.item():.4g}"
         return s + f", step_mode={self.step_mode}, backend={self.backend}"
 
-    def materialize_states(self, inputs, states, step_mode):
-        x = inputs[0][0] if step_mode == "m" else inputs[0]
-        dtype = F.compute_dtype(x.dtype)
-        v = states[0]
-        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
-            v = torch.zeros(x.shape, dtype=dtype, device=x.device)
-        elif v.dtype != dtype or v.device != x.device:
-            v = v.to(dtype=dtype, device=x.device)
-        return (v, *states[1:])
+    def _initial_v(self) -> float:
+        return 0.0  # the threshold offset v_init acts in the fire rule (functional.multi_threshold_fire)
 
     # -- forward ---------------------------------------------------------------------
     def broadcast_thresholds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -412,27 +414,6 @@ class SFNode(base.MemoryModule):
 
     def _dispatch_seq(self, x_seq: torch.Tensor, v: torch.Tensor, store_v_seq: bool) -> F.SeqOutput:
         return ops.sfn_forward(self, x_seq, v, store_v_seq)
-
-    def single_step_functional_forward(self, inputs, states, **kwargs):
-        out = self._dispatch_seq(inputs[0].unsqueeze(0), states[0], False)
-        self.last_counts = None if out.count_seq is None else out.count_seq[0]
-        return (out.spike_seq[0],), (out.v, *states[1:])
-
-    def multi_step_functional_forward(self, inputs, states, **kwargs):
-        _check_seq_input(inputs[0], type(self).__name__)
-        out = self._dispatch_seq(inputs[0], states[0], False)
-        self.last_counts = out.count_seq
-        return (out.spike_seq,), (out.v, *states[1:])
-
-    def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs):
-        _check_seq_input(x_seq, type(self).__name__)
-        states = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")
-        out = self._dispatch_seq(x_seq, states[0], self.store_v_seq)
-        self._memories["v"] = out.v
-        self.last_counts = out.count_seq
-        if self.store_v_seq:
-            self.v_seq = out.v_seq
-        return out.spike_seq
 
     def single_step_forward(self, x: torch.Tensor, *args, **kwargs):
         out = super().single_step_forward(x, *args, **kwargs)
