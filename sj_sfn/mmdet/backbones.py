@@ -104,7 +104,18 @@ class SpikingTrunkMixin:
         # The SNN structure, uncalibrated: a checkpoint written by convert_trunk() loads straight into it.
         self.snn_trunk = self._snn_structure().requires_grad_(False)
 
+    def init_weights(self) -> None:
+        """mmengine's init_cfg first, then the local ``pretrained`` checkpoint (:meth:`load_pretrained`)."""
+        if self.init_cfg is not None:
+            super().init_weights()
+        if self.pretrained:
+            self.load_pretrained(self.pretrained)
+        self._is_init = True
+
     # -- to be provided by subclasses ------------------------------------------------
+    def load_pretrained(self, path: str) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def _convert(self, trunk: nn.Module, loader: Iterable) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -332,13 +343,6 @@ class SFormerViT(SpikingTrunkMixin, BaseModule):
         c = self.snn_cfg
         return sformer.convert(trunk, loader, lam=c["lam"], max_spikes=c["max_spikes"], p=c["p"], progress=False, **c["convert_kwargs"])
 
-    def init_weights(self) -> None:
-        if self.init_cfg is not None:
-            super().init_weights()
-        if self.pretrained:
-            self.load_pretrained(self.pretrained)
-        self._is_init = True
-
     def load_pretrained(self, path: str) -> None:
         """Load a local ViT checkpoint into the ANN trunk (position embeddings resampled; heads dropped)."""
         from timm.models.vision_transformer import checkpoint_filter_fn
@@ -399,13 +403,6 @@ class SFNTimmBackbone(SpikingTrunkMixin, BaseModule):
     def _convert(self, trunk: nn.Module, loader: Iterable) -> nn.Module:
         c = self.snn_cfg
         return _cnn_convert()(trunk, loader, lam=c["lam"], max_spikes=c["max_spikes"], p=c["p"], progress=False, **c["convert_kwargs"])
-
-    def init_weights(self) -> None:
-        if self.init_cfg is not None:
-            super().init_weights()
-        if self.pretrained:
-            self.load_pretrained(self.pretrained)
-        self._is_init = True
 
     def load_pretrained(self, path: str) -> None:
         """Load a local classification checkpoint into the trunk (classifier weights dropped)."""
