@@ -13,7 +13,7 @@ CONFIGS = ROOT / "detection" / "configs" / "shapes"
 VIT_CFG = str(CONFIGS / "mask-rcnn_sformer-vit-tiny_shapes.py")
 CNN_CFG = str(CONFIGS / "mask-rcnn_sfn-resnet-tiny_shapes.py")
 RETINA_CFG = str(CONFIGS / "retinanet_sformer-vit-tiny_shapes.py")
-EPOCHS = {"vit": 8, "cnn": 16}
+EPOCHS = {"vit": 40, "cnn": 16}
 
 
 def _have_mmdet() -> bool:
@@ -41,7 +41,7 @@ def shapes_root(tmp_path_factory) -> str:
     from sj_sfn.mmdet.synthetic import make_shapes_dataset
 
     root = tmp_path_factory.mktemp("shapes")
-    make_shapes_dataset(root, {"train": 48, "val": 16}, image_size=96, seed=0)
+    make_shapes_dataset(root, {"train": 48, "val": 48}, image_size=96, seed=0)
     return str(root)
 
 

@@ -16,13 +16,14 @@ from fixtures_det import RETINA_CFG, ROOT, VIT_CFG, _have_mmdet
 pytestmark = pytest.mark.skipif(not _have_mmdet(), reason="needs mmdet and mmcv with ops (pip install 'sj-sfn[det]')")
 
 # The SNN's COCO AP must stay within this many AP points (AP × 100) of the ANN's on the
-# 16 validation images (the bench reports the 1-point target on a larger set).
+# 48 validation images (measured, ViT at λ = 0.1: bbox/segm −0.9/−0.3 and −0.4/+0.7 for two
+# training seeds; the bench reports the 1-point target on a larger set).
 AP_MARGIN = {"vit": 3.0, "cnn": 3.0}
 LAM = {"vit": 0.1, "cnn": 0.05}
-# What the fixtures' training reaches (measured: ResNet 76 bbox / 90 segm AP after 16 epochs). The
-# tiny ViT trained from scratch on 48 images does not learn the task in this budget (0-6 AP in
-# every setting tried), so for it the check is the fidelity of the backbone features instead.
-ANN_FLOOR = {"vit": {}, "cnn": {"bbox_mAP": 0.3, "segm_mAP": 0.3}}
+# What the fixtures' training reaches, with room for another CPU's floating point (measured:
+# ResNet 76 bbox / 90 segm AP after 16 epochs; the tiny from-scratch ViT with GN heads
+# 12.5-17 bbox / 22-26 segm AP after 40 epochs).
+ANN_FLOOR = {"vit": {"bbox_mAP": 0.07, "segm_mAP": 0.12}, "cnn": {"bbox_mAP": 0.3, "segm_mAP": 0.3}}
 FEATURE_TOL = {"vit": 0.15, "cnn": 0.25}  # relative L2 error of every pyramid level, SNN vs ANN, on val images
 TINY_VIT = dict(type="SFormerViT", model_name="vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=32, depth=2,
                 num_heads=2, mlp_ratio=2.0)

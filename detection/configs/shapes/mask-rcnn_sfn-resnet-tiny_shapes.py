@@ -10,6 +10,8 @@ model = dict(
         timm_kwargs=dict(channels=(16, 32, 64, 128), stem_width=16),
         snn=dict(lam=0.25, max_spikes=32, p=0.99, calib={{_base_.calib}}),
     ),
-    neck=dict(in_channels=[16, 32, 64, 128]),
+    # a CNN trains well with the plain FPN and the 2-FC box head (the ViT base config uses GN heads)
+    neck=dict(in_channels=[16, 32, 64, 128], norm_cfg=None),
+    roi_head=dict(bbox_head=dict(type='Shared2FCBBoxHead', norm_cfg=None)),
 )
 optim_wrapper = dict(optimizer=dict(lr=1e-3))
