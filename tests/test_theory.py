@@ -114,7 +114,7 @@ def test_theorem2_network_equivalence(kind: str, rng: torch.Generator) -> None:
         T = int(torch.randint(2, 33, (), generator=rng))
         layers = _nonneg_layers(kind, theta, rng)
         if_net = _Net(copy.deepcopy(layers), lambda i: neuron.IFNode(v_threshold=theta, v_reset=None)).double()
-        mtn_net = _Net(copy.deepcopy(layers), lambda i: MTNode(theta / T, max_spikes=T)).double()
+        mtn_net = _Net(copy.deepcopy(layers), lambda i, T=T: MTNode(theta / T, max_spikes=T)).double()
         x_seq = torch.rand((T, *shape), generator=rng, dtype=torch.float64) * theta
         functional.reset_net(if_net)
         with torch.no_grad():
