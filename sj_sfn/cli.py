@@ -691,6 +691,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or logs, one JSON line")
 
 
+def _add_converted_input(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
+    """The converted file, its data and its ANN checkpoint: what ``eval`` and ``tune`` read."""
+    p.add_argument("snn", metavar="CONVERTED", help="file written by 'sj-sfn convert'")
+    p.add_argument("--data", default=None, help="data set (default: the one it was converted on)")
+    p.add_argument("--checkpoint", default=None, help=checkpoint_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sj-sfn", description="One-timestep ANN-to-SNN conversion for SpikingJelly (MTN, SFN, SFormer).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -741,9 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="ANN vs SNN test accuracy and energy ratio of a converted model",
                        description="Evaluate a converted model (and its ANN) on the test split; JSON output.")
-    e.add_argument("snn", metavar="CONVERTED", help="file written by 'sj-sfn convert'")
-    e.add_argument("--data", default=None, help="data set (default: the one it was converted on)")
-    e.add_argument("--checkpoint", default=None, help="the ANN's weights (default: the path recorded at conversion)")
+    _add_converted_input(e, "the ANN's weights (default: the path recorded at conversion)")
     e.add_argument("--no-ann", action="store_true", help="evaluate the SNN only")
     e.add_argument("--test-samples", type=_positive_int, default=None, help="cap the test split")
     _add_common(e)
@@ -751,9 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="tune λ of a converted model with Ax on the validation split",
                        description="Bayesian optimisation of λ (accuracy, accuracy − β·energy, or a Pareto front).")
-    t.add_argument("snn", metavar="CONVERTED", help="file written by 'sj-sfn convert'")
-    t.add_argument("--data", default=None, help="data set (default: the one it was converted on)")
-    t.add_argument("--checkpoint", default=None, help="the ANN's weights (for --energy-vs-ann)")
+    _add_converted_input(t, "the ANN's weights (for --energy-vs-ann)")
     t.add_argument("--out", default=None, help="write the model with the chosen λ here")
     t.add_argument("--plot", default=None, help="λ plot (PNG)")
     _add_common(t)
