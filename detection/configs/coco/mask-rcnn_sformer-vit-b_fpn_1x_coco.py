@@ -6,27 +6,11 @@ _base_ = [
     'mmdet::_base_/datasets/coco_instance.py',
     'mmdet::_base_/schedules/schedule_1x.py',
     'mmdet::_base_/default_runtime.py',
+    './_base_/sfn_coco_calib.py',
 ]
-custom_imports = dict(imports=['sj_sfn.mmdet'], allow_failed_imports=False)
 
-data_root = 'data/coco/'
 pretrained = 'checkpoints/vit_base_patch16_224.pth'
-data_preprocessor = dict(
-    type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True,
-    pad_mask=True, pad_size_divisor=32)
-calib = dict(
-    dataset=dict(
-        type='CocoDataset', data_root=data_root, ann_file='annotations/instances_train2017.json',
-        data_prefix=dict(img='train2017/'), test_mode=True,
-        pipeline=[
-            dict(type='LoadImageFromFile'),
-            dict(type='Resize', scale=(1333, 800), keep_ratio=True),
-            dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
-        ]),
-    preprocessor=data_preprocessor, num_images=64, batch_size=2)
-
 model = dict(
-    data_preprocessor=data_preprocessor,
     backbone=dict(
         _delete_=True,
         type='SFormerViT',
@@ -36,7 +20,7 @@ model = dict(
         drop_path_rate=0.1,
         pretrained=pretrained,
         # softmax_max_spikes: more SoftMax levels for flat attention over many tokens (README)
-        snn=dict(lam=0.25, max_spikes=32, p=0.99, calib=calib, convert_kwargs=dict(softmax_max_spikes=128)),
+        snn=dict(lam=0.25, max_spikes=32, p=0.99, calib={{_base_.calib}}, convert_kwargs=dict(softmax_max_spikes=128)),
     ),
     neck=dict(in_channels=[192, 384, 768, 768], out_channels=256, num_outs=5),
 )
