@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .energy import E_MAC_PJ, measure_energy
-from .neuron import set_lambda, sfn_nodes
+from .neuron import SFNode, set_lambda, sfn_nodes
 
 __all__ = ["OBJECTIVES", "Trial", "TuneResult", "tune_lambda", "pareto_front", "evaluate_lambda", "site_groups"]
 
@@ -278,29 +278,10 @@ def _finite(o: Any) -> Any:
 
 
 def _site_kinds(snn: nn.Module) -> dict[str, str]:
-    """Site name → kind for an SFormer (``sj_sfn.sformer.sites``); empty for other models."""
-    try:
-        from . import sformer
-    except ImportError:
-        return {}
-    fn = getattr(sformer, "sites", None)
-    if fn is None:
-        return {}
-    try:
-        listed = fn(snn)
-    except (TypeError, ValueError):
-        return {}
-    kinds: dict[str, str] = {}
-    items = listed.items() if isinstance(listed, Mapping) else listed
-    for item in items:
-        if isinstance(item, tuple) and len(item) >= 2:
-            name, second = item[0], item[1]
-            kind = second if isinstance(second, str) else (item[2] if len(item) > 2 and isinstance(item[2], str) else getattr(second, "kind", None))
-        else:
-            name, kind = getattr(item, "name", None), getattr(item, "kind", None)
-        if isinstance(name, str) and isinstance(kind, str):
-            kinds[name] = kind
-    return kinds
+    """SFN site name → kind for an SFormer (``sj_sfn.sformer.site_modules``); empty for other models."""
+    from .sformer import site_modules
+
+    return {name: kind for name, kind, m in site_modules(snn) if isinstance(m, SFNode)}
 
 
 def site_groups(snn: nn.Module, groups: str | Mapping[str, str | Sequence[str]] | None) -> dict[str, list[str] | None]:
