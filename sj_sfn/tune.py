@@ -24,7 +24,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -418,7 +418,7 @@ def _check_bounds(bounds: Any) -> tuple[float, float]:
 def _check_loader(loader: Iterable) -> None:
     if loader is None:
         raise ValueError("val_loader is None: give a validation loader (never the test set)")
-    if iter(loader) is loader:
+    if isinstance(loader, Iterator):  # iter(DataLoader) would start its workers just to check
         raise TypeError("val_loader must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
     try:
         n = len(loader)  # type: ignore[arg-type]
