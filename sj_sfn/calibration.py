@@ -99,12 +99,13 @@ class SiteObserver(nn.Module):
                 f"non-finite activations (NaN or Inf) at site {self.name or '<unnamed>'}: "
                 "check the model and the calibration data"
             )
-        rows = self._subsample(self._rows(x).float())
+        full = self._rows(x)  # a copy for per-channel sites: made once, used for quantiles and extremes
+        rows = self._subsample(full.float())
         qs = [self.p, 1.0 - self.p] if self.signed else [self.p]
-        q = torch.quantile(rows, torch.tensor(qs, device=rows.device), dim=1).double()  # [len(qs), C]
+        q = torch.quantile(rows, torch.tensor(qs, device=rows.device), dim=1).double().cpu()  # [len(qs), C]
         if self.channel_dim is None:
             q = q.reshape(len(qs))  # per-tensor statistics stay 0-d
-        pos = q[0].cpu()
+        pos = q[0]
         if self.num_batches.item() == 0 and pos.numel() > 1:
             self.pos_sum = torch.zeros_like(pos)
             self.neg_sum = torch.zeros_like(pos)
@@ -112,10 +113,11 @@ class SiteObserver(nn.Module):
             self.min_val = torch.full_like(pos, math.inf)
         self.pos_sum += pos
         if self.signed:
-            self.neg_sum += -q[1].cpu()
-        full = self._rows(x)
-        self.max_val = torch.maximum(self.max_val, full.amax(dim=1).double().cpu().reshape(self.max_val.shape))
-        self.min_val = torch.minimum(self.min_val, full.amin(dim=1).double().cpu().reshape(self.min_val.shape))
+            self.neg_sum += -q[1]
+        lo, hi = torch.aminmax(full, dim=1)
+        hi, lo = torch.stack((hi, lo)).double().cpu()  # one pass over the activations, one transfer
+        self.max_val = torch.maximum(self.max_val, hi.reshape(self.max_val.shape))
+        self.min_val = torch.minimum(self.min_val, lo.reshape(self.min_val.shape))
         self.num_batches += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
