@@ -393,8 +393,10 @@ def _tune(args, snn, val_loader, ann=None, device=None):
 
 def _evaluate(snn, ann, loader, device=None) -> dict:
     """ANN and SNN top-1 accuracy and the energy ratio over ``loader`` (all-reduced under torchrun)."""
+    from dataclasses import replace
+
     from .distributed import all_reduce_sum, distributed_accuracy
-    from .energy import E_AC_PJ, E_MAC_PJ, measure_energy
+    from .energy import measure_energy
 
     t0 = time.perf_counter()
     snn_acc, n = distributed_accuracy(snn, loader, device)
@@ -405,12 +407,12 @@ def _evaluate(snn, ann, loader, device=None) -> dict:
     rep = measure_energy(snn, loader, ann=ann, device=device)
     s = rep.samples
     sops, events, macs, ann_macs, samples = all_reduce_sum([rep.sops * s, rep.events * s, rep.macs * s, rep.ann_macs * s, float(s)])
-    e_snn = E_AC_PJ * sops + E_MAC_PJ * macs
+    # the per-sample averages over every process; the ratios are EnergyReport's own formulas
+    rep = replace(rep, sops=sops / samples, events=events / samples, macs=macs / samples, ann_macs=ann_macs / samples,
+                  samples=int(samples))
     out.update(
-        energy_ratio=e_snn / (E_MAC_PJ * ann_macs) if ann_macs else math.nan,
-        event_ratio=(E_AC_PJ * events + E_MAC_PJ * macs) / (E_MAC_PJ * ann_macs) if ann_macs else math.nan,
-        sops_per_sample=sops / samples, events_per_sample=events / samples, snn_macs_per_sample=macs / samples,
-        ann_macs_per_sample=ann_macs / samples, firing_rates=rep.firing_rates,
+        energy_ratio=rep.ratio, event_ratio=rep.event_ratio, sops_per_sample=rep.sops, events_per_sample=rep.events,
+        snn_macs_per_sample=rep.macs, ann_macs_per_sample=rep.ann_macs, firing_rates=rep.firing_rates,
     )
     return out
 
@@ -426,23 +428,15 @@ def _device(args, dist_on: bool) -> str | None:
     return None
 
 
-def _lams(snn) -> dict[str, float]:
-    from .neuron import sfn_nodes
-
-    return {n: float(m.lam) for n, m in sfn_nodes(snn)}
-
-
 # -- subcommands ---------------------------------------------------------------------------
 
 
 def _cmd_convert(args) -> int:
-
     from .convert import convert
     from .distributed import init_from_env, is_main
+    from .tune import _current_lams
 
     dist_on = init_from_env()
-    if args.lam is not None and args.tune:
-        raise UserError("give either --lam or --tune, not both")
     num_classes, in_chans, img_size = data_info(args.data)
     num_classes = args.num_classes or num_classes
     img_size = args.img_size or img_size
@@ -469,7 +463,7 @@ def _cmd_convert(args) -> int:
     except (ValueError, TypeError, NotImplementedError) as e:
         raise UserError(f"cannot convert {args.model}: {str(e).splitlines()[0]}") from e
     t_conv = time.perf_counter() - t0
-    lams = _lams(snn)
+    lams = _current_lams(snn)
     if "lam" not in ck and lams and len(set(lams.values())) == 1:
         ck["lam"] = next(iter(lams.values()))  # the converter's default
     tune_info = None
@@ -484,7 +478,7 @@ def _cmd_convert(args) -> int:
     meta = {
         "model": args.model, "model_kwargs": {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size},
         "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None, "data": args.data,
-        "convert_kwargs": ck, "input_shape": list(_sample_shape(d.calib)), "lams": _lams(snn), "tune": tune_info,
+        "convert_kwargs": ck, "input_shape": list(_sample_shape(d.calib)), "lams": _current_lams(snn), "tune": tune_info,
         "version": _version(),
     }
     summary = {"out": os.path.abspath(args.out), "model": args.model, "lam": ck.get("lam"), "max_spikes": args.max_spikes,
@@ -541,6 +535,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_tune(args) -> int:
     from .distributed import is_main
+    from .tune import _current_lams
 
     snn, meta = load_converted(args.snn, args.device)
     data = args.data or meta.get("data")
@@ -558,7 +553,7 @@ def _cmd_tune(args) -> int:
         res.apply(snn)
         meta = {k: v for k, v in meta.items() if k not in ("format", "state_dict")}
         meta["convert_kwargs"] = {**meta["convert_kwargs"], "lam": res.best_lam}
-        meta.update(lams=_lams(snn), tune=res.to_dict())
+        meta.update(lams=_current_lams(snn), tune=res.to_dict())
         save_converted(args.out, snn, meta)
     b = res.best
     print(json.dumps({"best_lam": res.best_lam, "best_group_lams": res.best_group_lams, "val_accuracy": b.metric,
@@ -598,7 +593,7 @@ def _cmd_info(args) -> int:
     try:
         from .ops import implementation
 
-        devs = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+        devs = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         if not torch.cuda.is_available():
             devs.append("cuda")
         for dev in devs:
