@@ -538,6 +538,7 @@ def tune_lambda(
     gnames = list(group_sites)
     pnames = {g: f"lam_{i}" for i, g in enumerate(gnames)}
     sizes = {g: (len(s) if s is not None else len(sfn_nodes(snn))) for g, s in group_sites.items()}
+    total_sites = sum(sizes.values())
     dims = len(gnames)
     if init_trials is None:
         init_trials = min(trials, 2 * dims + 3)
@@ -597,8 +598,7 @@ def tune_lambda(
                     value, ratio = evaluate_lambda(snn, val_loader, metric, ann_macs=ann_macs, device=device)
                     cache[key], repeats = (value, ratio), 0
                 secs = time.perf_counter() - t1
-                total = sum(sizes.values())
-                lam = math.exp(sum(sizes[g] * math.log(v) for g, v in glams.items()) / total)
+                lam = math.exp(sum(sizes[g] * math.log(v) for g, v in glams.items()) / total_sites)
                 score = value - beta * ratio if objective == "tradeoff" else value
                 t2 = time.perf_counter()
                 if math.isfinite(value) and math.isfinite(ratio):
@@ -613,8 +613,7 @@ def tune_lambda(
                 if repeats:
                     rec.reason = "repeat"
                 records.append(rec)
-                ok = [t for t in records if t.ok]
-                if ok:
+                if progress and any(t.ok for t in records):
                     b = _choose_best(records, objective, pareto_front(records))
                     bar.set_postfix_str(f"best λ={b.lam:.3g} {metric_name}={b.metric:.2f} energy={b.energy_ratio:.3f}")
                 bar.update(1)
