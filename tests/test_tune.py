@@ -130,6 +130,14 @@ def test_pareto_front_matches_brute_force(rng):
     assert 3 not in {t.index for t in front}
 
 
+def test_pareto_front_hand_computed():
+    points = [(90, 0.5), (90, 0.4), (95, 0.6), (80, 0.3), (95, 0.6), (70, 0.35), (99, 0.2), (85, math.nan)]
+    trials = [Trial(i, 0.1, {"lam": 0.1}, float(a), e, float(a), 0.0, 0.0) for i, (a, e) in enumerate(points)]
+    trials[6].status = "failed"  # would dominate every other point
+    # 0 is dominated by 1, 4 repeats 2, 5 is dominated by 3, 7 has no finite energy; sorted by energy
+    assert [t.index for t in pareto_front(trials)] == [3, 1, 2]
+
+
 def test_nan_metric_marks_trial_failed(tune_cnn_snn, tune_search_loader):
     from sj_sfn import zoo
 
