@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
-import sys
 import time
 import warnings
 from typing import Any
@@ -23,15 +21,12 @@ import torch.nn as nn
 
 __all__ = ["run_demo", "if_rate_coding_sweep", "format_table"]
 
-
-def _say(args, *msg: Any) -> None:
-    if not args.quiet:
-        print(*msg, file=sys.stderr, flush=True)
+IF_MAX_IMAGES = 2048  # test images the IF rate-coding sweep runs on (one batch)
 
 
 @torch.no_grad()
 def if_rate_coding_sweep(ann: nn.Module, calib_loader, test_loader, max_steps: int = 256, quiet: bool = False,
-                         target: float | None = None, max_images: int = 2048) -> dict[int, float]:
+                         target: float | None = None, max_images: int = IF_MAX_IMAGES) -> dict[int, float]:
     """Test accuracy of SpikingJelly's IF rate-coding conversion at ``T = 1, 2, 4, ..., max_steps``.
 
     ``ann2snn.Converter(RateCodingRecipe(loader, mode='99.9%'))``; the input is presented at every
@@ -73,11 +68,11 @@ def _models(dataset: str) -> dict[str, dict[str, Any]]:
 
     if dataset == "digits":
         return {
-            "cnn": {"build": lambda: zoo.digits_cnn(), "epochs": 15, "lr": 3e-3, "bs": 64},
+            "cnn": {"build": zoo.digits_cnn, "epochs": 15, "lr": 3e-3, "bs": 64},
             "vit": {"build": lambda: zoo.digits_vit(patch_size=4), "epochs": 20, "lr": 4e-3, "bs": 128},
         }
     return {
-        "cnn": {"build": lambda: zoo.small_resnet(), "epochs": 2, "lr": 3e-3, "bs": 128},
+        "cnn": {"build": zoo.small_resnet, "epochs": 2, "lr": 3e-3, "bs": 128},
         "vit": {"build": lambda: zoo.digits_vit(img_size=28, patch_size=4), "epochs": 4, "lr": 2e-3, "bs": 128},
     }
 
@@ -103,7 +98,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(args) -> int:
     from . import zoo
-    from .cli import DEMO_CACHE, UserError
+    from .cli import DEMO_CACHE, UserError, _log, _write_json
     from .convert import convert
     from .data import make_splits
     from .energy import measure_energy
@@ -128,7 +123,7 @@ def run_demo(args) -> int:
     calib = splits.loader("train", 128, shuffle=False)
     val = splits.loader("val", 256)
     test = splits.loader("test", 256)
-    _say(args, f"{args.dataset}: {len(splits.train)} train / {len(splits.val)} validation (λ) / {len(splits.test)} test images")
+    _log(args, f"{args.dataset}: {len(splits.train)} train / {len(splits.val)} validation (λ) / {len(splits.test)} test images")
     rows = []
     for name in wanted:
         spec = specs[name]
@@ -144,13 +139,13 @@ def run_demo(args) -> int:
                 cached = False
                 ann = spec["build"]()
         if not cached:
-            _say(args, f"[{name}] training {epochs} epochs (cached at {path} afterwards)")
+            _log(args, f"[{name}] training {epochs} epochs (cached at {path} afterwards)")
             torch.manual_seed(args.seed)
             zoo.fit(ann, splits.loader("train", spec["bs"], seed=args.seed), epochs=epochs, lr=spec["lr"],
                     progress=not args.quiet, seed=args.seed)
             torch.save(ann.state_dict(), path)
         else:
-            _say(args, f"[{name}] loaded from {path}")
+            _log(args, f"[{name}] loaded from {path}")
         ann.eval()
         t_train = time.perf_counter() - t0
         ann_acc = zoo.accuracy(ann, test)
@@ -159,7 +154,7 @@ def run_demo(args) -> int:
             warnings.simplefilter("ignore", UserWarning)
             snn = convert(ann, calib, max_spikes=32, p=0.99, progress=not args.quiet)
         t_conv = time.perf_counter() - t1
-        _say(args, f"[{name}] converted in {t_conv:.1f} s; tuning λ with {args.trials} Ax trials on the validation split")
+        _log(args, f"[{name}] converted in {t_conv:.1f} s; tuning λ with {args.trials} Ax trials on the validation split")
         res = tune_lambda(snn, val, trials=args.trials, seed=args.seed, progress=not args.quiet)
         res.apply(snn)
         plot = res.plot(os.path.join(args.out, f"lambda_{name}.png"), title=f"{args.dataset} {name}: λ search")
@@ -176,24 +171,21 @@ def run_demo(args) -> int:
             sweep = if_rate_coding_sweep(ann, calib, test, args.max_if_steps, quiet=args.quiet, target=snn_acc)
             row["if_accuracy"] = {str(k): v for k, v in sweep.items()}
             row["if_steps_to_match"] = next((t for t, a in sweep.items() if a >= snn_acc), None)
-            row["if_images"] = min(len(splits.test), 2048)
+            row["if_images"] = min(len(splits.test), IF_MAX_IMAGES)
             row["if_seconds"] = time.perf_counter() - t2
         else:
             row["if_accuracy"] = None
             row["if_note"] = "SpikingJelly's rate-coding recipe converts ReLU networks only"
         row["wall_seconds"] = time.perf_counter() - t0
         rows.append(row)
-        _say(args, f"[{name}] ANN {ann_acc:.2f}%  SNN(T=1) {snn_acc:.2f}%  λ={res.best_lam:.3f}  energy ratio {energy.ratio:.3f}")
+        _log(args, f"[{name}] ANN {ann_acc:.2f}%  SNN(T=1) {snn_acc:.2f}%  λ={res.best_lam:.3f}  energy ratio {energy.ratio:.3f}")
     table = format_table(rows)
     total = time.perf_counter() - t_all
     result = {"dataset": args.dataset, "seed": args.seed, "trials": args.trials, "max_spikes": 32, "p": 0.99,
               "splits": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
               "rows": rows, "table": table, "total_seconds": total, "cache": cache}
     path = os.path.join(args.out, "demo.json")
-    from .tune import _finite
-
-    with open(path, "w") as f:
-        json.dump(_finite(result), f, indent=2)
+    _write_json(path, result)
     print(table)
     if not args.quiet:
         print(f"\nT=1 SNN: one forward pass, SFN neurons with N=32 levels; λ tuned on the validation split, "
