@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sj_sfn import convert, set_lambda, sfn_nodes, zoo
     from sj_sfn.data import make_splits
-    from sj_sfn.tune import evaluate_lambda, tune_lambda
+    from sj_sfn.tune import _finite, evaluate_lambda, tune_lambda
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{ax_pt:10.2f} {ax_max:5.2f}")
     out = os.path.join(args.out, f"{args.dataset}.json")
     with open(out, "w") as f:
-        json.dump(results, f, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
+        json.dump(_finite(results), f, indent=2, default=str)  # NaN/Inf -> null, as TuneResult.to_json
     print(f"\nwrote {out} and the plots in {args.out}/")
     return 0
 
