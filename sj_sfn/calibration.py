@@ -244,18 +244,14 @@ def calibrate(
                 break
     finally:
         model.train(was_training)
-    import torch.distributed as dist
+    from .distributed import all_reduce_sum, is_distributed
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         # torchrun: sum every observer's statistics over the processes (each saw its own batches),
         # so the thresholds equal a single-process run over all the batches
         for _, obs in observers(model):
             obs.all_reduce()
-        n = torch.tensor([float(seen)], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            n = n.cuda()
-        dist.all_reduce(n)
-        seen = int(n.item())
+        seen = int(all_reduce_sum([float(seen)])[0])
     if seen == 0:
         raise CalibrationError("the calibration loader is empty: give it at least one batch")
     return seen
