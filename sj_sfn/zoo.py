@@ -120,9 +120,9 @@ def count_correct(model: nn.Module, loader, device: torch.device | str | None = 
         if device is not None:
             x, y = x.to(device), y.to(device)
         functional.reset_net(model)
-        correct += (model(x).argmax(-1) == y).sum().item()
+        correct += (model(x).argmax(-1) == y).sum()  # stays on the device: one sync at the end, not per batch
         total += y.numel()
-    return correct, total
+    return int(correct), total
 
 
 def accuracy(model: nn.Module, loader, device: torch.device | str | None = None) -> float:
