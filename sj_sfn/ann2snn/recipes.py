@@ -76,7 +76,10 @@ def _attr(fx_model: fx.GraphModule, node: Any) -> torch.Tensor | None:
     if node is None:
         return None
     if isinstance(node, fx.Node) and node.op == "get_attr":
-        return fx_model.get_parameter(node.target) if node.target in dict(fx_model.named_parameters()) else fx_model.get_buffer(node.target)
+        try:
+            return fx_model.get_parameter(node.target)
+        except AttributeError:  # not a parameter: a buffer (running statistics) or an error for the caller
+            return fx_model.get_buffer(node.target)
     raise ValueError("not a constant attribute")
 
 
