@@ -58,9 +58,7 @@ def _train_set(args, model):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sj_sfn import zoo
-    from sj_sfn.cli import UserError, build_model, data_info, load_checkpoint
-    from sj_sfn.distributed import distributed_accuracy, init_from_env, is_main, shard_loader
+    from sj_sfn.cli import UserError
 
     p = argparse.ArgumentParser(prog="classification/train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="timm model name, torchvision:NAME or zoo:NAME")
@@ -81,14 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", "-q", action="store_true")
     args = p.parse_args(argv)
     try:
-        return _train(args, zoo, build_model, data_info, load_checkpoint, distributed_accuracy, init_from_env, is_main, shard_loader)
+        return _train(args)
     except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
 
 
-def _train(args, zoo, build_model, data_info, load_checkpoint, distributed_accuracy, init_from_env, is_main, shard_loader) -> int:
+def _train(args) -> int:
     from tqdm.auto import tqdm
+
+    from sj_sfn.cli import build_model, data_info
+    from sj_sfn.distributed import distributed_accuracy, init_from_env, is_main, shard_loader
 
     dist_on = init_from_env()
     device = torch.device(args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"))
@@ -98,7 +99,7 @@ def _train(args, zoo, build_model, data_info, load_checkpoint, distributed_accur
     img_size = args.img_size or img_size
     model = build_model(args.model, num_classes, in_chans, img_size)
     if args.init:
-        _load_init(model, args.init, load_checkpoint)
+        _load_init(model, args.init)
     train_set, d = _train_set(args, model)
     sampler = None
     if dist_on:
@@ -161,7 +162,7 @@ def _train(args, zoo, build_model, data_info, load_checkpoint, distributed_accur
     return 0
 
 
-def _load_init(model: nn.Module, path: str, load_checkpoint) -> None:
+def _load_init(model: nn.Module, path: str) -> None:
     """Load pretrained weights, re-initialising a classifier head whose shape differs."""
     from sj_sfn.cli import UserError, _state_dict_of, _torch_load
 
