@@ -93,13 +93,15 @@ class SiteObserver(nn.Module):
         """Fold one batch of activations into the running statistics."""
         if x.numel() == 0:
             return
-        x = x.detach()
-        if not torch.isfinite(x).all():
+        full = self._rows(x.detach())  # a copy for per-channel sites: made once, used for extremes and quantiles
+        lo, hi = torch.aminmax(full, dim=1)
+        # one pass over the activations, one transfer; NaN and ±Inf propagate into the extremes
+        hi, lo = torch.stack((hi, lo)).double().cpu()
+        if not (torch.isfinite(hi).all() and torch.isfinite(lo).all()):
             raise CalibrationError(
                 f"non-finite activations (NaN or Inf) at site {self.name or '<unnamed>'}: "
                 "check the model and the calibration data"
             )
-        full = self._rows(x)  # a copy for per-channel sites: made once, used for quantiles and extremes
         rows = self._subsample(full.float())
         qs = [self.p, 1.0 - self.p] if self.signed else [self.p]
         q = torch.quantile(rows, torch.tensor(qs, device=rows.device), dim=1).double().cpu()  # [len(qs), C]
@@ -114,8 +116,6 @@ class SiteObserver(nn.Module):
         self.pos_sum += pos
         if self.signed:
             self.neg_sum += -q[1]
-        lo, hi = torch.aminmax(full, dim=1)
-        hi, lo = torch.stack((hi, lo)).double().cpu()  # one pass over the activations, one transfer
         self.max_val = torch.maximum(self.max_val, hi.reshape(self.max_val.shape))
         self.min_val = torch.minimum(self.min_val, lo.reshape(self.min_val.shape))
         self.num_batches += 1
