@@ -69,11 +69,12 @@ def test_model_converts_runs_and_matches_at_fine_resolution(rng, name):
     assert s.shape == a.shape
     rel = ((s - a).norm() / a.norm()).item()
     assert rel < bound, rel
-    # the residual is quantisation: a 4x finer step (same full scale) makes it at least 2x smaller
+    # the residual is quantisation: a 4x finer step (same full scale) shrinks it (ratio median 0.25, max
+    # 0.60 over 200 seeds per model); an error floor from anything but the step would keep the ratio near 1
     finer = sj_sfn.convert(ann, calib, lam=1 / 1024, max_spikes=16384, v_init=0.5, progress=False)
     with torch.no_grad():
         rel_finer = ((finer(x) - a).norm() / a.norm()).item()
-    assert rel_finer < rel / 2, (rel, rel_finer)
+    assert rel_finer < 0.8 * rel, (rel, rel_finer)
     # the practical setting: N = 32 at the CNN defaults, energy accounted
     snn32 = sj_sfn.convert(ann, calib, max_spikes=32, progress=False)
     report = measure_energy(snn32, [x], ann=ann)
