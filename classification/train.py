@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -106,9 +107,9 @@ def _train(args) -> int:
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed)
+    order = torch.Generator()
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=args.workers, drop_last=len(train_set) > args.batch_size,
-                        generator=torch.Generator().manual_seed(args.seed))
+                        num_workers=args.workers, drop_last=len(train_set) > args.batch_size, generator=order)
     val_loader = shard_loader(d.val) if dist_on else d.val
     model.to(device)
     net: nn.Module = model
@@ -119,18 +120,13 @@ def _train(args) -> int:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
     start, best, log = 0, -1.0, []
     if args.resume:
-        if not os.path.isfile(args.resume):
-            raise FileNotFoundError(f"--resume: {args.resume} not found")
-        ck = torch.load(args.resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start, best, log = ck["epoch"] + 1, ck.get("best_acc", -1.0), ck.get("log", [])
+        start, best, log = _resume(args.resume, model, opt, sched, args.epochs, len(loader))
     os.makedirs(args.out, exist_ok=True)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(start, args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        order.manual_seed(args.seed + epoch)  # the epoch's shuffle depends on (seed, epoch) only: resuming repeats it
         net.train()
         t0 = time.perf_counter()
         total_loss = n = 0.0
@@ -162,16 +158,63 @@ def _train(args) -> int:
     return 0
 
 
+def _resume(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched, epochs: int, steps_per_epoch: int):
+    """Restore model, optimiser and schedule from ``last.pth``; returns ``(first epoch, best accuracy, log)``.
+
+    With a different ``--epochs`` the one-cycle schedule is rebuilt for the new length and
+    fast-forwarded to the steps already taken, so training continues on the longer (or shorter) curve.
+    """
+    from sj_sfn.cli import UserError
+
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: {path} not found")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ck, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= set(ck):
+        raise UserError(f"--resume {path} is not a last.pth written by this script (needs model, optimizer, scheduler, epoch)")
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"--resume {path} does not match {type(model).__name__} "
+                        f"(trained as {ck.get('args', {}).get('model', '?')}): {str(e).splitlines()[0]}") from None
+    opt.load_state_dict(ck["optimizer"])
+    start = ck["epoch"] + 1
+    if ck.get("args", {}).get("epochs", epochs) == epochs:
+        sched.load_state_dict(ck["scheduler"])
+    else:
+        done = start * steps_per_epoch
+        if done >= sched.total_steps:
+            raise UserError(f"--resume {path} has already trained {start} epochs; --epochs {epochs} leaves nothing to do")
+        with warnings.catch_warnings():  # stepping the schedule without optimiser steps is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(done):
+                sched.step()
+    return start, ck.get("best_acc", -1.0), ck.get("log", [])
+
+
+def _classifier_names(model: nn.Module) -> list[str]:
+    """Module names of the classifier head: timm's ``get_classifier()``, else the last ``nn.Linear``."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    return [name for name, m in model.named_modules() if head is not None and m is head]
+
+
 def _load_init(model: nn.Module, path: str) -> None:
-    """Load pretrained weights, re-initialising a classifier head whose shape differs."""
+    """Load pretrained weights, re-initialising the classifier head when its shape differs (another class count)."""
     from sj_sfn.cli import UserError, _state_dict_of, _torch_load
 
     sd = _state_dict_of(_torch_load(path), path)
     own = model.state_dict()
-    head = [k for k in sd if k in own and sd[k].shape != own[k].shape]
-    if head and all(k.split(".")[0] in ("head", "fc", "classifier", "heads") for k in head):
-        for k in head:
-            sd[k] = own[k]
+    heads = tuple(f"{name}." for name in _classifier_names(model))
+    mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    body = [k for k in mismatched if not k.startswith(heads)]
+    if body:
+        k = body[0]
+        raise UserError(f"--init {path} does not match {type(model).__name__}: {len(body)} weights differ in shape outside "
+                        f"the classifier head (e.g. {k}: {tuple(sd[k].shape)} in the file, {tuple(own[k].shape)} in the model)")
+    for k in mismatched:
+        sd[k] = own[k]
     missing = [k for k in own if k not in sd]
     if missing:
         raise UserError(f"--init {path} does not match {type(model).__name__}: {len(missing)} missing keys (e.g. {missing[0]})")
