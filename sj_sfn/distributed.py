@@ -103,7 +103,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 def shard_loader(loader: DataLoader, rank: int | None = None, world: int | None = None) -> DataLoader:
-    """A loader over this rank's batches of ``loader`` (same dataset, batches, collate, workers).
+    """A loader over this rank's batches of ``loader`` (same dataset, batches, collate and worker options).
 
     Without a process group (and no explicit ``world``) the loader is returned unchanged.
     """
@@ -117,9 +117,16 @@ def shard_loader(loader: DataLoader, rank: int | None = None, world: int | None 
         raise ValueError("shard_loader needs a batched DataLoader (batch_size set)")
     if not isinstance(bs, BatchSampler) and not hasattr(bs, "__len__"):
         raise TypeError("the loader's batch sampler must have a length")
+    workers = {}
+    if loader.num_workers > 0:  # DataLoader refuses these options without worker processes
+        workers = dict(prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
+        if hasattr(loader, "in_order"):  # torch >= 2.6
+            workers["in_order"] = loader.in_order
     return DataLoader(
         loader.dataset, batch_sampler=ShardedBatchSampler(bs, rank, world), num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, pin_memory_device=loader.pin_memory_device,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator, **workers,
     )
 
 

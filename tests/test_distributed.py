@@ -51,6 +51,29 @@ def test_sharded_batch_sampler_covers_every_batch_once():
     assert shard_loader(loader) is loader  # no process group: unchanged
 
 
+def _pair_collate(batch):
+    return torch.stack([b[0] for b in batch]) * 2
+
+
+def _noop_init(worker_id):
+    torch.manual_seed(worker_id)
+
+
+def test_shard_loader_keeps_the_loader_options():
+    ds = TensorDataset(torch.arange(23.0))
+    loader = DataLoader(ds, batch_size=4, collate_fn=_pair_collate, num_workers=1, prefetch_factor=3,
+                        persistent_workers=True, timeout=30, worker_init_fn=_noop_init, multiprocessing_context="spawn")
+    shards = [shard_loader(loader, rank=r, world=2) for r in range(2)]
+    for shard in shards:
+        for option in ("num_workers", "prefetch_factor", "persistent_workers", "timeout", "worker_init_fn",
+                       "collate_fn", "pin_memory", "multiprocessing_context"):
+            assert getattr(shard, option) == getattr(loader, option), option
+    # rank r gets batches r, r + 2, ... of the original, through the same collate (×2)
+    batches = [b.tolist() for b in DataLoader(ds, batch_size=4, collate_fn=_pair_collate)]
+    assert [b.tolist() for b in shards[0]] == batches[0::2]
+    assert [b.tolist() for b in shards[1]] == batches[1::2]
+
+
 @pytest.mark.slow
 def test_two_process_thresholds_equal_single_process(cnn_digits_model, vit_digits_model, cnn_digits_splits):
     import sj_sfn
