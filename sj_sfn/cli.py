@@ -393,9 +393,7 @@ def _tune(args, snn, val_loader, ann=None, device=None):
 
 def _evaluate(snn, ann, loader, device=None) -> dict:
     """ANN and SNN top-1 accuracy and the energy ratio over ``loader`` (all-reduced under torchrun)."""
-    from dataclasses import replace
-
-    from .distributed import all_reduce_sum, distributed_accuracy
+    from .distributed import all_reduce_report, distributed_accuracy
     from .energy import measure_energy
 
     t0 = time.perf_counter()
@@ -404,12 +402,8 @@ def _evaluate(snn, ann, loader, device=None) -> dict:
     out: dict[str, Any] = {"samples": n, "snn_accuracy": snn_acc, "snn_seconds": t_snn}
     if ann is not None:
         out["ann_accuracy"], _ = distributed_accuracy(ann, loader, device)
-    rep = measure_energy(snn, loader, ann=ann, device=device)
-    s = rep.samples
-    sops, events, macs, ann_macs, samples = all_reduce_sum([rep.sops * s, rep.events * s, rep.macs * s, rep.ann_macs * s, float(s)])
-    # the per-sample averages over every process; the ratios are EnergyReport's own formulas
-    rep = replace(rep, sops=sops / samples, events=events / samples, macs=macs / samples, ann_macs=ann_macs / samples,
-                  samples=int(samples))
+    # the per-sample averages over every process (firing rates too); the ratios are EnergyReport's own formulas
+    rep = all_reduce_report(measure_energy(snn, loader, ann=ann, device=device), device)
     out.update(
         energy_ratio=rep.ratio, event_ratio=rep.event_ratio, sops_per_sample=rep.sops, events_per_sample=rep.events,
         snn_macs_per_sample=rep.macs, ann_macs_per_sample=rep.ann_macs, firing_rates=rep.firing_rates,
@@ -534,27 +528,32 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from .distributed import is_main
+    from .distributed import init_from_env, is_main
     from .tune import _current_lams
 
-    snn, meta = load_converted(args.snn, args.device)
+    dist_on = init_from_env()
+    device = _device(args, dist_on)
+    snn, meta = load_converted(args.snn, device)
     data = args.data or meta.get("data")
-    ann = _ann_for(meta, args.checkpoint, args.device) if args.energy_vs_ann else None
+    ann = _ann_for(meta, args.checkpoint, device) if args.energy_vs_ann else None
     mk = meta["model_kwargs"]
-    d = load_data(data, args.batch_size, None, args.val_samples, None, ann, meta["model"], mk.get("img_size"), args.workers, args.seed)
+    d = load_data(data, args.batch_size, None, args.val_samples, None, ann, meta["model"], mk.get("img_size"), args.workers,
+                  args.seed, distributed=dist_on)
     _log(args, f"data: {d.note}")
-    res = _tune(args, snn, d.val, ann, args.device)
+    res = _tune(args, snn, d.val, ann, device)
     _log(args, res.table())
-    if args.json:
+    if args.json and is_main():
         res.to_json(args.json)
-    if args.plot:
+    if args.plot and is_main():
         res.plot(args.plot)
     if args.out and is_main():
         res.apply(snn)
         meta = {k: v for k, v in meta.items() if k not in ("format", "state_dict")}
         meta["convert_kwargs"] = {**meta["convert_kwargs"], "lam": res.best_lam}
         meta.update(lams=_current_lams(snn), tune=res.to_dict())
-        save_converted(args.out, snn, meta)
+        save_converted(args.out, snn.cpu() if device else snn, meta)
+    if not is_main():
+        return 0
     b = res.best
     print(json.dumps({"best_lam": res.best_lam, "best_group_lams": res.best_group_lams, "val_accuracy": b.metric,
                       "energy_ratio": b.energy_ratio, "trials": len(res.trials), "failed": res.failed,

@@ -12,13 +12,21 @@ process group is initialised; metrics are sums of counts, all-reduced here.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+if TYPE_CHECKING:
+    from .energy import EnergyReport
+
+_T = TypeVar("_T")
 
 __all__ = [
     "is_distributed",
@@ -29,6 +37,9 @@ __all__ = [
     "ShardedBatchSampler",
     "shard_loader",
     "all_reduce_sum",
+    "all_reduce_max",
+    "all_reduce_report",
+    "broadcast_object",
     "distributed_accuracy",
     "barrier",
 ]
@@ -132,12 +143,55 @@ def shard_loader(loader: DataLoader, rank: int | None = None, world: int | None 
 
 def all_reduce_sum(values: list[float], device: torch.device | str | None = None) -> list[float]:
     """Sum a few numbers over all processes (float64); unchanged without a process group."""
+    return _all_reduce(values, "SUM", device)
+
+
+def all_reduce_max(values: list[float], device: torch.device | str | None = None) -> list[float]:
+    """Element-wise maximum of a few numbers over all processes; unchanged without a process group."""
+    return _all_reduce(values, "MAX", device)
+
+
+def _all_reduce(values: list[float], op: str, device: torch.device | str | None) -> list[float]:
     if not is_distributed():
         return list(values)
     dev = device if device is not None else ("cuda" if dist.get_backend() == "nccl" else "cpu")
     t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.cpu().tolist()
+
+
+def all_reduce_report(rep: EnergyReport, device: torch.device | str | None = None) -> EnergyReport:
+    """Every rank's :class:`~sj_sfn.energy.EnergyReport` merged: each per-sample count is the sample-weighted mean
+    ``x = Σ_r s_r·x_r / Σ_r s_r`` (totals, per-layer counts and firing rates alike). Unchanged without a process group.
+    """
+    if not is_distributed():
+        return rep
+    sites = sorted(rep.firing_rates)
+    layer_fields = ("ann_macs", "snn_acs", "events", "macs", "firing_rate")
+    values = [rep.sops, rep.events, rep.macs, rep.ann_macs, *(rep.firing_rates[k] for k in sites)]
+    for layer in rep.per_layer:
+        values += [math.nan if getattr(layer, f) is None else getattr(layer, f) for f in layer_fields]
+    sums = all_reduce_sum([float(rep.samples), *(v * rep.samples for v in values)], device)
+    total, means = sums[0], iter(v / sums[0] if sums[0] else math.nan for v in sums[1:])
+    sops, events, macs, ann_macs = (next(means) for _ in range(4))
+    rates = {k: next(means) for k in sites}
+    layers = []
+    for layer in rep.per_layer:
+        merged = {f: next(means) for f in layer_fields}
+        if layer.firing_rate is None:
+            merged["firing_rate"] = None
+        layers.append(replace(layer, **merged))
+    return replace(rep, sops=sops, events=events, macs=macs, ann_macs=ann_macs, firing_rates=rates, per_layer=layers,
+                   samples=int(total))
+
+
+def broadcast_object(obj: _T, src: int = 0) -> _T:
+    """Rank ``src``'s ``obj`` on every rank (any picklable value); ``obj`` itself without a process group."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 @torch.no_grad()

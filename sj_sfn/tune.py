@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .distributed import all_reduce_max, all_reduce_report, all_reduce_sum, broadcast_object, is_distributed, is_main
 from .energy import E_MAC_PJ, measure_energy
 from .neuron import SFNode, set_lambda, sfn_nodes
 
@@ -364,6 +365,10 @@ def evaluate_lambda(
     The default metric is top-1 accuracy in percent, read off the same forward passes that
     :func:`~sj_sfn.energy.measure_energy` counts. ``ann_macs`` (per sample) replaces the
     SNN's own dense MACs as the denominator: ``ratio = E_SNN / (4.6 pJ · ann_macs)``.
+
+    Under ``torch.distributed`` each rank passes its shard of the data; accuracy and energy
+    are all-reduced (``100·Σcorrect/Σtotal``, sample-weighted counts). A custom ``metric`` must
+    itself return the value over all ranks; one that differs between ranks is an error.
     """
     if metric is None:
         tap = _LabelTap(loader)
@@ -377,7 +382,8 @@ def evaluate_lambda(
             raise RuntimeError(f"expected one forward per batch, saw {len(preds)} for {len(tap.labels)} batches")
         y = torch.cat([t.reshape(-1).cpu() for t in tap.labels])
         p = torch.cat([t.reshape(-1) for t in preds])
-        value = 100.0 * (p == y).double().mean().item()
+        correct, total = all_reduce_sum([float((p == y).sum()), float(y.numel())], device)
+        value = 100.0 * correct / total if total else math.nan
     else:
         value = metric(snn, loader)
         if isinstance(value, torch.Tensor):
@@ -385,7 +391,13 @@ def evaluate_lambda(
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"metric must return a real number, got {type(value).__name__}")
         value = float(value)
+        if is_distributed():
+            hi, neg_lo = all_reduce_max([value, -value], device)
+            if not hi == -neg_lo and not (math.isnan(hi) and math.isnan(neg_lo)):
+                raise ValueError(f"metric returned values from {-neg_lo} to {hi} on different ranks: under torch.distributed "
+                                 "it must reduce over all ranks itself (e.g. dist.all_reduce) and return the global value")
         rep = measure_energy(snn, loader, device=device)
+    rep = all_reduce_report(rep, device)
     ratio = rep.ratio if ann_macs is None else rep.snn_energy_pj / (E_MAC_PJ * ann_macs)
     return value, float(ratio)
 
@@ -516,6 +528,10 @@ def tune_lambda(
     :param device: move inputs here
     :param max_repeats: stop early (converged) after BO proposes this many already-evaluated
         points in a row; a repeated point is answered from the cache, not re-evaluated
+
+    Under ``torch.distributed`` (``torchrun``) every rank calls this with its shard of the
+    validation data (:func:`~sj_sfn.distributed.shard_loader`): rank 0 runs Ax, each trial's λ
+    is broadcast, metric and energy are all-reduced, and every rank returns the same result.
     """
     if not isinstance(snn, nn.Module):
         raise TypeError(f"snn must be an nn.Module, got {type(snn).__name__}")
@@ -548,6 +564,7 @@ def tune_lambda(
     from tqdm.auto import tqdm
 
     Client, RangeParameterConfig = _import_ax()
+    main = is_main()
     t_start = time.perf_counter()
     saved = _current_lams(snn)
     was_training = snn.training
@@ -558,36 +575,44 @@ def tune_lambda(
     try:
         with _quiet_ax():
             if ann is not None:
-                ann_macs = measure_energy(snn, val_loader, ann=ann, device=device).ann_macs
-            client = Client(random_seed=int(seed))
-            client.configure_experiment(
-                parameters=[
-                    RangeParameterConfig(name=pnames[g], bounds=(low, high), parameter_type="float",
-                                         scaling="log" if log_scale else "linear")
-                    for g in gnames
-                ],
-                name="sj_sfn_lambda",
-            )
-            if objective == "pareto":
-                client.configure_optimization(objective="metric, -energy")
-            else:
-                client.configure_optimization(objective="score")
-            client.configure_generation_strategy(
-                method="fast", initialization_budget=init_trials, initialization_random_seed=int(seed),
-                initialize_with_center=True,
-            )
-            _allow_repeats(client)
+                ann_macs = all_reduce_report(measure_energy(snn, val_loader, ann=ann, device=device), device).ann_macs
+            # under torch.distributed rank 0 runs Ax and hands each trial's λ (and the timeout's verdict) to the
+            # other ranks; every rank evaluates its shard and the metrics are all-reduced, so all ranks agree
+            client = None
+            if main:
+                client = Client(random_seed=int(seed))
+                client.configure_experiment(
+                    parameters=[
+                        RangeParameterConfig(name=pnames[g], bounds=(low, high), parameter_type="float",
+                                             scaling="log" if log_scale else "linear")
+                        for g in gnames
+                    ],
+                    name="sj_sfn_lambda",
+                )
+                if objective == "pareto":
+                    client.configure_optimization(objective="metric, -energy")
+                else:
+                    client.configure_optimization(objective="score")
+                client.configure_generation_strategy(
+                    method="fast", initialization_budget=init_trials, initialization_random_seed=int(seed),
+                    initialize_with_center=True,
+                )
+                _allow_repeats(client)
             cache: dict[tuple[float, ...], tuple[float, float]] = {}
             repeats = 0
-            bar = tqdm(total=trials, desc="tuning λ", disable=not progress, leave=False)
+            bar = tqdm(total=trials, desc="tuning λ", disable=not (progress and main), leave=False)
             for _ in range(trials):
-                if records and timeout is not None and time.perf_counter() - t_start > timeout:
+                t0 = time.perf_counter()
+                idx, glams = -1, {}
+                timed_out = bool(records) and timeout is not None and t0 - t_start > timeout
+                if client is not None and not timed_out:
+                    ((idx, params),) = client.get_next_trials(max_trials=1).items()
+                    glams = {g: float(params[pnames[g]]) for g in gnames}
+                timed_out, idx, glams = broadcast_object((timed_out, idx, glams))
+                if timed_out:
                     stopped = True
                     break
-                t0 = time.perf_counter()
-                ((idx, params),) = client.get_next_trials(max_trials=1).items()
                 ax_s = time.perf_counter() - t0
-                glams = {g: float(params[pnames[g]]) for g in gnames}
                 for g, lam in glams.items():
                     set_lambda(snn, lam, names=group_sites[g])
                 key = tuple(round(glams[g], 12) for g in gnames)
@@ -603,17 +628,19 @@ def tune_lambda(
                 t2 = time.perf_counter()
                 if math.isfinite(value) and math.isfinite(ratio):
                     raw = {"metric": value, "energy": ratio} if objective == "pareto" else {"score": score}
-                    client.complete_trial(idx, raw_data=raw)
+                    if client is not None:
+                        client.complete_trial(idx, raw_data=raw)
                     rec = Trial(idx, lam, glams, value, ratio, score, secs, 0.0)
                 else:
                     why = f"non-finite {'metric' if not math.isfinite(value) else 'energy ratio'}"
-                    client.mark_trial_failed(idx, failed_reason=why)
+                    if client is not None:
+                        client.mark_trial_failed(idx, failed_reason=why)
                     rec = Trial(idx, lam, glams, value, ratio, math.nan, secs, 0.0, status="failed", reason=why)
                 rec.ax_seconds = ax_s + time.perf_counter() - t2
                 if repeats:
                     rec.reason = "repeat"
                 records.append(rec)
-                if progress and any(t.ok for t in records):
+                if progress and main and any(t.ok for t in records):
                     b = _choose_best(records, objective, pareto_front(records))
                     bar.set_postfix_str(f"best λ={b.lam:.3g} {metric_name}={b.metric:.2f} energy={b.energy_ratio:.3f}")
                 bar.update(1)

@@ -22,7 +22,9 @@ def _worker(rank: int, world: int, init_file: str, payload: dict, out_dir: str) 
 
     import sj_sfn
     from sj_sfn import sformer
-    from sj_sfn.distributed import distributed_accuracy, shard_loader
+    from sj_sfn.distributed import all_reduce_report, distributed_accuracy, shard_loader
+    from sj_sfn.energy import measure_energy
+    from sj_sfn.tune import tune_lambda
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -32,8 +34,15 @@ def _worker(rank: int, world: int, init_file: str, payload: dict, out_dir: str) 
         cnn = sj_sfn.convert(payload["cnn"], loader, progress=False)
         vit = sformer.convert(payload["vit"], loader, progress=False)
         acc, n = distributed_accuracy(cnn, loader)
-        torch.save({"cnn": _thresholds(cnn), "vit": _thresholds(vit), "acc": acc, "n": n, "batches": len(loader)},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        report = all_reduce_report(measure_energy(cnn, loader, ann=payload["cnn"]))
+        tuned = tune_lambda(cnn, loader, trials=4, seed=0, progress=False).to_dict()
+        try:  # a custom metric that differs between ranks is refused on every rank (no hang)
+            tune_lambda(cnn, loader, metric=lambda m, batches: float(dist.get_rank()), trials=1, progress=False)
+            refused = ""
+        except ValueError as e:
+            refused = str(e)
+        torch.save({"cnn": _thresholds(cnn), "vit": _thresholds(vit), "acc": acc, "n": n, "batches": len(loader),
+                    "report": report.to_dict(), "tuned": tuned, "refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -75,9 +84,11 @@ def test_shard_loader_keeps_the_loader_options():
 
 
 @pytest.mark.slow
-def test_two_process_thresholds_equal_single_process(cnn_digits_model, vit_digits_model, cnn_digits_splits):
+def test_two_process_calibration_evaluation_and_tuning_equal_single_process(cnn_digits_model, vit_digits_model, cnn_digits_splits):
     import sj_sfn
     from sj_sfn import sformer, zoo
+    from sj_sfn.energy import measure_energy
+    from sj_sfn.tune import tune_lambda
 
     x, y = cnn_digits_splits.train.tensors
     x, y = x[:700], y[:700]  # 7 batches of 100: rank 0 gets 4, rank 1 gets 3
@@ -86,6 +97,8 @@ def test_two_process_thresholds_equal_single_process(cnn_digits_model, vit_digit
     single_cnn = sj_sfn.convert(cnn_digits_model, loader, progress=False)
     single_vit = sformer.convert(vit_digits_model, loader, progress=False)
     single_acc = zoo.accuracy(single_cnn, loader)
+    single_report = measure_energy(single_cnn, loader, ann=cnn_digits_model).to_dict()
+    single_tuned = tune_lambda(single_cnn, loader, trials=4, seed=0, progress=False).to_dict()
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(_worker, args=(2, os.path.join(d, "init"), payload, d), nprocs=2, join=True, start_method="spawn")
         r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2))
@@ -98,3 +111,27 @@ def test_two_process_thresholds_equal_single_process(cnn_digits_model, vit_digit
             torch.testing.assert_close(r1[name][k], v, rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
     assert r0["n"] == r1["n"] == 700
     assert r0["acc"] == pytest.approx(single_acc, abs=1e-9) and r1["acc"] == r0["acc"]
+    # energy: the sample-weighted merge of the two shards' reports is the single-process report
+    for r in (r0, r1):
+        assert r["report"]["samples"] == 700
+        for key in ("ratio", "sops", "events", "macs", "ann_macs"):
+            assert r["report"][key] == pytest.approx(single_report[key], rel=1e-9), key
+        assert r["report"]["firing_rates"] == pytest.approx(single_report["firing_rates"], rel=1e-9)
+        for mine, ref in zip(r["report"]["per_layer"], single_report["per_layer"], strict=True):
+            _assert_layer_close(mine, ref)
+    # tuning: rank 0's Ax drives both ranks; every trial's λ, accuracy and energy equal one process's
+    for r in (r0, r1):
+        got, ref = r["tuned"]["trials"], single_tuned["trials"]
+        assert [t["lam"] for t in got] == pytest.approx([t["lam"] for t in ref], rel=1e-12)
+        assert [t["metric"] for t in got] == pytest.approx([t["metric"] for t in ref], abs=1e-9)
+        assert [t["energy_ratio"] for t in got] == pytest.approx([t["energy_ratio"] for t in ref], rel=1e-9)
+        assert r["tuned"]["best_lam"] == pytest.approx(single_tuned["best_lam"], rel=1e-12)
+        assert "different ranks" in r["refused"]
+
+
+def _assert_layer_close(mine: dict, ref: dict) -> None:
+    for key, value in ref.items():
+        if isinstance(value, float):
+            assert mine[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (ref["name"], key)
+        else:
+            assert mine[key] == value, (ref["name"], key)
