@@ -11,7 +11,7 @@ MODEL is a timm model name, ``torchvision:NAME`` or ``zoo:NAME`` (``digits_cnn``
 ImageFolder tree (``DIR/train`` + ``DIR/val`` as for ImageNet, or one folder that is split).
 λ is tuned on a validation split cut from the training data, never on the test split.
 Every user error ends with exit code 2 and a one-line reason; ``SJ_SFN_TRACEBACK=1`` shows
-the traceback instead. Under ``torchrun`` calibration and evaluation are split across the
+the traceback instead. Under ``torchrun`` calibration, λ tuning and evaluation are split across the
 processes (see :mod:`sj_sfn.distributed`).
 """
 
@@ -276,17 +276,20 @@ def load_data(
     if len(calib) == 0 or len(val) == 0 or len(test) == 0:
         raise UserError(f"--data {data}: a split is empty (calibration {len(calib)}, validation {len(val)}, test {len(test)})")
 
-    def mk(ds, shard: bool = True):
+    def mk(ds, split: str):
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
-        if distributed and shard:
-            from .distributed import shard_loader
+        if distributed:
+            from .distributed import shard_loader, world_size
 
+            if len(loader) < world_size():
+                raise UserError(f"--data {data}: the {split} split has {len(loader)} batches of {batch_size} for "
+                                f"{world_size()} processes (each needs one); lower --batch-size or use more samples")
             loader = shard_loader(loader)
         return loader
 
-    # the validation split is not sharded: every process runs the same λ trials on all of it,
-    # so the Ax searches (same seed, same numbers) stay identical across processes
-    return Data(data, mk(calib), mk(val, shard=False), mk(test), num_classes, in_chans, size or 224, note, train_root, train_indices)
+    # every split is sharded by batches: calibration statistics, λ-trial metrics (rank 0 runs Ax and
+    # broadcasts each λ) and test metrics are all-reduced, so the numbers equal one process's
+    return Data(data, mk(calib, "calibration"), mk(val, "validation"), mk(test, "test"), num_classes, in_chans, size or 224, note, train_root, train_indices)
 
 
 def _sample_shape(loader) -> tuple[int, ...]:

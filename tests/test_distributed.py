@@ -22,6 +22,7 @@ def _worker(rank: int, world: int, init_file: str, payload: dict, out_dir: str) 
 
     import sj_sfn
     from sj_sfn import sformer
+    from sj_sfn.cli import UserError, load_data
     from sj_sfn.distributed import all_reduce_report, distributed_accuracy, shard_loader
     from sj_sfn.energy import measure_energy
     from sj_sfn.tune import tune_lambda
@@ -41,8 +42,17 @@ def _worker(rank: int, world: int, init_file: str, payload: dict, out_dir: str) 
             refused = ""
         except ValueError as e:
             refused = str(e)
+        # the CLI's data splits: every split sharded by whole batches; too few batches for the processes is a clear error
+        d = load_data("digits", batch_size=50, distributed=True)
+        split_batches = {k: len(getattr(d, k)) for k in ("calib", "val", "test")}
+        try:
+            load_data("digits", batch_size=1000, distributed=True)
+            too_few = ""
+        except UserError as e:
+            too_few = str(e)
         torch.save({"cnn": _thresholds(cnn), "vit": _thresholds(vit), "acc": acc, "n": n, "batches": len(loader),
-                    "report": report.to_dict(), "tuned": tuned, "refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "report": report.to_dict(), "tuned": tuned, "refused": refused, "split_batches": split_batches,
+                    "too_few": too_few}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -119,6 +129,15 @@ def test_two_process_calibration_evaluation_and_tuning_equal_single_process(cnn_
         assert r["report"]["firing_rates"] == pytest.approx(single_report["firing_rates"], rel=1e-9)
         for mine, ref in zip(r["report"]["per_layer"], single_report["per_layer"], strict=True):
             _assert_layer_close(mine, ref)
+    # the CLI's splits: the two shards together are the single-process loader, whole batches each
+    from sj_sfn.cli import load_data
+
+    single_data = load_data("digits", batch_size=50)
+    for split in ("calib", "val", "test"):
+        total = len(getattr(single_data, split))
+        assert r0["split_batches"][split] + r1["split_batches"][split] == total, split
+        assert r0["split_batches"][split] - r1["split_batches"][split] in (0, 1), split
+    assert r0["too_few"] == r1["too_few"] and "validation split has 1 batches of 1000 for 2 processes" in r0["too_few"]
     # tuning: rank 0's Ax drives both ranks; every trial's λ, accuracy and energy equal one process's
     for r in (r0, r1):
         got, ref = r["tuned"]["trials"], single_tuned["trials"]
