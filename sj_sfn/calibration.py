@@ -108,7 +108,7 @@ class SiteObserver(nn.Module):
         if self.channel_dim is None:
             q = q.reshape(len(qs))  # per-tensor statistics stay 0-d
         pos = q[0]
-        if self.num_batches.item() == 0 and pos.numel() > 1:
+        if self.num_batches.item() == 0 and self.channel_dim is not None:  # per-channel: [C] sums (C may be 1)
             self.pos_sum = torch.zeros_like(pos)
             self.neg_sum = torch.zeros_like(pos)
             self.max_val = torch.full_like(pos, -math.inf)

@@ -164,6 +164,59 @@ def test_bn_fusion_and_fine_resolution_match_the_ann(rng):
     assert rel < 1e-2, rel
 
 
+class _SharedConv(nn.Module):
+    """One convolution called twice, with a BatchNorm after only its first call (a siamese-style pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x))) + torch.relu(self.conv(x * 2))
+
+
+def test_bn_fusion_leaves_a_shared_convolution_alone(rng):
+    from torch import fx
+
+    from sj_sfn.ann2snn.recipes import fuse_conv_bn
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    ann = _SharedConv()
+    with torch.no_grad():
+        ann.bn.running_mean.copy_(torch.randn(4, generator=rng))
+        ann.bn.running_var.copy_(torch.rand(4, generator=rng) + 0.5)
+        ann.bn.weight.copy_(torch.rand(4, generator=rng) + 0.5)
+    ann.eval()
+    x = torch.randn(8, 2, 6, 6, generator=rng)
+    fused = fuse_conv_bn(fx.symbolic_trace(copy.deepcopy(ann)))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # not folded into the shared conv
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ann(x), rtol=1e-5, atol=1e-6)
+    # the converted network still matches the ANN at fine resolution (step θ/4096, full scale 4θ)
+    snn = sj_sfn.convert(ann, [x], lam=1 / 4096, max_spikes=16384, v_init=0.5, progress=False)
+    with torch.no_grad():
+        a, s = ann(x), snn(x)
+    assert ((s - a).norm() / a.norm()).item() < 2e-3  # measured: at most 1.5e-4 over 100 seeds
+
+
+def test_per_channel_site_with_one_channel(rng):
+    """A 1-channel conv before a ReLU calibrates per channel like any other (a [1] threshold)."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    ann = nn.Sequential(nn.Conv2d(3, 1, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 5)).eval()
+    calib = [torch.randn(4, 3, 8, 8, generator=rng) for _ in range(2)]
+    snn = sj_sfn.convert(ann, calib, per_channel=True, lam=0.5, progress=False)
+    (_, node), = sj_sfn.sfn_nodes(snn)
+    with torch.no_grad():
+        h = torch.cat([ann[0](c) for c in calib])
+    expected = torch.stack([torch.quantile(ann[0](c).flatten(), 0.99) for c in calib]).mean()
+    assert node.theta_pos.numel() == 1
+    torch.testing.assert_close(node.theta_pos.reshape(()), expected.detach(), rtol=1e-5, atol=1e-6)
+    assert h.amax() > 0
+    with torch.no_grad():
+        assert snn(calib[0]).shape == (4, 5)
+
+
 def test_caller_model_is_untouched_and_state_dict_round_trips(rng):
     ann = _trained_bn(AllForms(), rng)
     ann.train()

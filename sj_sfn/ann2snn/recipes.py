@@ -23,6 +23,7 @@ import copy
 import math
 import numbers
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -91,15 +92,19 @@ def fuse_conv_bn(fx_model: fx.GraphModule) -> fx.GraphModule:
 
     Both ``nn.BatchNormNd`` modules and functional ``F.batch_norm(conv(x), running_mean, running_var,
     weight, bias, training=False)`` calls on module attributes (timm's ``BatchNormAct2d``) are fused:
-    ``w' = w·γ/√(σ²+ε)``, ``b' = (b - μ)·γ/√(σ²+ε) + β``.
+    ``w' = w·γ/√(σ²+ε)``, ``b' = (b - μ)·γ/√(σ²+ε) + β``. A convolution called more than once
+    (shared weights) is left alone: folding one BatchNorm into it would change its other calls.
     """
     modules = dict(fx_model.named_modules())
+    calls = Counter(n.target for n in fx_model.graph.nodes if n.op == "call_module")
     pairs = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
     for node in list(fx_model.graph.nodes):
         if not node.args or not isinstance(node.args[0], fx.Node):
             continue
         prev = node.args[0]
         if prev.op != "call_module" or type(modules.get(prev.target)) not in _CONVS or not _sole_value_user(prev, node):
+            continue
+        if calls[prev.target] > 1:
             continue
         conv = modules[prev.target]
         if node.op == "call_module":
