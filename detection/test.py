@@ -18,6 +18,18 @@ os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 ROWS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50", "seconds_per_image")
 
 
+def _summary(values: list):
+    """One value when every SFN site agrees, else ``[min, max]`` over the sites."""
+    if not values:
+        raise SystemExit("the SNN trunk has no SFN sites")
+    lo, hi = min(values), max(values)
+    return lo if lo == hi else [lo, hi]
+
+
+def _fmt(v) -> str:
+    return f"{v[0]:.4g}–{v[1]:.4g}" if isinstance(v, list) else f"{v:.4g}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     from mmengine.config import DictAction
 
@@ -44,12 +56,14 @@ def main(argv: list[str] | None = None) -> dict:
     energy = tools.backbone_energy(model, tools.calib_loader_from_cfg(cfg, args.split, args.energy_images, 1, model=model))
     res["energy"] = energy.to_dict()
     res["energy_ratio"] = energy.ratio
-    res["lam"], res["max_spikes"] = bb.snn_cfg["lam"], bb.snn_cfg["max_spikes"]
+    # λ and N as the loaded SNN trunk runs them (convert.py --lam/--tune/--max-spikes may differ from the config)
+    sites = bb.snn_site_settings()
+    res["lam"], res["max_spikes"] = _summary(sites["lam"]), _summary(sites["max_spikes"])
     print(f"{'metric':<20}{'ANN':>10}{'SNN T=1':>10}")
     for k in ROWS:
         if k in res["ann"]:
             print(f"{k:<20}{res['ann'][k]:>10.3f}{res['snn'][k]:>10.3f}")
-    print(f"backbone energy ratio E_SNN/E_ANN = {energy.ratio:.3f}  (λ={res['lam']:.4g}, N={res['max_spikes']})")
+    print(f"backbone energy ratio E_SNN/E_ANN = {energy.ratio:.3f}  (λ={_fmt(res['lam'])}, N={_fmt(res['max_spikes'])})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=float)

@@ -12,8 +12,11 @@ With ``snn=None`` the backbone is a plain ANN. With ``snn`` set the module holds
 training mode the ANN runs; in eval mode the SNN runs (``run_as='auto'``; ``'ann'``/``'snn'``
 force one). The SNN is (re)calibrated from ``snn.calib`` the first time it runs after the
 ANN has changed, or it comes calibrated from a converted checkpoint: its state (thresholds,
-λ, N and the ``snn_calibrated`` flag) is part of the state_dict. Evaluating an SNN that is
-neither calibrated nor given a calibration source raises a :class:`SNNNotCalibratedError`.
+λ, N and the ``snn_calibrated`` flag) is part of the state_dict. A training step of the ANN
+clears ``snn_calibrated``, so a checkpoint written after it never passes the previous SNN
+trunk off as calibrated. Loading a calibrated checkpoint takes λ and N from its SFN sites
+into ``snn_cfg`` (what a later recalibration uses). Evaluating an SNN that is neither
+calibrated nor given a calibration source raises a :class:`SNNNotCalibratedError`.
 The feature pyramid (ViT) and everything after the backbone stay floating point.
 """
 
@@ -96,11 +99,17 @@ class SpikingTrunkMixin:
     def _setup_snn(self, snn: dict | None) -> None:
         self.snn_cfg = _check_snn(snn, type(self).__name__)
         self.run_as = "auto"
+        # _snn_stale: the ANN may have changed since the SNN trunk was last converted or loaded;
+        # _snn_outdated: ... and that SNN trunk had been calibrated (for the error message).
+        # Whenever _snn_stale is set, the snn_calibrated buffer is False (so is a checkpoint of it).
         self._snn_stale = False
+        self._snn_outdated = False
+        self._snn_loaded_flag = False
         if self.snn_cfg is None:
             self.snn_trunk = None
             return
         self.register_buffer("snn_calibrated", torch.zeros((), dtype=torch.bool))
+        self.register_load_state_dict_post_hook(_sync_snn_cfg_after_load)
         # The SNN structure, uncalibrated: a checkpoint written by convert_trunk() loads straight into it.
         self.snn_trunk = self._snn_structure().requires_grad_(False)
 
@@ -134,6 +143,26 @@ class SpikingTrunkMixin:
         """Whether the SNN trunk holds thresholds calibrated on the current ANN weights."""
         return self.snn_cfg is not None and bool(self.snn_calibrated) and not self._snn_stale
 
+    def snn_site_settings(self) -> dict[str, list]:
+        """λ and N of every SFN site of the SNN trunk, in module order: ``{'lam': [...], 'max_spikes': [...]}``."""
+        from sj_sfn import sfn_nodes
+
+        if self.snn_cfg is None:
+            raise ValueError(f"{type(self).__name__} was built with snn=None: there is no SNN trunk")
+        nodes = [m for _, m in sfn_nodes(self.snn_trunk)]
+        # λ is a float32 buffer: its shortest decimal form (0.6, not 0.6000000238) round-trips to the same threshold
+        return {"lam": [float(str(m.lam.detach().cpu().numpy()[()])) for m in nodes], "max_spikes": [int(m.max_spikes) for m in nodes]}
+
+    def _mark_stale(self) -> None:
+        """The ANN trunk (may have) changed: the SNN trunk is no longer calibrated, in memory and in the state_dict."""
+        if self.snn_cfg is None:
+            self._snn_stale = True
+            return
+        if not self._snn_stale:  # once per change, not every training step (bool() syncs a GPU)
+            self._snn_outdated = self._snn_outdated or bool(self.snn_calibrated)
+            self._snn_stale = True
+        self.snn_calibrated.fill_(False)
+
     def set_run_as(self, mode: str) -> None:
         """``'auto'`` (train → ANN, eval → SNN), ``'ann'`` or ``'snn'``."""
         if mode not in RUN_AS:
@@ -165,7 +194,7 @@ class SpikingTrunkMixin:
         loader = _ToDevice(loader, device)
         self.snn_trunk = self._convert(self.trunk, loader).requires_grad_(False)
         self.snn_calibrated.fill_(True)
-        self._snn_stale = False
+        self._snn_stale = self._snn_outdated = False
         return self.snn_trunk
 
     def set_lambda(self, lam: float) -> int:
@@ -182,12 +211,12 @@ class SpikingTrunkMixin:
         use_snn = self.snn_cfg is not None and (self.run_as == "snn" or (self.run_as == "auto" and not self.training))
         if not use_snn:
             if self.training and self.snn_cfg is not None:
-                self._snn_stale = True
+                self._mark_stale()
             return self.trunk
         if not self.is_snn_ready:
-            if self._snn_stale and bool(self.snn_calibrated) and self.snn_cfg.get("calib") is None:
+            if self._snn_outdated and self.snn_cfg.get("calib") is None:
                 raise SNNNotCalibratedError(
-                    f"{type(self).__name__}: the ANN trunk was trained after the SNN was calibrated and the config gives "
+                    f"{type(self).__name__}: the ANN trunk changed (was trained) after the SNN was calibrated and the config gives "
                     "no calibration source (backbone.snn.calib) to recalibrate it; add one, or convert again with detection/convert.py"
                 )
             self.convert_trunk()
@@ -216,10 +245,29 @@ class SpikingTrunkMixin:
             for k, v in self.snn_trunk.state_dict().items():
                 state_dict.setdefault(prefix + "snn_trunk." + k, v)
             state_dict[flag] = torch.zeros((), dtype=torch.bool)
-            self._snn_stale = True
+            self._snn_stale, self._snn_outdated, self._snn_loaded_flag = True, False, False
         else:
-            self._snn_stale = False
+            # the checkpoint's flag is the truth: a trunk saved stale carries snn_calibrated=False
+            self._snn_stale, self._snn_outdated, self._snn_loaded_flag = False, False, True
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _sync_snn_cfg_after_load(module: SpikingTrunkMixin, incompatible_keys) -> None:
+    """After a calibrated SNN trunk is loaded (children included), ``snn_cfg`` takes λ and N from its SFN sites.
+
+    A converted checkpoint may run at another λ/N than the config (``convert.py --lam/--tune/--max-spikes``);
+    a value shared by every site replaces the config's, so reports and a later recalibration use it.
+    """
+    if module.snn_cfg is None or not module._snn_loaded_flag:
+        return
+    module._snn_loaded_flag = False
+    if not bool(module.snn_calibrated):
+        return
+    sites = module.snn_site_settings()
+    for key, cast in (("lam", float), ("max_spikes", int)):
+        values = set(sites[key])
+        if len(values) == 1:
+            module.snn_cfg[key] = cast(values.pop())
 
 
 class _ToDevice:
@@ -352,7 +400,7 @@ class SFormerViT(SpikingTrunkMixin, BaseModule):
         missing, unexpected = self.trunk.load_state_dict(sd, strict=False)
         if missing:
             warnings.warn(f"SFormerViT: {len(missing)} trunk tensors not in {path}: {missing[:5]}...", stacklevel=2)
-        self._snn_stale = True
+        self._mark_stale()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b, _, h, w = x.shape
@@ -413,7 +461,7 @@ class SFNTimmBackbone(SpikingTrunkMixin, BaseModule):
         missing, _ = self.trunk.load_state_dict(sd, strict=False)
         if missing:
             warnings.warn(f"{type(self).__name__}: {len(missing)} trunk tensors not in {path}: {missing[:5]}...", stacklevel=2)
-        self._snn_stale = True
+        self._mark_stale()
 
     def train(self, mode: bool = True):
         super().train(mode)

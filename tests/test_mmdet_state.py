@@ -1,0 +1,225 @@
+"""MMDetection backbones: what a checkpoint says about its SNN trunk (calibrated or stale, λ and N).
+
+Tiny backbones, no detector training: a checkpoint written after the ANN trained must not pass
+the previous SNN trunk off as calibrated, and a converted checkpoint runs (and reports) the λ/N
+it was converted with, whatever the config says.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from fixtures_det import ROOT, _have_mmdet
+
+pytestmark = pytest.mark.skipif(not _have_mmdet(), reason="needs mmdet and mmcv with ops (pip install 'sj-sfn[det]')")
+
+TINY = {
+    "vit": (dict(type="SFormerViT", model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1,
+                 num_heads=2, out_strides=(8, 16)), 32),
+    "cnn": (dict(type="SFNTimmBackbone", model_name="resnet10t", timm_kwargs=dict(channels=(8, 16, 32, 64), stem_width=8)), 64),
+}
+
+
+def _build(kind: str, **snn):
+    from mmdet.registry import MODELS
+
+    import sj_sfn.mmdet  # noqa: F401
+
+    cfg, _ = TINY[kind]
+    return MODELS.build(copy.deepcopy({**cfg, "snn": dict(snn)}))
+
+
+def _inputs(kind: str, rng: torch.Generator, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, TINY[kind][1], TINY[kind][1], generator=rng)
+
+
+def _fresh(kind: str, rng: torch.Generator, **snn):
+    """A backbone with real BatchNorm statistics (CNN), before any calibration."""
+    bb = _build(kind, **snn)
+    if kind == "cnn":
+        bb.train()
+        with torch.no_grad():
+            for _ in range(2):
+                bb(_inputs(kind, rng, 8))
+    return bb
+
+
+def _train_step(bb, x: torch.Tensor) -> None:
+    bb.train()
+    opt = torch.optim.SGD(bb.parameters(), lr=0.1)
+    sum(o.sum() for o in bb(x)).backward()
+    opt.step()
+
+
+def _snn_out(bb, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    bb.eval()
+    with torch.no_grad():
+        return bb(x)
+
+
+def _assert_same(a, b, exact: bool = True) -> None:
+    for u, v in zip(a, b, strict=True):
+        if exact:
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(u, v)
+
+
+def _sites(bb) -> dict[str, set]:
+    """λ and N over the SFN sites of the SNN trunk."""
+    from sj_sfn import sfn_nodes
+
+    nodes = [m for _, m in sfn_nodes(bb.snn_trunk)]
+    assert nodes
+    return {"lam": {round(float(m.lam), 6) for m in nodes}, "max_spikes": {int(m.max_spikes) for m in nodes}}
+
+
+def _reload(kind: str, state: dict, **snn):
+    bb = _build(kind, **snn)
+    bb.load_state_dict(state)
+    bb.eval()
+    return bb
+
+
+@pytest.mark.parametrize("kind", ["vit", "cnn"])
+def test_checkpoint_after_ann_training_is_not_calibrated(kind, rng):
+    from sj_sfn.mmdet import SNNNotCalibratedError
+
+    snn = dict(lam=0.25, max_spikes=32)
+    bb = _fresh(kind, rng, **snn)
+    calib = [_inputs(kind, rng, 4) for _ in range(2)]
+    x = _inputs(kind, rng)
+    bb.eval()
+    bb.convert_trunk(calib)  # the validation after epoch 1
+    assert bb.is_snn_ready and bool(bb.state_dict()["snn_calibrated"])
+    snn_out = _snn_out(bb, x)  # an eval forward (validation) leaves it calibrated
+    assert bb.is_snn_ready
+
+    # an unchanged calibrated backbone reloads as ready and runs the same SNN
+    same = _reload(kind, bb.state_dict(), **snn)
+    assert same.is_snn_ready
+    _assert_same(_snn_out(same, x), snn_out)
+
+    _train_step(bb, x)  # epoch 2 trains the ANN: the SNN trunk is the previous epoch's
+    assert not bb.is_snn_ready
+    state = bb.state_dict()
+    assert not bool(state["snn_calibrated"])
+    with pytest.raises(SNNNotCalibratedError, match="after the SNN was calibrated"):
+        _snn_out(bb, x)
+
+    stale = _reload(kind, state, **snn)
+    assert not stale.is_snn_ready
+    with pytest.raises(SNNNotCalibratedError, match=r"no calibration source.*snn\.calib"):
+        _snn_out(stale, x)
+
+    bb.convert_trunk(calib)  # the validation after epoch 2 recalibrates: ready and saved as such again
+    assert bb.is_snn_ready and bool(bb.state_dict()["snn_calibrated"])
+    again = _reload(kind, bb.state_dict(), **snn)
+    assert again.is_snn_ready
+    _assert_same(_snn_out(again, x), _snn_out(bb, x))
+
+
+def test_stale_checkpoint_recalibrates_from_the_config_source(tmp_path, rng):
+    """A reloaded stale checkpoint converts again from snn.calib, exactly as the trained backbone does."""
+    from PIL import Image
+
+    for i in range(3):
+        px = torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(np.ascontiguousarray(px)).save(tmp_path / f"{i}.png")
+    pipeline = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=(32, 32), keep_ratio=False),
+                dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor"))]
+    snn = dict(lam=0.25, max_spikes=32, calib=dict(img_dir=str(tmp_path), pipeline=pipeline, num_images=3, batch_size=2))
+    bb = _fresh("vit", rng, **snn)
+    x = _inputs("vit", rng)
+    bb.eval()
+    bb.convert_trunk()
+    _train_step(bb, x)
+    stale = _reload("vit", bb.state_dict(), **snn)
+    assert not stale.is_snn_ready
+    out = _snn_out(stale, x)  # converts first, from snn.calib
+    assert stale.is_snn_ready
+    bb.eval()
+    bb.convert_trunk()
+    _assert_same(out, _snn_out(bb, x), exact=False)
+
+
+@pytest.mark.parametrize("kind", ["vit", "cnn"])
+def test_converted_lambda_and_n_come_from_the_checkpoint(kind, rng):
+    # detection/convert.py --max-spikes 16 --lam 0.6 on a config with λ = 0.25
+    bb = _fresh(kind, rng, lam=0.25, max_spikes=16)
+    calib = [_inputs(kind, rng, 4) for _ in range(2)]
+    x = _inputs(kind, rng)
+    bb.eval()
+    bb.convert_trunk(calib, lam=0.6)
+    assert _sites(bb) == {"lam": {0.6}, "max_spikes": {16}}
+    snn_out = _snn_out(bb, x)
+
+    loaded = _reload(kind, bb.state_dict(), lam=0.25, max_spikes=32)  # the config says λ = 0.25, N = 32
+    assert loaded.is_snn_ready
+    assert loaded.snn_cfg["lam"] == 0.6 and loaded.snn_cfg["max_spikes"] == 16
+    _assert_same(_snn_out(loaded, x), snn_out)
+    assert loaded.snn_site_settings() == bb.snn_site_settings()
+
+    # a later recalibration keeps the checkpoint's λ and N, not the config's
+    _train_step(loaded, x)
+    loaded.eval()
+    loaded.convert_trunk(calib)
+    assert _sites(loaded) == {"lam": {0.6}, "max_spikes": {16}}
+
+
+def _detection_test_script():
+    spec = importlib.util.spec_from_file_location("detection_test_script", ROOT / "detection" / "test.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_detection_test_reports_the_lambda_the_trunk_runs(tmp_path, rng, monkeypatch, capsys):
+    """detection/test.py reports λ and N of the loaded SNN trunk (one value, or min–max over the sites)."""
+    from mmengine.runner.checkpoint import load_checkpoint
+
+    from sj_sfn import set_lambda, sfn_nodes
+    from sj_sfn.mmdet import tools
+
+    class Detector(torch.nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+    class Energy:
+        ratio = 0.5
+
+        def to_dict(self):
+            return {}
+
+    def build_detector(cfg, checkpoint=None, device="cpu"):
+        model = Detector(_build("vit", lam=0.25, max_spikes=32))  # the config's λ and N
+        load_checkpoint(model, checkpoint, map_location="cpu")
+        return model
+
+    monkeypatch.setattr(tools, "load_config", lambda *a, **k: None)
+    monkeypatch.setattr(tools, "build_detector", build_detector)
+    monkeypatch.setattr(tools, "evaluate", lambda *a, **k: {"bbox_mAP": 0.5})
+    monkeypatch.setattr(tools, "calib_loader_from_cfg", lambda *a, **k: [])
+    monkeypatch.setattr(tools, "backbone_energy", lambda *a, **k: Energy())
+    script = _detection_test_script()
+
+    model = Detector(_fresh("vit", rng, lam=0.25, max_spikes=16))
+    model.backbone.eval()
+    tools.convert_detector(model, [_inputs("vit", rng, 4)], lam=0.6)
+    ckpt = tools.save_checkpoint(model, str(tmp_path / "snn.pth"))
+    res = script.main(["cfg.py", ckpt])
+    assert res["lam"] == 0.6 and res["max_spikes"] == 16
+    assert "λ=0.6, N=16" in capsys.readouterr().out
+
+    names = [n for n, _ in sfn_nodes(model.backbone.snn_trunk)]
+    assert len(names) > 1
+    set_lambda(model.backbone.snn_trunk, 0.3, names=names[:1])  # per-site λ
+    ckpt = tools.save_checkpoint(model, str(tmp_path / "mixed.pth"))
+    res = script.main(["cfg.py", ckpt])
+    assert res["lam"] == [0.3, 0.6] and res["max_spikes"] == 16
+    assert "λ=0.3–0.6, N=16" in capsys.readouterr().out
