@@ -19,12 +19,20 @@ it is the same as starting the membrane at ``r·θ``). With non-uniform ``levels
 
 The membrane and the comparison are computed in float32 (or float64 for float64 inputs);
 outputs are cast back to the input dtype. The gradient is straight-through on the neuron's
-range: ``∂o/∂x = 1`` for ``-N·θ- <= h <= N·θ+`` and 0 outside.
+range: ``∂o/∂x = 1`` for ``-N·θ- <= h <= N·θ+`` and 0 outside. A NaN potential gives a NaN
+spike and membrane (with any levels) and an integer count of 0.
+
+The public step functions validate their parameters (``N`` an int >= 1; thresholds, ``λ`` and
+the ceiling finite and > 0; ``0 <= r < 1``; ``len(levels) == N``) in eager mode, not while
+``torch.compile`` traces. Python numbers are always checked; tensors only when they live on the
+CPU, so a forward on a GPU never synchronises the device for a check. The neurons validate their parameters once,
+at construction, and call unchecked internal functions.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -147,8 +155,9 @@ def _branch_count(u: torch.Tensor, max_spikes: int, levels: torch.Tensor | None)
     """Number of thresholds crossed by the normalised potential ``u`` (float, in [0, N])."""
     if levels is None:
         return torch.clamp(torch.floor(u), 0, max_spikes)
-    k = torch.searchsorted(levels.to(u.dtype).contiguous(), u.contiguous(), right=True)
-    return k.to(u.dtype)
+    k = torch.searchsorted(levels.to(u.dtype).contiguous(), u.contiguous(), right=True).to(u.dtype)
+    # searchsorted sorts NaN after every level (k = N): keep NaN, as floor/clamp do for uniform levels
+    return torch.where(torch.isnan(u), u, k)
 
 
 def _level_value(k: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
@@ -156,7 +165,8 @@ def _level_value(k: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
     if levels is None:
         return k
     table = torch.cat([levels.new_zeros(1), levels]).to(k.dtype)
-    return table[k.long()]
+    nan = torch.isnan(k)  # a NaN count (NaN potential) has the value NaN
+    return torch.where(nan, k, table[torch.where(nan, 0.0, k).long()])
 
 
 def multi_threshold_fire(
@@ -222,8 +232,59 @@ def _step(
     lo = torch.zeros((), dtype=h.dtype, device=h.device) if theta_neg is None else -theta_neg * top
     spike = _straight_through(h, spike_hard, torch.as_tensor(lo, dtype=h.dtype, device=h.device), torch.as_tensor(hi, dtype=h.dtype, device=h.device))
     v_next = h - (spike.detach() if detach_reset else spike)
-    count_out = count.to(count_dtype(max_spikes)) if return_count else None
+    # A NaN potential has a NaN count; as an integer it is 0 (float -> int of NaN is undefined)
+    count_out = torch.nan_to_num(count, nan=0.0).to(count_dtype(max_spikes)) if return_count else None
     return StepOutput(spike.to(x.dtype), v_next, count_out)
+
+
+def _check_max_spikes(max_spikes) -> int:
+    if isinstance(max_spikes, bool) or not isinstance(max_spikes, numbers.Integral) or max_spikes < 1:
+        raise ValueError(f"max_spikes must be an int >= 1, got {max_spikes!r}")
+    return int(max_spikes)
+
+
+def _check_positive(value, name: str) -> None:
+    """``value`` (if not None) finite and > 0: a Python number always, a tensor only on the CPU outside torch.compile."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu":
+            return  # checking a GPU tensor would synchronise the device
+        t = value.detach()
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
+        if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+            raise ValueError(f"{name} must be finite and > 0 everywhere, got {t if t.numel() <= 8 else 'a tensor'}")
+        return
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number > 0 or a tensor, got {value!r}") from None
+    if not math.isfinite(f) or f <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+
+
+def _check_params(max_spikes, offset: float = 0.0, levels: torch.Tensor | None = None, **positive) -> None:
+    """Validate the parameters of a public entry point (see the module doc for what is checked when).
+
+    Nothing is checked while torch.compile traces: a Python float may be traced as a symbolic
+    value there, and ``math.isfinite`` on it would break the graph. Eager calls check everything.
+    """
+    if torch.compiler.is_compiling():
+        return
+    n = _check_max_spikes(max_spikes)
+    for name, value in positive.items():
+        _check_positive(value, name)
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not 0.0 <= float(offset) < 1.0:
+        raise ValueError(f"offset must be a fraction of the threshold in [0, 1), got {offset!r}")
+    if levels is not None:
+        if not isinstance(levels, torch.Tensor) or levels.dim() != 1 or levels.numel() != n:
+            shape = tuple(levels.shape) if isinstance(levels, torch.Tensor) else type(levels).__name__
+            raise ValueError(f"levels must be a 1-D tensor of max_spikes={n} entries, got {shape}")
+        if levels.device.type == "cpu":
+            check_levels(levels)
 
 
 def _prepare(x: torch.Tensor, v: torch.Tensor | float, *thresholds):
@@ -249,6 +310,7 @@ def mtn_step(
     return_count: bool = False,
 ) -> StepOutput:
     """One MTN step: ``h = v + x``, ``k = clip(floor(h/θ), 0, N)``, ``o = θ·k``, ``v' = h - o``."""
+    _check_params(max_spikes, v_threshold=v_threshold)
     v, (theta,) = _prepare(x, v, v_threshold)
     return _step(x, v, theta, None, max_spikes, None, 0.0, None, detach_reset, return_count)
 
@@ -263,6 +325,12 @@ def mtn_multi_step(
     store_v_seq: bool = False,
 ) -> SeqOutput:
     """Run :func:`mtn_step` over the first dimension of ``x_seq`` (``[T, ...]``)."""
+    _check_params(max_spikes, v_threshold=v_threshold)
+    return _mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
+
+
+def _mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq) -> SeqOutput:
+    """:func:`mtn_multi_step` without the parameter checks (for callers that validated them)."""
     v, (theta,) = _prepare(x_seq[0], v, v_threshold)
     return _run_seq(x_seq, v, theta, None, max_spikes, None, 0.0, None, detach_reset, return_count, store_v_seq)
 
@@ -288,6 +356,7 @@ def sfn_step(
 
     ``θ±`` must already broadcast against ``x`` (see :func:`broadcast_threshold`).
     """
+    _check_params(max_spikes, offset, levels, theta_pos=theta_pos, theta_neg=theta_neg, lam=lam, ceiling=ceiling)
     v, (tp, tn, lam_t, lv) = _prepare(x, v, theta_pos, theta_neg, lam, levels)
     tn = None if tn is None else _scaled(tn, lam_t)
     return _step(x, v, _scaled(tp, lam_t), tn, max_spikes, lv, offset, ceiling, detach_reset, return_count)
@@ -308,6 +377,16 @@ def sfn_multi_step(
     store_v_seq: bool = False,
 ) -> SeqOutput:
     """Run :func:`sfn_step` over the first dimension of ``x_seq`` (``[T, ...]``)."""
+    _check_params(max_spikes, offset, levels, theta_pos=theta_pos, theta_neg=theta_neg, lam=lam, ceiling=ceiling)
+    return _sfn_multi_step(
+        x_seq, v, theta_pos, theta_neg, lam, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq
+    )
+
+
+def _sfn_multi_step(
+    x_seq, v, theta_pos, theta_neg, lam, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq
+) -> SeqOutput:
+    """:func:`sfn_multi_step` without the parameter checks (for callers that validated them)."""
     v, (tp, tn, lam_t, lv) = _prepare(x_seq[0], v, theta_pos, theta_neg, lam, levels)
     tn = None if tn is None else _scaled(tn, lam_t)
     return _run_seq(x_seq, v, _scaled(tp, lam_t), tn, max_spikes, lv, offset, ceiling, detach_reset, return_count, store_v_seq)

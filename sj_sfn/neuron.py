@@ -385,6 +385,12 @@ class SFNode(_FusedForward, base.MemoryModule):
         self.v_seq = None
         self.last_counts = None
 
+    def detach(self):
+        """Detach the membrane and the recorded ``v_seq`` from the graph (``functional.detach_net``, TBPTT)."""
+        super().detach()
+        if isinstance(self.v_seq, torch.Tensor):
+            self.v_seq = self.v_seq.detach()
+
     def extra_repr(self) -> str:
         def fmt(t):
             if t is None:

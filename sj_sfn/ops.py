@@ -248,12 +248,12 @@ def _torch_fused(
             torch.div(h, tn, out=w)  # (-h)/θ- == -(h/θ-) in round-to-nearest
             w.neg_().add_(offset).floor_().clamp_(0, max_spikes)
             if count_seq is not None:
-                count_seq[t].copy_(u - w)
+                count_seq[t].copy_((u - w).nan_to_num_(0.0))  # NaN count -> 0, as the reference
             u.mul_(tp)
             u.sub_(w.mul_(tn))
         else:
             if count_seq is not None:
-                count_seq[t].copy_(u)
+                count_seq[t].copy_(u.nan_to_num(0.0))
             u.mul_(tp)
         spike_seq[t].copy_(u)
         v = h.sub_(u)
@@ -282,7 +282,7 @@ def _sfn_torch(x_seq, v, tp, tn, levels, ceiling, max_spikes, offset, channel_di
 
 
 def _mtn_reference(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq) -> F.SeqOutput:
-    return F.mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
+    return F._mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
 
 
 def _sfn_reference(
@@ -292,7 +292,7 @@ def _sfn_reference(
     x0 = x_seq[0]
     tp = F.broadcast_threshold(theta_pos, x0, channel_dim, "theta_pos")
     tn = None if theta_neg is None else F.broadcast_threshold(theta_neg, x0, channel_dim, "theta_neg")
-    return F.sfn_multi_step(
+    return F._sfn_multi_step(
         x_seq, v, tp, tn, 1.0, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq
     )
 
@@ -485,12 +485,20 @@ def mtn(
     """MTN over ``[T, ...]`` (as :func:`sj_sfn.functional.mtn_multi_step`) on the chosen implementation.
 
     ``h = v + x``, ``k = clip(floor(h/θ), 0, N)``, ``o = θ·k``, ``v ← h - o`` at every step.
+    ``max_spikes`` must be an int >= 1 and ``v_threshold`` finite and > 0 (a tensor is checked
+    only on the CPU; nothing under ``torch.compile``; see :mod:`sj_sfn.functional`).
     """
+    F._check_params(max_spikes, v_threshold=v_threshold)
+    return _mtn(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq, backend)
+
+
+def _mtn(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq, backend) -> F.SeqOutput:
+    """:func:`mtn` without the parameter checks (the nodes validated theirs at construction)."""
     _check_seq(x_seq)
     impl = _choose(x_seq, backend)
     if impl == "torch" and not torch.compiler.is_compiling():
         if _needs_autograd(x_seq, v):
-            return F.mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
+            return F._mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
         return _mtn_torch(x_seq, v, v_threshold, max_spikes, return_count, store_v_seq)
     out = _mtn_op(x_seq, _state(v, x_seq), float(v_threshold), int(max_spikes), detach_reset, return_count, store_v_seq, impl)
     return _unpack(out, return_count, store_v_seq)
@@ -516,7 +524,22 @@ def sfn(
 
     ``θ±`` are scalars or 1-D per-channel tensors along ``channel_dim`` of one step's input;
     the result equals :func:`sj_sfn.functional.sfn_multi_step` on the broadcast thresholds.
+    ``max_spikes`` must be an int >= 1 (``len(levels)`` with custom levels), ``θ±``, ``λ`` and the
+    ceiling finite and > 0, ``0 <= offset < 1``, checked in eager mode (not while ``torch.compile``
+    traces): Python numbers always, tensors only on the CPU, so a GPU forward never synchronises.
     """
+    F._check_params(max_spikes, offset, levels, theta_pos=theta_pos, theta_neg=theta_neg, lam=lam, ceiling=ceiling)
+    return _sfn(
+        x_seq, v, theta_pos, theta_neg, lam, max_spikes, levels, offset, ceiling, channel_dim, detach_reset,
+        return_count, store_v_seq, backend,
+    )  # fmt: skip
+
+
+def _sfn(
+    x_seq, v, theta_pos, theta_neg, lam, max_spikes, levels, offset, ceiling, channel_dim, detach_reset,
+    return_count, store_v_seq, backend,
+) -> F.SeqOutput:  # fmt: skip
+    """:func:`sfn` without the parameter checks (the nodes validated theirs at construction)."""
     _check_seq(x_seq)
     impl = _choose(x_seq, backend)
     x0 = x_seq[0]
@@ -524,7 +547,7 @@ def sfn(
     if eager_torch and (levels is not None or _needs_autograd(x_seq, v, theta_pos, theta_neg, lam, ceiling)):
         tp_b = F.broadcast_threshold(torch.as_tensor(theta_pos), x0, channel_dim, "theta_pos")
         tn_b = None if theta_neg is None else F.broadcast_threshold(torch.as_tensor(theta_neg), x0, channel_dim, "theta_neg")
-        return F.sfn_multi_step(
+        return F._sfn_multi_step(
             x_seq, v, tp_b, tn_b, lam, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq
         )
     dtype = F.compute_dtype(x_seq.dtype)
@@ -555,14 +578,14 @@ def sfn(
 
 def mtn_forward(node, x_seq: torch.Tensor, v: torch.Tensor, store_v_seq: bool) -> F.SeqOutput:
     """Multi-step MTN forward for ``node`` (an :class:`~sj_sfn.MTNode`)."""
-    return mtn(
+    return _mtn(
         x_seq, v, node.v_threshold, node.max_spikes, node.detach_reset, node.store_counts, store_v_seq, node.backend
     )
 
 
 def sfn_forward(node, x_seq: torch.Tensor, v: torch.Tensor, store_v_seq: bool) -> F.SeqOutput:
     """Multi-step SFN forward for ``node`` (an :class:`~sj_sfn.SFNode`)."""
-    return sfn(
+    return _sfn(
         x_seq, v, node.theta_pos, node.theta_neg, node.lam, node.max_spikes, node.levels, node.v_init, node.ceiling,
         node.channel_dim, node.detach_reset, node.store_counts, store_v_seq, node.backend,
     )  # fmt: skip

@@ -7,6 +7,7 @@ tests run in a CPU-only CI. A second group shows that the check fails on a broke
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import shutil
 import subprocess
@@ -282,6 +283,50 @@ def test_host_build_of_the_kernel_matches_the_reference(host_kernels, dtype, rng
         assert torch.equal(p.count_seq, ref.count_seq), case
         assert torch.equal(p.v, ref.v), case
         assert torch.equal(p.v_seq, ref.v_seq), case
+    assert seen == {v for v in cuda.all_variants() if v.dtype == dtype}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_host_build_of_the_kernel_propagates_nan_like_the_reference(host_kernels, dtype, rng):
+    """NaN and ±Inf inputs (and a NaN initial membrane) through every variant.
+
+    Spikes, every v and the final v equal the reference with NaN in the same places (custom
+    levels included: the binary search alone gave count 0 for NaN). Counts are compared
+    everywhere: both write 0 where the potential is NaN (float -> int of NaN is undefined in
+    C++ and in torch, so both make it 0 explicitly).
+    """
+    from sj_sfn import functional as F
+
+    seen = set()
+    for signed, per_channel, custom, one_step in itertools.product((False, True), repeat=4):
+        n_max = int(torch.randint(1, 40, (), generator=rng))
+        shape = (1 if one_step else 4, 3, 5, 7)
+        channel_dim = 1
+        x = torch.randn(shape, generator=rng) * 2
+        pick = torch.rand(shape, generator=rng)
+        x = torch.where(pick < 0.08, float("nan"), x)
+        x = torch.where((pick >= 0.08) & (pick < 0.14), float("inf"), x)
+        x = torch.where((pick >= 0.14) & (pick < 0.2), float("-inf"), x).to(dtype)
+        v0 = torch.randn(shape[1:], generator=rng) * 0.3
+        v0[0, 0, :2] = float("nan")
+        c = shape[1 + channel_dim]
+        tp = (torch.rand(c if per_channel else (), generator=rng) + 0.05) * 2
+        tn = (torch.rand(c if per_channel else (), generator=rng) + 0.05) * 2 if signed else None
+        lam = torch.rand((), generator=rng) * 0.5 + 0.05
+        levels = F.power_levels(n_max, 1.0 + float(torch.rand((), generator=rng)) * 2) if custom else None
+        ceiling = torch.tensor(1.5) if signed == per_channel else None
+        offset = float(torch.rand((), generator=rng)) * 0.9
+        ref = _reference(x, v0, tp, tn, lam, n_max, levels, offset, ceiling, channel_dim)
+        nan = ref.v_seq.isnan()
+        assert nan.any() and (~nan).any() and torch.equal(ref.spike_seq.isnan(), nan)
+        tp_s, tn_s = tp.float() * lam, None if tn is None else tn.float() * lam
+        p = _host_fire(host_kernels, x, v0, tp_s, tn_s, n_max, levels, offset, ceiling, channel_dim, True, True)
+        seen.add(p.variant)
+        case = f"{p.variant}, N={n_max}, r={offset:.3f}, ceiling={ceiling}"
+        for name in ("spike_seq", "v", "v_seq"):
+            torch.testing.assert_close(getattr(p, name), getattr(ref, name), rtol=0, atol=0, equal_nan=True, msg=f"{case}: {name}")
+        assert torch.equal(p.count_seq, ref.count_seq), case
+        assert (p.count_seq[nan] == 0).all(), case
     assert seen == {v for v in cuda.all_variants() if v.dtype == dtype}
 
 

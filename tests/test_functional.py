@@ -168,3 +168,98 @@ def test_level_validation() -> None:
         F.check_levels(torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="max_spikes"):
         F.power_levels(0)
+
+
+def _with_specials(rng: torch.Generator, shape) -> torch.Tensor:
+    """Random inputs with NaN, +Inf and -Inf at random places (each about 7% of the entries)."""
+    x = _draw(rng, shape)
+    pick = torch.rand(shape, generator=rng)
+    x = torch.where(pick < 0.07, float("nan"), x)
+    x = torch.where((pick >= 0.07) & (pick < 0.14), float("inf"), x)
+    return torch.where((pick >= 0.14) & (pick < 0.21), float("-inf"), x)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("ceiling", [None, 2.5])
+def test_nan_propagates_with_custom_levels_as_with_uniform_levels(signed: bool, ceiling, rng: torch.Generator) -> None:
+    """A NaN potential gives a NaN spike and membrane (count 0) with custom levels too.
+
+    searchsorted sorts NaN after every level, so a NaN used to count as crossing all N levels
+    (full scale on a positive-only site, 0 on a signed one). ±Inf saturate at ±θ·y_N.
+    """
+    n = int(torch.randint(2, 20, (), generator=rng))
+    x = _with_specials(rng, (4, 6, 11))
+    tn = 0.3 if signed else None
+    for levels in (F.power_levels(n, 1.0), F.power_levels(n, 2.0)):
+        custom = F.sfn_multi_step(x, 0.0, 0.2, tn, 0.5, n, levels, 0.0, ceiling, return_count=True, store_v_seq=True)
+        uniform = F.sfn_multi_step(x, 0.0, 0.2, tn, 0.5, n, None, 0.0, ceiling, return_count=True, store_v_seq=True)
+        nan = uniform.v_seq.isnan()
+        assert nan.any() and (~nan).any()
+        for a, b in ((custom.spike_seq, uniform.spike_seq), (custom.v_seq, uniform.v_seq), (custom.v, uniform.v)):
+            assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(custom.spike_seq.isnan(), nan)
+        assert (custom.count_seq[nan] == 0).all() and (uniform.count_seq[nan] == 0).all()
+        if torch.equal(levels, torch.arange(1.0, n + 1)):  # evenly spaced levels: the same numbers
+            torch.testing.assert_close(custom.spike_seq, uniform.spike_seq, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(custom.v_seq, uniform.v_seq, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(custom.count_seq, uniform.count_seq)
+    # one step, the repro: NaN in, NaN out; +Inf saturates at the full scale λθ·y_N
+    lv = F.power_levels(4)
+    out = F.sfn_step(torch.tensor([float("nan"), 0.5, 2.0, float("inf")]), 0.0, 1.0, 1.0 if signed else None, 1.0, 4, lv)
+    torch.testing.assert_close(out.spike, torch.tensor([float("nan"), 0.25, 1.0, 4.0]), rtol=0, atol=0, equal_nan=True)
+    assert out.v[0].isnan()
+
+
+BAD_PARAMETERS = [
+    (dict(lam=0.0), "lam"),
+    (dict(lam=-0.5), "lam"),
+    (dict(lam=float("nan")), "lam"),
+    (dict(lam=torch.tensor(-0.5)), "lam"),
+    (dict(max_spikes=0), "max_spikes"),
+    (dict(max_spikes=-3), "max_spikes"),
+    (dict(max_spikes=2.5), "max_spikes"),
+    (dict(max_spikes=True), "max_spikes"),
+    (dict(theta_pos=0.0), "theta_pos"),
+    (dict(theta_pos=-1.0), "theta_pos"),
+    (dict(theta_pos=float("inf")), "theta_pos"),
+    (dict(theta_pos=torch.tensor([0.5, 0.0, 0.5])), "theta_pos"),
+    (dict(theta_neg=-0.2), "theta_neg"),
+    (dict(theta_neg=torch.tensor(float("nan"))), "theta_neg"),
+    (dict(ceiling=0.0), "ceiling"),
+    (dict(offset=1.0), "offset"),
+    (dict(offset=-0.1), "offset"),
+    (dict(levels=F.power_levels(3)), "levels"),  # max_spikes=4
+    (dict(levels=torch.tensor([1.0, 3.0, 2.0, 4.0])), "strictly increasing"),
+]
+
+
+@pytest.mark.parametrize("bad,match", BAD_PARAMETERS)
+@pytest.mark.parametrize("multi", [False, True])
+def test_sfn_entry_points_reject_bad_parameters(bad: dict, match: str, multi: bool, rng: torch.Generator) -> None:
+    x = _draw(rng, (2, 3, 5))
+    kw = dict(theta_pos=torch.full((3,), 0.5), theta_neg=0.4, lam=0.5, max_spikes=4, levels=None, offset=0.0, ceiling=None)
+    kw.update(bad)
+    tp = kw.pop("theta_pos")
+    tp = F.broadcast_threshold(tp, x[0], 0) if isinstance(tp, torch.Tensor) and tp.dim() == 1 else tp
+    with pytest.raises(ValueError, match=match):
+        (F.sfn_multi_step if multi else F.sfn_step)(x if multi else x[0], 0.0, tp, **kw)
+
+
+@pytest.mark.parametrize(
+    "threshold,max_spikes,match",
+    [(0.0, 4, "v_threshold"), (-0.3, 4, "v_threshold"), (float("nan"), 4, "v_threshold"),
+     (torch.tensor(-1.0), 4, "v_threshold"), (0.3, 0, "max_spikes"), (0.3, 1.0, "max_spikes")],
+)  # fmt: skip
+@pytest.mark.parametrize("multi", [False, True])
+def test_mtn_entry_points_reject_bad_parameters(threshold, max_spikes, match: str, multi: bool, rng: torch.Generator) -> None:
+    x = _draw(rng, (2, 3, 5))
+    with pytest.raises(ValueError, match=match):
+        (F.mtn_multi_step if multi else F.mtn_step)(x if multi else x[0], 0.0, threshold, max_spikes)
+
+
+def test_good_parameters_pass_and_only_cpu_tensors_are_checked(rng: torch.Generator) -> None:
+    """Valid numbers and tensors pass; a tensor off the CPU is not inspected (no device sync)."""
+    x = _draw(rng, (2, 3, 5))
+    F.sfn_multi_step(x, 0.0, torch.tensor(0.5), torch.tensor(0.2), torch.tensor(0.5), 4, F.power_levels(4), 0.5, 1.0)
+    F.mtn_multi_step(x, 0.0, torch.tensor(0.3), 1)
+    F._check_params(4, lam=torch.tensor(-1.0, device="meta"), theta_pos=torch.zeros(3, device="meta"))

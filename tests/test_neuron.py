@@ -252,3 +252,44 @@ def test_registered_with_spikingjelly_vision_configs() -> None:
     assert cls is MTNode
     node = cls(**kwargs)
     assert node(torch.tensor([1.3])).item() == 1.0
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_nan_input_gives_nan_with_custom_levels(step_mode: str, rng: torch.Generator) -> None:
+    """The repro: with levels a NaN potential counted as crossing every level (full scale, or 0 when signed)."""
+    lv = F.power_levels(4)
+    x = torch.tensor([float("nan"), 0.5, 2.0])
+    expected = torch.tensor([float("nan"), 0.25, 1.0])
+    if step_mode == "m":
+        x = torch.stack([x, torch.rand(3, generator=rng)])  # NaN stays in the membrane at the next step
+    for node in (SFNode(1.0, lam=1.0, levels=lv, step_mode=step_mode, store_counts=True),
+                 SFNode(1.0, theta_neg=1.0, lam=1.0, levels=lv, step_mode=step_mode, store_counts=True),
+                 SFNode(1.0, lam=1.0, max_spikes=4, step_mode=step_mode, store_counts=True)):  # fmt: skip
+        y = node(x)
+        first = y if step_mode == "s" else y[0]
+        if node.levels is None:
+            expected_first = torch.tensor([float("nan"), 0.0, 2.0])
+        else:
+            expected_first = expected
+        torch.testing.assert_close(first, expected_first, rtol=0, atol=0, equal_nan=True)
+        assert node.v[0].isnan() and not node.v[1:].isnan().any()
+        if step_mode == "m":
+            assert y[1, 0].isnan() and not y[1, 1:].isnan().any()
+        assert (node.last_counts[..., 0] == 0).all()
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_detach_net_detaches_v_seq(step_mode: str, rng: torch.Generator) -> None:
+    """functional.detach_net detaches v and the recorded v_seq of SFNode (as BaseNode does for MTNode)."""
+    for node in (SFNode(0.5, lam=1.0, max_spikes=4, store_v_seq=True, step_mode=step_mode),
+                 SFNode(0.5, 0.5, lam=1.0, levels=F.power_levels(4), store_v_seq=True, step_mode=step_mode),
+                 MTNode(0.5, 4, store_v_seq=True, step_mode=step_mode)):  # fmt: skip
+        x = torch.rand(2, 3, generator=rng, requires_grad=True)
+        node(x if step_mode == "s" else x.unsqueeze(0))
+        node(x if step_mode == "s" else x.unsqueeze(0))
+        assert node.v_seq.requires_grad and node.v.requires_grad
+        functional.detach_net(node)
+        assert not node.v_seq.requires_grad and not node.v.requires_grad, type(node).__name__
+        y = node(x if step_mode == "s" else x.unsqueeze(0))
+        y.sum().backward()  # the graph before detach_net is not reused
+        functional.reset_net(node)

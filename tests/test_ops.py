@@ -201,6 +201,15 @@ def test_torch_compile_of_a_node_with_gradient(rng):
     assert any("sj_sfn.mtn_forward" in g.code for g in graphs)
 
 
+def test_torch_compile_with_changing_python_float_parameters(rng):
+    """The entry-point checks are skipped while tracing: a float traced as symbolic on recompile must not break the graph."""
+    torch._dynamo.reset()
+    compiled, _ = _compile_recording(lambda x, lam, th: ops.sfn(x, 0.0, th, None, lam, 4, backend="torch").spike_seq)
+    x = torch.randn(2, 5, generator=rng)
+    for lam, th in ((0.5, 0.3), (0.7, 0.2), (0.9, 0.4)):
+        assert torch.equal(compiled(x, lam, th), ops.sfn(x, 0.0, th, None, lam, 4).spike_seq)
+
+
 # -- implementation choice and diagnostics -------------------------------------------------
 def test_implementation_on_cpu():
     impl = sj_sfn.implementation("cpu")
@@ -325,3 +334,89 @@ def test_eager_torch_path_keeps_autograd(rng):
     ops.sfn(x1, 0.0, 0.3, 0.2, 0.5, 4, backend="torch").spike_seq.sum().backward()
     F.sfn_multi_step(x2, 0.0, 0.3, 0.2, 0.5, 4).spike_seq.sum().backward()
     assert torch.equal(x1.grad, x2.grad) and x1.grad.abs().sum() > 0
+
+
+# -- NaN and bad parameters -----------------------------------------------------------------
+@pytest.mark.parametrize("signed", [False, True])
+def test_nan_and_inf_inputs_on_every_torch_path(signed, rng):
+    """NaN/±Inf inputs: the op, the eager fused path and the autograd path all equal the reference,
+    NaN in the same places (custom levels included: a NaN potential is a NaN spike), count 0 at NaN."""
+    for per_channel, custom, ceiling in [(p, lv, ce) for p in (False, True) for lv in (False, True) for ce in (False, True)]:
+        c = _sfn_case(rng, signed, per_channel, custom, ceiling, steps=3)
+        pick = torch.rand(c["x"].shape, generator=rng)
+        x = torch.where(pick < 0.1, float("nan"), c["x"])
+        x = torch.where((pick >= 0.1) & (pick < 0.15), float("inf"), x)
+        c["x"] = torch.where((pick >= 0.15) & (pick < 0.2), float("-inf"), x)
+        case = f"{per_channel=}, {custom=}, {ceiling=}"
+        ref = _reference(c)
+        nan = ref.v_seq.isnan()
+        assert nan.any() and torch.equal(ref.spike_seq.isnan(), nan) and (ref.count_seq[nan] == 0).all(), case
+        lam = torch.tensor(c["lam"])
+        args = (c["x"], c["v"], c["tp"], c["tn"], lam, c["n"], c["levels"], c["offset"], c["ceiling"], 1)
+        with torch.no_grad():
+            eager = ops.sfn(*args, return_count=True, store_v_seq=True, backend="torch")
+        v_grad = c["v"].clone().requires_grad_(True)
+        grad = ops.sfn(c["x"], v_grad, *args[2:], return_count=True, store_v_seq=True, backend="torch")
+        ref_grad = _reference({**c, "v": v_grad})  # straight-through (h + (o - h).detach()) rounds as the reference does
+        op = F.SeqOutput(*torch.ops.sj_sfn.sfn_forward(*_op_args(c)))
+        for out, r in ((eager, ref), (grad, ref_grad), (op, ref)):
+            for name in ("spike_seq", "v", "v_seq"):
+                torch.testing.assert_close(getattr(out, name), getattr(r, name), rtol=0, atol=0, equal_nan=True, msg=case)
+            assert torch.equal(out.count_seq, r.count_seq), case
+    # MTN, fused path (no autograd)
+    x = torch.randn(3, 40, generator=rng)
+    x[1, :10] = float("nan")
+    with torch.no_grad():
+        out = ops.mtn(x, 0.0, 0.3, 5, return_count=True, store_v_seq=True)
+    ref = F.mtn_multi_step(x, 0.0, 0.3, 5, return_count=True, store_v_seq=True)
+    assert out.spike_seq[1:, :10].isnan().all() and (out.count_seq[1:, :10] == 0).all()
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [(dict(lam=-0.5), "lam"), (dict(lam=0.0), "lam"), (dict(lam=torch.tensor(-0.5)), "lam"),
+     (dict(max_spikes=0), "max_spikes"), (dict(max_spikes=3.0), "max_spikes"),
+     (dict(theta_pos=0.0), "theta_pos"), (dict(theta_pos=-1.0), "theta_pos"),
+     (dict(theta_pos=torch.tensor([0.5, -0.5, 0.5])), "theta_pos"), (dict(theta_neg=0.0), "theta_neg"),
+     (dict(theta_neg=torch.tensor([0.5, float("inf"), 0.5])), "theta_neg"), (dict(ceiling=-6.0), "ceiling"),
+     (dict(offset=1.5), "offset"), (dict(levels=F.power_levels(5)), "levels"),
+     (dict(levels=torch.tensor([1.0, 2.0, 2.0, 3.0])), "strictly increasing")],
+)  # fmt: skip
+@pytest.mark.parametrize("grad", [False, True])
+def test_sfn_entry_point_rejects_bad_parameters(bad, match, grad, rng):
+    """``ops.sfn(x, 0.0, 1.0, lam=-0.5)`` used to return negative spikes on a positive-only site."""
+    x = torch.randn(2, 4, 3, generator=rng).requires_grad_(grad)
+    kw = dict(theta_pos=0.5, theta_neg=None, lam=0.5, max_spikes=4, channel_dim=1, backend="torch")
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        ops.sfn(x, 0.0, **kw)
+
+
+@pytest.mark.parametrize(
+    "threshold,max_spikes,match",
+    [(0.0, 4, "v_threshold"), (-0.3, 4, "v_threshold"), (float("inf"), 4, "v_threshold"),
+     (0.3, 0, "max_spikes"), (0.3, -1, "max_spikes"), (0.3, 2.0, "max_spikes")],
+)  # fmt: skip
+def test_mtn_entry_point_rejects_bad_parameters(threshold, max_spikes, match, rng):
+    with pytest.raises(ValueError, match=match):
+        ops.mtn(torch.randn(2, 3, generator=rng), 0.0, threshold, max_spikes)
+
+
+def test_nodes_skip_the_entry_point_checks(monkeypatch, rng):
+    """The nodes validate at construction; their forwards (every path) never rerun the checks."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a node forward ran the public parameter checks")
+
+    monkeypatch.setattr(F, "_check_params", fail)
+    x = torch.randn(3, 2, 4, generator=rng)
+    nodes = [MTNode(0.3, 4, step_mode="m"), SFNode(0.5, 0.4, lam=0.5, max_spikes=4, step_mode="m"),
+             SFNode(0.5, lam=0.5, levels=F.power_levels(4), step_mode="m")]  # fmt: skip
+    for node in nodes:
+        for xi in (x, x.clone().requires_grad_(True)):
+            sjf.reset_net(node)
+            assert node(xi).shape == x.shape
+    with pytest.raises(AssertionError, match="public parameter checks"):
+        ops.mtn(x, 0.0, 0.3, 4)

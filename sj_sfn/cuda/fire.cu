@@ -8,6 +8,7 @@
 //     k-  = same with -h / θ-                            signed sites only
 //     o   = θ+ · y(k+) - θ- · y(k-)                      y(k) = k (uniform), y(0) = 0
 //     v   = h - o
+// A NaN h gives NaN o and v (with any levels) and a count of 0.
 // writes o (in the input dtype), optionally the signed count k+ - k- (int8), the membrane of
 // every step, and the final v. The membrane stays in a register; x is read once and every
 // output written once. θ± are the scaled thresholds λ·θ±, per tensor (index 0) or per channel
@@ -70,10 +71,12 @@ template <> struct io<2> {
 };
 
 // Count of the branch for the normalised potential u: clip(floor(u), 0, N) or #{j : y_j <= u}.
-// Comparisons (not fminf/fmaxf) so that NaN propagates as in torch.clamp.
+// Comparisons (not fminf/fmaxf) so that NaN propagates as in torch.clamp. With custom levels a
+// NaN u gives a NaN count too (the search alone would give 0), so o and v are NaN on every path.
 template <bool LEVELS>
 __device__ __forceinline__ float branch_count(float u, float n_max, const float* __restrict__ levels, int n_levels) {
     if (LEVELS) {
+        if (u != u) return u;
         int lo = 0, hi = n_levels;
         while (lo < hi) {
             int mid = (lo + hi) >> 1;
@@ -91,6 +94,7 @@ __device__ __forceinline__ float branch_count(float u, float n_max, const float*
 template <bool LEVELS>
 __device__ __forceinline__ float level_value(float k, const float* __restrict__ levels) {
     if (LEVELS) {
+        if (k != k) return k;  // NaN count: NaN value (never an index)
         int j = (int)k;
         return j == 0 ? 0.0f : __ldg(levels + j - 1);
     } else {
@@ -153,7 +157,8 @@ __global__ void sj_sfn_fire(
             }
             v = f_sub(h, o);
             io<DT>::store(spike_seq, j, o);
-            if (count_seq != NULL) count_seq[j] = (signed char)(int)k;
+            // a NaN count (NaN potential) is written as 0, as the reference does (float -> int of NaN is undefined)
+            if (count_seq != NULL) count_seq[j] = k != k ? (signed char)0 : (signed char)(int)k;
             if (v_seq != NULL) v_seq[j] = v;
         }
         v_out[i] = v;
