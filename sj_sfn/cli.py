@@ -173,16 +173,32 @@ def _subset(ds, n: int | None, seed: int = 0):
     return Subset(ds, idx.tolist())
 
 
-def _image_transform(model, spec: str, img_size: int | None):
+_BUNDLED_DATA = ("digits", "fashion-mnist", "fashion_mnist", "fmnist")  # data sets that ship with packages
+
+
+def data_config(model, spec: str) -> dict | None:
+    """timm's evaluation data config of ``model`` (input size, interpolation, crop, mean/std), or ``None``.
+
+    ``None`` for ``torchvision:``/``zoo:`` models and when timm cannot resolve one; the converted
+    file records it so that ``eval`` and ``tune`` preprocess exactly as ``convert`` did.
+    """
+    if model is None or spec.startswith(("torchvision:", "zoo:")):
+        return None
+    try:
+        from timm.data import resolve_data_config
+
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in resolve_data_config({}, model=model).items()}
+    except Exception:  # noqa: BLE001 - no config: the ImageNet eval transform is used
+        return None
+
+
+def _image_transform(config: dict | None, img_size: int | None):
     from torchvision import transforms as T
 
-    if model is not None and not spec.startswith(("torchvision:", "zoo:")):
-        try:
-            from timm.data import create_transform, resolve_data_config
+    if config is not None:
+        from timm.data import create_transform
 
-            return create_transform(**resolve_data_config({}, model=model))
-        except Exception:  # noqa: BLE001 - fall back to the ImageNet eval transform
-            pass
+        return create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     size = img_size or 224
     return T.Compose([
         T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(),
@@ -190,7 +206,8 @@ def _image_transform(model, spec: str, img_size: int | None):
     ])
 
 
-def _image_folder(path: str, transform):
+def _image_folder(path: str, transform, classes: dict[str, int] | None = None):
+    """An ``ImageFolder``; with ``classes`` (``train/``'s class-to-index map) its labels follow that map."""
     from torchvision.datasets import ImageFolder
 
     try:
@@ -199,6 +216,16 @@ def _image_folder(path: str, transform):
         raise UserError(f"no images found under {path}: an ImageFolder tree needs one sub-folder of images per class") from e
     if len(ds) == 0:
         raise UserError(f"no images found under {path}")
+    if classes is not None and ds.class_to_idx != classes:
+        unknown = sorted(set(ds.class_to_idx) - set(classes))
+        if unknown:
+            raise UserError(f"{path} has classes that the training folder lacks: {', '.join(unknown[:5])}")
+        # a test folder without some classes: relabel with the training folder's indices
+        remap = {i: classes[c] for c, i in ds.class_to_idx.items()}
+        ds.samples = [(f, remap[t]) for f, t in ds.samples]
+        ds.targets = [t for _, t in ds.samples]
+        ds.imgs = ds.samples
+        ds.class_to_idx = {c: classes[c] for c in ds.classes}
     return ds
 
 
@@ -222,7 +249,7 @@ def data_info(data: str) -> tuple[int, int, int | None]:
 def load_data(
     data: str, batch_size: int = 64, calib_samples: int | None = None, val_samples: int | None = None,
     test_samples: int | None = None, model=None, spec: str = "", img_size: int | None = None, workers: int = 0,
-    seed: int = 0, distributed: bool = False,
+    seed: int = 0, distributed: bool = False, config: dict | None = None,
 ) -> Data:
     """Calibration / validation (λ tuning) / test loaders for ``--data``.
 
@@ -231,6 +258,8 @@ def load_data(
     set; a folder with ``train/`` and ``val/``: calibration and validation from ``train/``
     (disjoint), ``val/`` is the test split (ImageNet's convention); a single folder is split
     80/10/10. Under ``torchrun`` (``distributed=True``) each process gets its share of batches.
+    Images are preprocessed with ``config`` (a :func:`data_config`), else ``model``'s timm data
+    config, else the ImageNet evaluation transform at ``img_size``.
     """
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -241,7 +270,7 @@ def load_data(
     if isinstance(batch_size, int) and batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     num_classes, in_chans, size = data_info(data)
-    if data in ("digits", "fashion-mnist", "fashion_mnist", "fmnist"):
+    if data in _BUNDLED_DATA:
         try:
             sp = sjdata.make_splits("digits" if data == "digits" else "fashion-mnist", seed=seed)
         except FileNotFoundError as e:
@@ -249,12 +278,12 @@ def load_data(
         calib, val, test = _subset(sp.train, calib_samples, seed), _subset(sp.val, val_samples, seed), _subset(sp.test, test_samples, seed)
         note = f"{data}: calibration = training split, validation (λ) = held-out part of training data, test = test split"
     else:
-        transform = _image_transform(model, spec, img_size)
+        transform = _image_transform(config if config is not None else data_config(model, spec), img_size)
         train_dir, val_dir = os.path.join(data, "train"), os.path.join(data, "val")
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
             whole = _image_folder(train_dir, transform)
             pool = list(range(len(whole)))
-            test = _subset(_image_folder(val_dir, transform), test_samples, seed)
+            test = _subset(_image_folder(val_dir, transform, whole.class_to_idx), test_samples, seed)
             note = f"{data}: calibration and validation (λ) from train/ (disjoint), test = val/"
             train_root = train_dir
         else:
@@ -372,26 +401,55 @@ def _check_lam(v: str) -> float:
     return x
 
 
-def _positive_int(v: str) -> int:
-    try:
-        x = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
-    if x < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return x
+def _number(kind: str, ok, what: str):
+    """An argparse type: a ``kind`` (int or float) for which ``ok(x)`` holds, else ``expected {what}``."""
+
+    def parse(v: str):
+        try:
+            x = kind(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return x
+
+    return parse
+
+
+_positive_int = _number(int, lambda x: x >= 1, "an integer >= 1")
+_non_negative_int = _number(int, lambda x: x >= 0, "an integer >= 0")
+_non_negative_float = _number(float, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")
+_positive_float = _number(float, lambda x: math.isfinite(x) and x > 0, "a finite number > 0")
+_quantile = _number(float, lambda x: 0 < x <= 1, "a quantile in (0, 1]")
+
+
+def _groups(v: str) -> str | dict[str, list[str]]:
+    """``--groups``: ``kind``, or ``NAME=PAT,PAT;NAME=PAT``."""
+    if v == "kind":
+        return v
+    groups = {}
+    for part in v.split(";"):
+        name, eq, patterns = part.partition("=")
+        pats = [q.strip() for q in patterns.split(",") if q.strip()]
+        if not eq or not name.strip() or not pats:
+            raise argparse.ArgumentTypeError(f"expected 'kind' or 'NAME=PATTERN,PATTERN;NAME=PATTERN', got {part!r} in {v!r}")
+        groups[name.strip()] = pats
+    return groups
 
 
 def _tune(args, snn, val_loader, ann=None, device=None):
     from .tune import tune_lambda
 
-    groups = None
-    if args.groups:
-        groups = "kind" if args.groups == "kind" else {g.split("=", 1)[0]: g.split("=", 1)[1].split(",") for g in args.groups.split(";")}
-    return tune_lambda(
-        snn, val_loader, objective=args.objective, beta=args.beta, trials=args.trials, bounds=tuple(args.bounds),
-        groups=groups, seed=args.seed, timeout=args.timeout, ann=ann, progress=not args.quiet, device=device,
-    )
+    low, high = args.bounds
+    if not low < high:
+        raise UserError(f"--bounds LOW HIGH needs LOW < HIGH, got {low} {high}")
+    try:
+        return tune_lambda(
+            snn, val_loader, objective=args.objective, beta=args.beta, trials=args.trials, bounds=(low, high),
+            groups=args.groups, seed=args.seed, timeout=args.timeout, ann=ann, progress=not args.quiet, device=device,
+        )
+    except (ValueError, TypeError) as e:  # bad options (e.g. a group pattern that matches no site)
+        raise UserError(f"cannot tune λ: {str(e).splitlines()[0]}") from e
 
 
 def _evaluate(snn, ann, loader, device=None) -> dict:
@@ -448,9 +506,11 @@ def _cmd_convert(args) -> int:
     device = _device(args, dist_on)
     if device:
         ann.to(device)
+    config = data_config(ann, args.model) if args.data not in _BUNDLED_DATA else None
     d = load_data(args.data, args.batch_size, args.calib_samples, args.val_samples, args.test_samples, ann, args.model,
-                  args.img_size, args.workers, args.seed, distributed=dist_on)
+                  args.img_size, args.workers, args.seed, distributed=dist_on, config=config)
     _log(args, f"data: {d.note}")
+    _check_model_accepts(ann, d.calib, args, device)
     # λ and v_init left unset take the converter's per-family defaults (CNN / SFormer)
     ck = {"lam": args.lam, "max_spikes": args.max_spikes, "p": args.p, "per_channel": args.per_channel, "v_init": args.v_init}
     ck = {k: v for k, v in ck.items() if v is not None}
@@ -475,7 +535,8 @@ def _cmd_convert(args) -> int:
     meta = {
         "model": args.model, "model_kwargs": {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size},
         "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None, "data": args.data,
-        "convert_kwargs": ck, "input_shape": list(_sample_shape(d.calib)), "lams": _current_lams(snn), "tune": tune_info,
+        "convert_kwargs": ck, "input_shape": list(_sample_shape(d.calib)), "data_config": config,
+        "lams": _current_lams(snn), "tune": tune_info,
         "version": _version(),
     }
     summary = {"out": os.path.abspath(args.out), "model": args.model, "lam": ck.get("lam"), "max_spikes": args.max_spikes,
@@ -502,6 +563,39 @@ def _ann_for(meta: dict, checkpoint: str | None, device: str | None):
     return ann.to(device).eval() if device else ann.eval()
 
 
+def _check_model_accepts(ann, loader, args, device) -> None:
+    """One calibration image through the ANN, so that a model/data mismatch is one clear line, not a traceback."""
+    import torch
+
+    from .calibration import batch_inputs
+
+    x = batch_inputs(next(iter(loader)))[:1]
+    try:
+        with torch.no_grad():
+            ann(x.to(device) if device else x)
+    except Exception as e:  # noqa: BLE001 - any failure here is a mismatch between the model and the data
+        raise UserError(f"{args.model} does not accept the images of --data {args.data} (shape {list(x.shape[1:])}): "
+                        f"{str(e).splitlines()[0]}; check --img-size and the model") from e
+
+
+def _recorded_data_config(meta: dict, data: str, ann) -> dict | None:
+    """The data config ``convert`` used; files written before it was recorded rebuild it from the model."""
+    if "data_config" in meta:
+        return meta["data_config"]
+    if data in _BUNDLED_DATA:
+        return None
+    if ann is None:
+        mk = meta["model_kwargs"]
+        ann = build_model(meta["model"], mk["num_classes"], mk["in_chans"], mk.get("img_size"))
+    return data_config(ann, meta["model"])
+
+
+def _check_input_shape(loader, meta: dict, data: str, path: str) -> None:
+    shape = _sample_shape(loader)
+    if list(shape) != list(meta["input_shape"]):
+        raise UserError(f"--data {data} gives inputs of shape {list(shape)} but {path} was converted for {meta['input_shape']}")
+
+
 def _cmd_eval(args) -> int:
     from .distributed import init_from_env, is_main
 
@@ -512,10 +606,8 @@ def _cmd_eval(args) -> int:
     data = args.data or meta.get("data")
     mk = meta["model_kwargs"]
     d = load_data(data, args.batch_size, None, None, args.test_samples, ann, meta["model"], mk.get("img_size"), args.workers,
-                  args.seed, distributed=dist_on)
-    shape = _sample_shape(d.test)
-    if list(shape) != list(meta["input_shape"]):
-        raise UserError(f"--data {data} gives inputs of shape {list(shape)} but {args.snn} was converted for {meta['input_shape']}")
+                  args.seed, distributed=dist_on, config=_recorded_data_config(meta, data, ann))
+    _check_input_shape(d.test, meta, data, args.snn)
     _log(args, f"data: {d.note}")
     out = {"snn": os.path.abspath(args.snn), "model": meta["model"], "data": data, "split": "test",
            "lam": meta["convert_kwargs"]["lam"], "max_spikes": meta["convert_kwargs"]["max_spikes"]}
@@ -541,7 +633,8 @@ def _cmd_tune(args) -> int:
     ann = _ann_for(meta, args.checkpoint, device) if args.energy_vs_ann else None
     mk = meta["model_kwargs"]
     d = load_data(data, args.batch_size, None, args.val_samples, None, ann, meta["model"], mk.get("img_size"), args.workers,
-                  args.seed, distributed=dist_on)
+                  args.seed, distributed=dist_on, config=_recorded_data_config(meta, data, ann))
+    _check_input_shape(d.val, meta, data, args.snn)
     _log(args, f"data: {d.note}")
     res = _tune(args, snn, d.val, ann, device)
     _log(args, res.table())
@@ -670,11 +763,11 @@ def _add_tune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trials", type=_positive_int, default=20, help="number of trials (default 20)")
     g.add_argument("--objective", choices=("accuracy", "tradeoff", "pareto"), default="accuracy",
                    help="maximise accuracy, accuracy − β·energy ratio, or both (Pareto front)")
-    g.add_argument("--beta", type=float, default=10.0, help="β of the tradeoff objective (accuracy points per unit of energy ratio)")
+    g.add_argument("--beta", type=_non_negative_float, default=10.0, help="β of the tradeoff objective (accuracy points per unit of energy ratio)")
     g.add_argument("--bounds", type=_check_lam, nargs=2, default=(0.05, 1.0), metavar=("LOW", "HIGH"), help="λ range (log scale)")
-    g.add_argument("--groups", default=None,
+    g.add_argument("--groups", type=_groups, default=None,
                    help="separate λ per group: 'kind' (SFormer site kinds) or 'NAME=PAT,PAT;NAME=PAT' (fnmatch patterns or kinds)")
-    g.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
+    g.add_argument("--timeout", type=_positive_float, default=None, help="start no new trial after this many seconds")
     g.add_argument("--energy-vs-ann", action="store_true", help="measure the energy denominator on the ANN itself")
     g.add_argument("--val-samples", type=_positive_int, default=None, help="cap the validation split (images)")
 
@@ -682,7 +775,7 @@ def _add_tune_options(p: argparse.ArgumentParser) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--device", default=None, help="torch device (default: CPU, or the local GPU under torchrun)")
-    p.add_argument("--workers", type=int, default=0, help="data loader workers")
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="data loader workers")
     p.add_argument("--seed", type=int, default=0, help="seed of the data splits and of Ax")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or logs, one JSON line")
@@ -730,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     lam.add_argument("--tune", action="store_true", help="tune λ with Ax on the validation split")
     c.add_argument("--out", required=True, help="converted model file (.pth)")
     c.add_argument("--max-spikes", "-N", type=_positive_int, default=32, help="N, spikes per sign and step (default 32)")
-    c.add_argument("--p", type=float, default=0.99, help="calibration quantile (default 0.99)")
+    c.add_argument("--p", type=_quantile, default=0.99, help="calibration quantile (default 0.99)")
     c.add_argument("--per-channel", action="store_true", help="per-channel thresholds")
     c.add_argument("--v-init", type=float, default=None, help="threshold offset in [0, 1) (default: the converter's, 0.5 = round)")
     c.add_argument("--calib-samples", type=_positive_int, default=None, help="calibration images (default: all, 1024 for folders)")

@@ -119,6 +119,52 @@ def test_convert_image_folder(tmp_path, capsys, rng):
     assert meta["input_shape"] == [3, 8, 8] and meta["model_kwargs"]["num_classes"] == 2
 
 
+def _image_tree(root, rng: np.random.Generator, classes: dict[str, tuple[str, ...]], n: int = 4) -> None:
+    from PIL import Image
+
+    for split, names in classes.items():
+        for cls in names:
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_test_folder_missing_a_class_keeps_the_training_labels(tmp_path, rng):
+    rng = np.random.default_rng(rng.initial_seed())
+    _image_tree(tmp_path / "imgs", rng, {"train": ("a", "b", "c"), "val": ("a", "c")})
+    d = cli.load_data(str(tmp_path / "imgs"), batch_size=4, spec="zoo:digits_cnn", img_size=8)
+    labels = torch.cat([y for _, y in d.test])
+    assert d.num_classes == 3 and sorted(labels.tolist()) == [0] * 4 + [2] * 4  # 'c' is class 2, as in train/
+    (tmp_path / "imgs" / "val" / "z").mkdir()
+    (tmp_path / "imgs" / "val" / "c" / "0.png").rename(tmp_path / "imgs" / "val" / "z" / "0.png")
+    with pytest.raises(cli.UserError, match="classes that the training folder lacks: z"):
+        cli.load_data(str(tmp_path / "imgs"), batch_size=4, spec="zoo:digits_cnn", img_size=8)
+
+
+def test_eval_and_tune_preprocess_as_convert_did(tmp_path, capsys, rng):
+    """The converted file records timm's data config; eval/tune without the ANN reuse it (not ImageNet defaults)."""
+    timm = pytest.importorskip("timm")
+    rng_np = np.random.default_rng(rng.initial_seed())
+    _image_tree(tmp_path / "imgs", rng_np, {"train": ("a", "b"), "val": ("a", "b")})
+    out = tmp_path / "snn.pth"
+    assert cli.main(["convert", "resnet18", "--allow-random-weights", "--data", str(tmp_path / "imgs"), "--num-classes", "2",
+                     "--batch-size", "4", "--calib-samples", "4", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    _, meta = cli.load_converted(str(out))
+    model = timm.create_model("resnet18", num_classes=2)
+    expected = cli.data_config(model, "resnet18")
+    assert meta["data_config"] == expected and expected["crop_pct"] != 0.875  # differs from the ImageNet fallback
+    root = str(tmp_path / "imgs")
+    with_model = next(iter(cli.load_data(root, batch_size=8, model=model, spec="resnet18").test))[0]
+    recorded = next(iter(cli.load_data(root, batch_size=8, config=meta["data_config"]).test))[0]
+    fallback = next(iter(cli.load_data(root, batch_size=8).test))[0]
+    assert torch.equal(recorded, with_model) and not torch.equal(fallback, with_model)
+    # files written before the config was recorded: rebuilt from the architecture
+    legacy = {k: v for k, v in meta.items() if k != "data_config"}
+    assert cli._recorded_data_config(legacy, root, None) == expected
+
+
 def test_info(capsys):
     assert cli.main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -198,6 +244,18 @@ def test_user_errors(tmp_path, capsys, cli_checkpoint):
     assert "not a converted SNN" in _main_error(capsys, ["eval", cli_checkpoint])
     assert "not a converted SNN" in _main_error(capsys, ["tune", cli_checkpoint, "--trials", "1"])
     assert "--models" in _main_error(capsys, ["demo", "--models", "rnn"])
+    # tuning and loader options are checked before any work, each with a one-line reason
+    ok = conv + ["--checkpoint", cli_checkpoint]
+    assert "expected 'kind' or 'NAME=PATTERN" in _main_error(capsys, ok + ["--tune", "--groups", "foo"])
+    assert "LOW < HIGH" in _main_error(capsys, ok + ["--tune", "--bounds", "0.5", "0.1"])
+    assert "a finite number >= 0" in _main_error(capsys, ok + ["--tune", "--beta", "-1"])
+    assert "a finite number > 0" in _main_error(capsys, ok + ["--tune", "--timeout", "0"])
+    assert "an integer >= 0" in _main_error(capsys, ok + ["--workers", "-1"])
+    assert "a quantile in (0, 1]" in _main_error(capsys, ok + ["--p", "1.5"])
+    assert "cannot tune λ" in _main_error(capsys, ok + ["--tune", "--trials", "1", "--groups", "g=no_such_site*"])
+    # a model that cannot take the data's images (16-pixel patches on 8x8 digits)
+    msg = _main_error(capsys, ["convert", "vit_tiny_patch16_224", "--allow-random-weights", "--data", "digits", "--out", out])
+    assert "does not accept the images of --data digits (shape [1, 8, 8])" in msg
 
 
 def test_converted_file_errors(tmp_path, capsys, cli_checkpoint):

@@ -195,8 +195,8 @@ def convert(
     the cap ``softmax_cap`` (see the module doc for ``softmax_theta``).
 
     :param per_channel: per-channel thresholds (last dim) for the token sites instead of one per tensor
-    :param v_init: threshold offset in ``[0, 1)`` of every SFN: ``0.5`` (default here) rounds,
-        ``0.0`` floors (the CNN converter's default; see the module doc for why SFormer rounds)
+    :param v_init: threshold offset in ``[0, 1)`` of every SFN: ``0.5`` (the default, as for CNNs) rounds,
+        ``0.0`` floors (SPEC's default; see the module doc for why SFormer rounds)
     :returns: the converted ``nn.Module``; ``snn(x)`` takes the ANN's input and returns its kind of output
     """
     lam = _check_positive_float(lam, "lam (λ)")
