@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--backbones", default="vit,cnn")
     ap.add_argument("--epochs", type=int, help=f"training epochs (default per backbone: {DEFAULT_EPOCHS})")
     ap.add_argument("--train-images", type=int, default=64)
-    ap.add_argument("--val-images", type=int, default=24)
+    ap.add_argument("--val-images", type=int, default=48, help="validation images (λ tuning); fewer make the tuned λ noisy")
     ap.add_argument("--test-images", type=int, default=48)
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--lam", type=float, help=f"λ for conversion (default per backbone: {DEFAULT_LAM}); --tune then searches")
