@@ -223,3 +223,31 @@ def test_detection_test_reports_the_lambda_the_trunk_runs(tmp_path, rng, monkeyp
     res = script.main(["cfg.py", ckpt])
     assert res["lam"] == [0.3, 0.6] and res["max_spikes"] == 16
     assert "λ=0.3–0.6, N=16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model_name, frozen", [("resnet10t", ("conv1", "bn1", "layer1")), ("mobilenetv2_100", ("conv_stem", "bn1", "blocks.0", "blocks.1"))])
+def test_frozen_stages_stop_gradients_and_batchnorm_updates(rng, model_name, frozen):
+    """``frozen_stages=1`` (mmdet's ResNet default): the stem and stage 1 neither learn nor update BN statistics."""
+    from sj_sfn.mmdet.backbones import SFNTimmBackbone
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    b = SFNTimmBackbone(model_name, frozen_stages=1)
+
+    def is_frozen(name: str) -> bool:
+        return any(name == f or name.startswith(f + ".") for f in frozen)
+
+    before = {k: v.clone() for k, v in b.trunk.state_dict().items()}
+    assert {n for n, p in b.trunk.named_parameters() if not p.requires_grad} == {n for n, _ in b.trunk.named_parameters() if is_frozen(n)}
+    b.train()
+    assert all(not m.training for n, m in b.trunk.named_modules() if n and is_frozen(n))
+    opt = torch.optim.SGD([p for p in b.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        sum(o.square().mean() for o in b(torch.randn(2, 3, 64, 64, generator=rng))).backward()
+        opt.step()
+    after = b.trunk.state_dict()
+    changed = {k for k in before if k.endswith(("weight", "running_mean")) and not torch.equal(before[k], after[k])}
+    assert changed and not any(is_frozen(k.rsplit(".", 1)[0]) for k in changed)  # later stages learn, frozen ones do not
+    assert all(torch.equal(before[k], after[k]) for k in before if is_frozen(k.rsplit(".", 1)[0]))
+    with pytest.raises(ValueError, match="frozen_stages must be an int in"):
+        SFNTimmBackbone(model_name, frozen_stages=9)

@@ -420,6 +420,9 @@ class SFNTimmBackbone(SpikingTrunkMixin, BaseModule):
     :param out_indices: feature levels to return (``(1, 2, 3, 4)`` = strides 4..32 for ResNets)
     :param pretrained: local checkpoint of the classification model, loaded into the trunk by ``init_weights``
     :param norm_eval: keep BatchNorm layers in eval mode while training (usual with pretrained weights)
+    :param frozen_stages: as mmdet's ResNet: ``-1`` trains everything, ``0`` freezes the stem, ``k``
+        the stem and the first ``k`` stages (timm's feature levels: level 0 is the stem's output).
+        Frozen parameters get no gradient and their BatchNorms stay in eval mode.
     :param timm_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``channels``, ``layers``)
     :param snn: ``None`` (ANN only) or ``dict(lam, max_spikes, p, calib, convert_kwargs)`` for ``sj_sfn.convert``
     """
@@ -430,6 +433,7 @@ class SFNTimmBackbone(SpikingTrunkMixin, BaseModule):
         out_indices: tuple[int, ...] = (1, 2, 3, 4),
         pretrained: str | None = None,
         norm_eval: bool = False,
+        frozen_stages: int = -1,
         timm_kwargs: dict | None = None,
         snn: dict | None = None,
         init_cfg: dict | None = None,
@@ -442,7 +446,34 @@ class SFNTimmBackbone(SpikingTrunkMixin, BaseModule):
         self.out_strides = list(self.trunk.feature_info.reduction())
         self.pretrained = pretrained
         self.norm_eval = norm_eval
+        self.frozen_stages = frozen_stages
+        self._frozen = self._freeze_stages(frozen_stages)
         self._setup_snn(snn)
+
+    def _freeze_stages(self, stages: int) -> list[nn.Module]:
+        """Stop the gradient of every trunk parameter up to the end of feature level ``stages``; return those modules."""
+        levels = [info["module"] for info in self.trunk.feature_info.info]
+        if isinstance(stages, bool) or not isinstance(stages, int) or not -1 <= stages < len(levels):
+            raise ValueError(f"{type(self).__name__}: frozen_stages must be an int in [-1, {len(levels) - 1}], got {stages!r}")
+        if stages < 0:
+            return []
+        names = [n for n, _ in self.trunk.named_modules()]
+        last = next((m for m in (levels[stages], levels[stages].replace(".", "_")) if m in names), None)
+        if last is None:  # pragma: no cover - timm names its feature modules after real submodules
+            raise ValueError(f"{type(self).__name__}: cannot find the trunk module {levels[stages]!r} to freeze up to")
+        frozen, seen = [], False
+        for name, module in self.trunk.named_modules():  # pre-order: the forward order of timm's stages
+            inside = name == last or name.startswith(last + ".")
+            if seen and not inside:
+                break
+            seen = seen or inside
+            if not name or last.startswith(name + "."):  # the trunk, or a container that also holds later stages
+                continue
+            frozen.append(module)
+        for module in frozen:
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
+        return frozen
 
     def _dummy_inputs(self) -> torch.Tensor:
         s = max(64, 2 * max(self.out_strides))
@@ -465,6 +496,9 @@ class SFNTimmBackbone(SpikingTrunkMixin, BaseModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
+        if mode:
+            for m in self._frozen:
+                m.eval()
         if mode and self.norm_eval:
             for m in self.trunk.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):

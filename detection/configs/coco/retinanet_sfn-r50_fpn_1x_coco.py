@@ -9,7 +9,7 @@ _base_ = [
 
 model = dict(
     backbone=dict(
-        _delete_=True, type='SFNResNet', depth=50, out_indices=(1, 2, 3, 4), norm_eval=True,
+        _delete_=True, type='SFNResNet', depth=50, out_indices=(1, 2, 3, 4), frozen_stages=1, norm_eval=True,
         pretrained='checkpoints/resnet50.pth', snn=dict(lam=0.25, max_spikes=32, p=0.99, calib={{_base_.calib}})),
     neck=dict(in_channels=[256, 512, 1024, 2048]),
 )
