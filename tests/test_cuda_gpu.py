@@ -202,3 +202,21 @@ def test_64_bit_offsets(cuda_rng):
     assert torch.equal(out.spike_seq[:, tail].cpu(), ref.spike_seq) and torch.equal(out.count_seq[:, tail].cpu(), ref.count_seq)
     del x, out
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_inputs_match_the_reference(dtype, cuda_rng):
+    """NaN gives NaN spikes and membranes (count 0) with uniform and custom levels; ±Inf saturate as in torch."""
+    for signed, per_channel, custom in itertools.product((False, True), repeat=3):
+        c = _case(cuda_rng, dtype, signed, per_channel, custom, 4, (3, 17, 33))
+        x = c["x"].clone()
+        pick = torch.rand(x.shape, generator=cuda_rng)
+        x[pick < 0.05] = float("nan")
+        x[(pick >= 0.05) & (pick < 0.08)] = float("inf")
+        x[(pick >= 0.08) & (pick < 0.11)] = float("-inf")
+        c["x"] = x
+        out, ref = _on_cuda(c), _cpu_reference(c)
+        what = f"{dtype} signed={signed} per_channel={per_channel} levels={custom}"
+        for name, a, b in zip(("spike", "v", "count", "v_seq"), out, ref):
+            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True, msg=f"{what}: {name}")
+        assert torch.isnan(ref.spike_seq).any(), what  # the case is not vacuous
