@@ -243,6 +243,7 @@ class _Recorder:
         self.spiking: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rows: dict[str, LayerEnergy] = {}
         self.order: list[str] = []
+        self.op_rows: set[str] = set()  # rows from energy_ops() (products), not from layers
         self.site_counts: dict[str, list[float]] = {}
         self.input_counts: dict[str, list[float]] = {}
         self.handles: list[Any] = []
@@ -354,6 +355,7 @@ class _Recorder:
                 if missing:
                     raise ValueError(f"{name}.energy_ops() returned an entry without {sorted(missing)}")
                 row = self._row(f"{name}.{op['name']}", str(op["kind"]))
+                self.op_rows.add(row.name)
                 row.ann_macs += float(op["ann_macs"])
                 row.macs += float(op["macs"])
                 row.snn_acs += float(op["acs"])
@@ -435,7 +437,8 @@ def measure_energy(
     # ANN MACs of one forward: the SNN layers counted them once per step
     for r in rows:
         r.ann_macs /= time_steps
-    ops_ann = sum(r.ann_macs for r in rows if r.kind not in ("Linear", "Conv1d", "Conv2d", "Conv3d"))
+    # MACs of energy_ops products (attention): the ANN recorder sees only layers, so these are added to its total
+    ops_ann = sum(r.ann_macs for r in rows if r.name in rec.op_rows)
     ann_total = sum(r.ann_macs for r in rows)
     if ann is not None:
         ann_was_training = ann.training

@@ -112,6 +112,20 @@ def test_time_steps_and_ann_given_and_mtn(rng):
     assert r3.time_steps == 3 and r3.sops >= r1.sops
 
 
+class _MyLinear(nn.Linear):
+    """A Linear subclass (quantised and wrapped layers are often spelled like this)."""
+
+
+@pytest.mark.parametrize("last", [nn.Linear, _MyLinear])
+def test_ann_macs_of_layer_subclasses_are_counted_once(rng, last):
+    ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), last(8, 3))
+    snn = nn.Sequential(nn.Linear(4, 8), SFNode(0.5, max_spikes=4), last(8, 3))
+    snn.load_state_dict(ann.state_dict(), strict=False)
+    x = torch.rand(5, 4, generator=rng)
+    own, given = measure_energy(snn, [x]), measure_energy(snn, [x], ann=ann)
+    assert own.ann_macs == pytest.approx(4 * 8 + 8 * 3) and given.ann_macs == pytest.approx(4 * 8 + 8 * 3)
+
+
 class _WithOps(nn.Module):
     def __init__(self):
         super().__init__()
