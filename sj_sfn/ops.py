@@ -6,7 +6,8 @@ implementation is torch; their CUDA implementation is the fused CuPy kernel of
 :mod:`sj_sfn.cuda` when CuPy and a device are usable and the configuration is supported
 (float32/16/bf16 input; counts need ``N <= 127``), else torch. Both have a fake
 implementation (``torch.compile`` traces each forward as one node) and a straight-through
-backward that replays the reference under autograd, so gradients equal the reference's.
+backward that replays the reference under autograd, so gradients equal the reference's (to
+``x`` and ``v``; a call whose thresholds, ``λ`` or ceiling need a gradient runs the reference itself).
 
 "torch" means the reference's own operations in the same order: with autograd it is
 :mod:`sj_sfn.functional` itself; without autograd (inference) the same operations run in
@@ -544,7 +545,10 @@ def _sfn(
     impl = _choose(x_seq, backend)
     x0 = x_seq[0]
     eager_torch = impl == "torch" and not torch.compiler.is_compiling()
-    if eager_torch and (levels is not None or _needs_autograd(x_seq, v, theta_pos, theta_neg, lam, ceiling)):
+    # The op's backward carries gradients to x and v only: a call that needs them for θ±, λ or the
+    # ceiling runs the reference (eagerly, or traced by torch.compile) on any device instead.
+    param_grad = _needs_autograd(theta_pos, theta_neg, lam, ceiling)
+    if param_grad or (eager_torch and (levels is not None or _needs_autograd(x_seq, v))):
         tp_b = F.broadcast_threshold(torch.as_tensor(theta_pos), x0, channel_dim, "theta_pos")
         tn_b = None if theta_neg is None else F.broadcast_threshold(torch.as_tensor(theta_neg), x0, channel_dim, "theta_neg")
         return F._sfn_multi_step(

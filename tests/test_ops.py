@@ -420,3 +420,24 @@ def test_nodes_skip_the_entry_point_checks(monkeypatch, rng):
             assert node(xi).shape == x.shape
     with pytest.raises(AssertionError, match="public parameter checks"):
         ops.mtn(x, 0.0, 0.3, 4)
+
+
+def test_gradients_reach_lambda_and_thresholds_under_torch_compile(rng):
+    """The op's backward serves x and v; a trainable λ/θ routes the call to the reference, compiled or not."""
+    torch._dynamo.reset()
+    c = _sfn_case(rng, True, True, False, False)
+
+    def f(x, v, tp, tn, lam):
+        return ops.sfn(x, v, tp, tn, lam, c["n"], None, c["offset"], None, 1, backend="torch").spike_seq.square().sum()
+
+    grads = []
+    for fn in (f, _compile_recording(f)[0]):
+        tp, tn = c["tp"].clone().requires_grad_(True), c["tn"].clone().requires_grad_(True)
+        lam = torch.tensor(c["lam"], requires_grad=True)
+        x = (c["x"] * 10).requires_grad_(True)  # well past the full scale N·λ·θ in places: the bounds matter
+        fn(x, c["v"], tp, tn, lam).backward()
+        assert all(g is not None for g in (x.grad, tp.grad, tn.grad, lam.grad))
+        grads.append((x.grad, tp.grad, tn.grad, lam.grad))
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert grads[0][3].abs() > 0  # λ moves the clamp bounds of the straight-through gradient: not trivially zero
