@@ -67,9 +67,7 @@ def run_one(name: str, root: str, work: str, args) -> dict:
     torch.manual_seed(args.seed)
     cfg = tools.load_config(CONFIGS[name], data_root=root, work_dir=os.path.join(work, name))
     epochs = args.epochs or DEFAULT_EPOCHS[name]
-    cfg.train_cfg.max_epochs = epochs
-    cfg.param_scheduler[1].end = epochs
-    cfg.default_hooks.checkpoint.interval = epochs
+    tools.set_epochs(cfg, epochs)
     cfg.randomness = dict(seed=args.seed)
     _use_test_split(cfg, root)
     t0 = time.perf_counter()

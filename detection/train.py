@@ -24,13 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("config")
     ap.add_argument("--data-root", help="COCO-format data root (replaces the config's)")
     ap.add_argument("--work-dir", required=True)
-    ap.add_argument("--epochs", type=int, help="override train_cfg.max_epochs")
+    ap.add_argument("--epochs", type=int, help="train this many epochs (the LR schedule and checkpoint interval follow)")
     ap.add_argument("--no-validate", action="store_true", help="skip validation after training")
     ap.add_argument("--cfg-options", nargs="+", action=DictAction, help="key=value overrides of the config")
     args = ap.parse_args(argv)
     cfg = tools.load_config(args.config, data_root=args.data_root, cfg_options=args.cfg_options, work_dir=args.work_dir)
     if args.epochs is not None:
-        cfg.train_cfg.max_epochs = args.epochs
+        tools.set_epochs(cfg, args.epochs)
     runner = tools.train(cfg, validate=not args.no_validate, quiet=False)
     print(f"checkpoints in {runner.work_dir}")
 

@@ -251,3 +251,51 @@ def test_frozen_stages_stop_gradients_and_batchnorm_updates(rng, model_name, fro
     assert all(torch.equal(before[k], after[k]) for k in before if is_frozen(k.rsplit(".", 1)[0]))
     with pytest.raises(ValueError, match="frozen_stages must be an int in"):
         SFNTimmBackbone(model_name, frozen_stages=9)
+
+
+def test_set_epochs_stretches_schedules_and_intervals():
+    from sj_sfn.mmdet import tools
+
+    shapes = tools.load_config(str(ROOT / "detection" / "configs" / "shapes" / "mask-rcnn_sformer-vit-tiny_shapes.py"))
+    tools.set_epochs(shapes, 10)
+    warmup, cosine = shapes.param_scheduler
+    assert shapes.train_cfg.max_epochs == 10 and cosine["end"] == 10 and warmup["end"] == 20  # iteration warm-up stays
+    assert shapes.default_hooks.checkpoint.interval == 10 and shapes.train_cfg.val_interval == 11  # last only; never
+    coco = tools.load_config(str(ROOT / "detection" / "configs" / "coco" / "mask-rcnn_sfn-r50_fpn_1x_coco.py"))
+    tools.set_epochs(coco, 24)
+    steps = next(s for s in coco.param_scheduler if s["type"] == "MultiStepLR")
+    assert coco.train_cfg.max_epochs == 24 and steps["end"] == 24 and steps["milestones"] == [16, 22]
+    assert coco.default_hooks.checkpoint.interval == 1 and coco.train_cfg.val_interval == 1  # every epoch, as before
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        tools.set_epochs(coco, 0)
+
+
+def test_metric_names_follow_the_evaluator():
+    from sj_sfn.mmdet import tools
+
+    coco = ROOT / "detection" / "configs" / "coco"
+    retina = tools.load_config(str(coco / "retinanet_sfn-r50_fpn_1x_coco.py"))
+    mask = tools.load_config(str(coco / "mask-rcnn_sfn-r50_fpn_1x_coco.py"))
+    assert "bbox_mAP" in tools.metric_names(retina) and not any(m.startswith("segm") for m in tools.metric_names(retina))
+    assert {"bbox_mAP", "segm_mAP", "segm_mAP_50"} <= set(tools.metric_names(mask))
+    with pytest.raises(ValueError, match="is not one the val evaluator reports"):
+        tools._check_metric(retina, "segm_mAP")
+
+
+def test_img_dir_calibration_takes_the_test_pipeline_and_the_detector_preprocessor(tmp_path):
+    """A config's ``snn.calib=dict(img_dir=...)`` calibrates on what the backbone will see, not on library defaults."""
+    from sj_sfn.mmdet import tools
+
+    cfg_path = tmp_path / "cfg.py"
+    base = ROOT / "detection" / "configs" / "shapes" / "mask-rcnn_sformer-vit-tiny_shapes.py"
+    cfg_path.write_text(
+        f"_base_ = [{str(base)!r}]\n"
+        "model = dict(data_preprocessor=dict(mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5]),\n"
+        "             backbone=dict(snn=dict(calib=dict(_delete_=True, img_dir='imgs', num_images=2))))\n"
+    )
+    cfg = tools.load_config(str(cfg_path))
+    calib = cfg.model.backbone.snn.calib
+    assert calib.preprocessor["mean"] == [127.5, 127.5, 127.5]
+    resize = [t for t in calib.pipeline if t["type"] == "Resize"]
+    test_resize = [t for t in cfg.test_dataloader.dataset.pipeline if t["type"] == "Resize"]
+    assert resize == test_resize and not any(t["type"] == "LoadAnnotations" for t in calib.pipeline)

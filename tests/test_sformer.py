@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.models.eva import Eva
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
+import sj_sfn
 from sj_sfn import SFNode, sformer, zoo
 from sj_sfn.calibration import CalibrationError
 from sj_sfn.sformer import SFormerAttention
@@ -174,6 +175,29 @@ def test_set_lambda_and_max_spikes_per_kind(vit_digits_snn):
         sformer.set_lambda(snn, 0.0)
     with pytest.raises(ValueError, match="no SFormer SFN sites"):
         sformer.sites(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("n_new", [4, 128])
+def test_set_max_spikes_on_the_capped_softmax_site_equals_a_fresh_conversion(vit_digits_model, vit_digits_calib, n_new):
+    """In cap mode the SoftMax levels span [0, c]: changing N keeps them spanning it (neither clips nor does nothing)."""
+    snn = sformer.convert(vit_digits_model, vit_digits_calib, num_batches=2, softmax_max_spikes=8, progress=False).eval()
+    fresh = sformer.convert(vit_digits_model, vit_digits_calib, num_batches=2, softmax_max_spikes=n_new, progress=False).eval()
+    before = copy.deepcopy(snn)
+    assert sformer.set_max_spikes(snn, n_new, kinds="attn") == len(snn.blocks)
+    got = {n: (m.max_spikes, float(m.lam * m.theta_pos)) for n, m in sj_sfn.sfn_nodes(snn)}
+    want = {n: (m.max_spikes, float(m.lam * m.theta_pos)) for n, m in sj_sfn.sfn_nodes(fresh)}
+    assert got.keys() == want.keys()
+    for name in got:
+        assert got[name][0] == want[name][0] and got[name][1] == pytest.approx(want[name][1], rel=1e-5), name
+    x = next(iter(vit_digits_calib))[0][:16]
+    with torch.no_grad():
+        torch.testing.assert_close(snn(x), fresh(x), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(snn(x), before(x))  # the change reaches the output
+    # a site whose full scale does not span its ceiling keeps its step (quantile mode)
+    q = sformer.convert(vit_digits_model, vit_digits_calib, num_batches=2, softmax_theta="quantile", progress=False)
+    steps = {n: float(m.lam * m.theta_pos) for n, m in sj_sfn.sfn_nodes(q)}
+    sformer.set_max_spikes(q, n_new, kinds="attn")
+    assert steps == {n: float(m.lam * m.theta_pos) for n, m in sj_sfn.sfn_nodes(q)}
 
 
 def test_softmax_cap_options(vit_digits_model, vit_digits_calib):

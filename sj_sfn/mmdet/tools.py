@@ -27,6 +27,7 @@ from .calib import CalibrationLoader, calibration_loader
 
 __all__ = [
     "load_config",
+    "set_epochs",
     "train",
     "build_detector",
     "spiking_backbone",
@@ -38,6 +39,7 @@ __all__ = [
     "evaluate",
     "backbone_energy",
     "tune_detector_lambda",
+    "metric_names",
 ]
 
 _SPLITS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
@@ -79,9 +81,59 @@ def load_config(path: str, data_root: str | None = None, cfg_options: dict | Non
         calib = ((cfg.model.get("backbone") or {}).get("snn") or {}).get("calib")
         if calib and calib.get("dataset") is not None:
             calib["dataset"]["data_root"] = root
+    _fill_calib_defaults(cfg)
     if work_dir is not None:
         cfg.work_dir = work_dir
     return cfg
+
+
+def _test_pipeline(cfg) -> list[dict] | None:
+    """The config's test pipeline without annotation loading (calibration images have none)."""
+    dl = cfg.get("test_dataloader")
+    if dl is None:
+        return None
+    ds = dl["dataset"]
+    pipe = ds.get("dataset", ds).get("pipeline")
+    return None if pipe is None else [t for t in copy.deepcopy(pipe) if t["type"] != "LoadAnnotations"]
+
+
+def _fill_calib_defaults(cfg) -> None:
+    """``snn.calib`` without its own ``pipeline`` (for ``img_dir``) or ``preprocessor`` takes the config's test
+    pipeline and the detector's ``data_preprocessor``, so self-calibration sees what the backbone will see."""
+    calib = ((cfg.model.get("backbone") or {}).get("snn") or {}).get("calib")
+    if not calib:
+        return
+    if calib.get("img_dir") is not None and calib.get("pipeline") is None:
+        pipe = _test_pipeline(cfg)
+        if pipe is not None:
+            calib["pipeline"] = pipe
+    if calib.get("preprocessor") is None and cfg.model.get("data_preprocessor") is not None:
+        calib["preprocessor"] = copy.deepcopy(cfg.model.data_preprocessor)
+
+
+def set_epochs(cfg, epochs: int) -> None:
+    """Train for ``epochs``: ``train_cfg.max_epochs``, and every epoch-based schedule that ran to the old
+    length stretched to the new one (``end``, and ``milestones`` scaled by ``epochs/old``); a checkpoint or
+    validation interval beyond the old length (save the last only, never validate) follows the new one."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    old = int(cfg.train_cfg.max_epochs)
+    cfg.train_cfg.max_epochs = epochs
+    if cfg.train_cfg.get("val_interval", 1) > old:  # "never during training" stays never
+        cfg.train_cfg.val_interval = epochs + 1
+    schedulers = cfg.get("param_scheduler") or []
+    for s in [schedulers] if isinstance(schedulers, dict) else schedulers:
+        if not s.get("by_epoch", True):
+            continue  # iteration-based (warm-up) schedules keep their length
+        if s.get("end") is not None and s["end"] >= old:
+            s["end"] = epochs
+        if s.get("milestones"):
+            s["milestones"] = sorted({max(1, min(epochs, round(m * epochs / old))) for m in s["milestones"]})
+        if s.get("T_max") is not None and s.get("T_max") >= old:
+            s["T_max"] = epochs
+    ck = (cfg.get("default_hooks") or {}).get("checkpoint")
+    if ck is not None and ck.get("interval", 1) >= old:
+        ck["interval"] = epochs
 
 
 def train(cfg, work_dir: str | None = None, validate: bool = True, quiet: bool = True):
@@ -276,6 +328,22 @@ def backbone_energy(model: nn.Module, loader: Iterable, num_batches: int | None 
     return measure_energy(bb.snn_trunk, loader, ann=bb.trunk, num_batches=num_batches)
 
 
+def metric_names(cfg, split: str = "val") -> list[str]:
+    """The COCO metric keys ``evaluate`` returns for the config's ``split`` evaluator (``bbox_mAP``, ``segm_mAP_50``, ...)."""
+    ev = cfg.get(_SPLITS[split].replace("dataloader", "evaluator"))
+    kinds: list[str] = []
+    for e in ev if isinstance(ev, list) else [ev] if ev is not None else []:
+        m = e.get("metric", "bbox")
+        kinds += [m] if isinstance(m, str) else list(m)
+    return [f"{k}_mAP{s}" for k in kinds for s in ("", "_50", "_75", "_s", "_m", "_l")]
+
+
+def _check_metric(cfg, metric: str, split: str = "val") -> None:
+    names = metric_names(cfg, split)
+    if metric not in names:
+        raise ValueError(f"metric {metric!r} is not one the {split} evaluator reports: {', '.join(names)}")
+
+
 def tune_detector_lambda(model: nn.Module, cfg, energy_loader: Iterable, split: str = "val", metric: str = "bbox_mAP",
                          trials: int = 12, bounds: tuple[float, float] = (0.05, 1.0), objective: str = "accuracy",
                          beta: float = 10.0, seed: int = 0, progress: bool = False):
@@ -290,8 +358,14 @@ def tune_detector_lambda(model: nn.Module, cfg, energy_loader: Iterable, split: 
     bb = spiking_backbone(model)
     if split == "test":
         raise ValueError("tune λ on a validation split, never on the test split")
+    _check_metric(cfg, metric)
+    if not bb.is_snn_ready:  # convert first: a conversion inside a trial would replace the trunk being tuned
+        bb.convert_trunk()
+    snn = bb.snn_trunk
 
     def coco_metric(_snn: nn.Module, _loader: Iterable) -> float:
+        if bb.snn_trunk is not snn:
+            raise RuntimeError("the detector's SNN trunk was re-converted during tuning: λ trials would not reach it")
         return 100.0 * evaluate(model, cfg, split, run_as_mode="snn")[metric]
 
     result = tune_lambda(bb.snn_trunk, energy_loader, metric=coco_metric, objective=objective, beta=beta, trials=trials,

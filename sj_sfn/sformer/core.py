@@ -370,7 +370,10 @@ def set_lambda(snn: nn.Module, lam: float, kinds: Iterable[str] | str | None = N
 def set_max_spikes(snn: nn.Module, max_spikes: int, kinds: Iterable[str] | str | None = None) -> int:
     """Set ``N`` (levels per sign) of the sites of the given kinds; returns how many were set.
 
-    Only evenly spaced sites can change ``N``; the thresholds ``λθ`` stay, the full scale becomes ``N·λθ``.
+    Only evenly spaced sites can change ``N``. The thresholds ``λθ`` stay and the full scale
+    becomes ``N·λθ``, except on a site whose ``N`` levels span its ceiling (the SoftMax site in
+    ``softmax_theta='cap'`` mode): there the levels keep spanning ``[0, c]``, ``θ ← θ·N_old/N``,
+    as a conversion with ``softmax_max_spikes=N`` would make them.
     """
     n_new = _check_max_spikes(max_spikes)
     chosen = _check_kinds(kinds)
@@ -379,6 +382,10 @@ def set_max_spikes(snn: nn.Module, max_spikes: int, kinds: Iterable[str] | str |
         if kind in chosen:
             if m.levels is not None:
                 raise ValueError(f"site {name} has custom levels: its N is fixed by them")
+            if m.ceiling is not None:
+                full_scale = m.max_spikes * m.lam * m.theta_pos
+                if bool(((full_scale - m.ceiling).abs() <= 1e-5 * m.ceiling).all()):  # levels span the cap: keep it so
+                    m.theta_pos.mul_(m.max_spikes / n_new)
             m.max_spikes = n_new
             n += 1
     return n
