@@ -330,6 +330,20 @@ def test_host_build_of_the_kernel_propagates_nan_like_the_reference(host_kernels
     assert seen == {v for v in cuda.all_variants() if v.dtype == dtype}
 
 
+@pytest.mark.parametrize("scalar_side", ["theta_pos", "theta_neg"])
+def test_host_build_one_threshold_per_tensor_and_the_other_per_channel(host_kernels, rng, scalar_side):
+    """θ+ for the whole tensor with θ- per channel (or the reverse) runs as torch broadcasts it."""
+    x = torch.randn(3, 2, 5, 4, generator=rng) * 2
+    v0 = torch.randn(2, 5, 4, generator=rng) * 0.3
+    one, per = torch.rand((), generator=rng) + 0.1, torch.rand(5, generator=rng) + 0.1
+    tp, tn = (one, per) if scalar_side == "theta_pos" else (per, one)
+    ref = _reference(x, v0, tp, tn, torch.tensor(1.0), 9, None, 0.0, None, 1)
+    p = _host_fire(host_kernels, x, v0, tp, tn, 9, None, 0.0, None, 1, True, True)
+    assert p.variant.per_channel
+    assert torch.equal(p.spike_seq, ref.spike_seq) and torch.equal(p.count_seq, ref.count_seq)
+    assert torch.equal(p.v, ref.v) and torch.equal(p.v_seq, ref.v_seq)
+
+
 def test_host_build_mtn_scalar_threshold_and_strided_input(host_kernels, rng):
     """MTN passes θ as a float argument; a non-contiguous input is made contiguous first."""
     from sj_sfn import functional as F

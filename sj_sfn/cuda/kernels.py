@@ -229,6 +229,12 @@ def plan(
     else:
         tp_value = float(theta_pos)
     tn = None if theta_neg is None else theta_neg.to(device=device, dtype=torch.float32).contiguous().reshape(-1)
+    if tn is not None and tn.numel() > 1 and (tp_ptr is None or tp_ptr.numel() == 1):
+        # one θ+ with per-channel θ-: the kernel reads both per channel (as torch broadcasts them)
+        tp_ptr = (tp_ptr if tp_ptr is not None else torch.tensor([tp_value], device=device)).expand(tn.numel()).contiguous()
+        per_channel = True
+    elif tn is not None and tn.numel() == 1 and tp_ptr is not None and tp_ptr.numel() > 1:
+        tn = tn.expand(tp_ptr.numel()).contiguous()
     if tn is not None and tn.numel() != (1 if tp_ptr is None else tp_ptr.numel()):
         raise ValueError(f"theta_neg has {tn.numel()} channels but theta_pos has {1 if tp_ptr is None else tp_ptr.numel()}")
     if per_channel:
