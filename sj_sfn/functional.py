@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -237,33 +237,43 @@ def _step(
     return StepOutput(spike.to(x.dtype), v_next, count_out)
 
 
-def _check_max_spikes(max_spikes) -> int:
-    if isinstance(max_spikes, bool) or not isinstance(max_spikes, numbers.Integral) or max_spikes < 1:
-        raise ValueError(f"max_spikes must be an int >= 1, got {max_spikes!r}")
+def _check_max_spikes(max_spikes: Any) -> int:
+    """``N``: an integer >= 1 (a one-element tensor is read). TypeError for another type, ValueError below 1."""
+    if isinstance(max_spikes, torch.Tensor) and max_spikes.numel() == 1:
+        max_spikes = max_spikes.item()
+    if isinstance(max_spikes, bool) or not isinstance(max_spikes, numbers.Integral):
+        raise TypeError(f"max_spikes (N) must be an integer, got {max_spikes!r}")
+    if max_spikes < 1:
+        raise ValueError(f"max_spikes (N) must be >= 1, got {max_spikes}")
     return int(max_spikes)
 
 
-def _check_positive(value, name: str) -> None:
-    """``value`` (if not None) finite and > 0: a Python number always, a tensor only on the CPU outside torch.compile."""
-    if value is None:
-        return
+def _check_positive_float(value: Any, name: str) -> float:
+    """A finite real number > 0 (a one-element tensor is read)."""
     if isinstance(value, torch.Tensor):
-        if value.device.type != "cpu":
-            return  # checking a GPU tensor would synchronise the device
-        t = value.detach()
-        if not t.is_floating_point():
-            t = t.to(torch.float64)
-        if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
-            raise ValueError(f"{name} must be finite and > 0 everywhere, got {t if t.numel() <= 8 else 'a tensor'}")
-        return
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number > 0 or a tensor, got {value!r}") from None
-    if not math.isfinite(f) or f <= 0:
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return value
+
+
+def _check_finite_positive(t: torch.Tensor, name: str) -> None:
+    """Every element of ``t`` finite and > 0."""
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite, got non-finite values")
+    if not (t > 0).all():
+        raise ValueError(f"{name} must be > 0 everywhere (a zero threshold means the site never fires)")
+
+
+def _check_offset(offset: Any, name: str = "v_init") -> float:
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not 0.0 <= float(offset) < 1.0:
+        raise ValueError(f"{name} must be a fraction of the threshold in [0, 1), got {offset!r}")
+    return float(offset)
 
 
 def _check_params(max_spikes, offset: float = 0.0, levels: torch.Tensor | None = None, **positive) -> None:
@@ -276,9 +286,12 @@ def _check_params(max_spikes, offset: float = 0.0, levels: torch.Tensor | None =
         return
     n = _check_max_spikes(max_spikes)
     for name, value in positive.items():
-        _check_positive(value, name)
-    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not 0.0 <= float(offset) < 1.0:
-        raise ValueError(f"offset must be a fraction of the threshold in [0, 1), got {offset!r}")
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cpu":  # checking a GPU tensor would synchronise the device
+                _check_finite_positive(value.detach(), name)
+        elif value is not None:
+            _check_positive_float(value, name)
+    _check_offset(offset, "offset")
     if levels is not None:
         if not isinstance(levels, torch.Tensor) or levels.dim() != 1 or levels.numel() != n:
             shape = tuple(levels.shape) if isinstance(levels, torch.Tensor) else type(levels).__name__

@@ -20,6 +20,7 @@ from spikingjelly.activation_based.neuron import BaseNode
 
 from . import functional as F
 from . import ops
+from .functional import _check_max_spikes, _check_offset, _check_positive_float
 
 __all__ = ["MTNode", "SFNode", "BACKENDS", "sfn_nodes", "set_lambda"]
 
@@ -34,35 +35,6 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-def _check_positive_float(value: Any, name: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return value
-
-
-def _check_max_spikes(max_spikes: Any) -> int:
-    if isinstance(max_spikes, torch.Tensor) and max_spikes.numel() == 1:
-        max_spikes = max_spikes.item()
-    if isinstance(max_spikes, bool) or not isinstance(max_spikes, numbers.Integral):
-        raise TypeError(f"max_spikes (N) must be an integer, got {max_spikes!r}")
-    if max_spikes < 1:
-        raise ValueError(f"max_spikes (N) must be >= 1, got {max_spikes}")
-    return int(max_spikes)
-
-
-def _check_offset(v_init: Any) -> float:
-    if isinstance(v_init, bool) or not isinstance(v_init, numbers.Real) or not 0.0 <= float(v_init) < 1.0:
-        raise ValueError(f"v_init must be a fraction of the threshold in [0, 1), got {v_init!r}")
-    return float(v_init)
-
-
 def _check_threshold_tensor(value: Any, name: str) -> torch.Tensor:
     t = torch.as_tensor(value).detach().clone()
     if not t.is_floating_point():
@@ -71,10 +43,7 @@ def _check_threshold_tensor(value: Any, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be a scalar or a 1-D per-channel tensor, got shape {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} must be finite, got non-finite values")
-    if not (t > 0).all():
-        raise ValueError(f"{name} must be > 0 everywhere (a zero threshold means the site never fires)")
+    F._check_finite_positive(t, name)
     return t
 
 
