@@ -239,6 +239,7 @@ def _torch_fused(
         cap = torch.clamp(torch.floor(torch.as_tensor(ceiling, dtype=dtype, device=x_seq.device) / tp), min=1)
     u = torch.empty(shape, dtype=dtype, device=x_seq.device)
     w = None if tn is None else torch.empty_like(u)
+    c = None if count_seq is None else torch.empty_like(u)  # the count before its integer cast (NaN -> 0)
     for t in range(x_seq.shape[0]):
         h = v + x_seq[t]  # promotes a 16-bit x to float32 exactly as x.to(float32)
         torch.div(h, tp, out=u)
@@ -248,13 +249,13 @@ def _torch_fused(
         if w is not None:
             torch.div(h, tn, out=w)  # (-h)/θ- == -(h/θ-) in round-to-nearest
             w.neg_().add_(offset).floor_().clamp_(0, max_spikes)
-            if count_seq is not None:
-                count_seq[t].copy_((u - w).nan_to_num_(0.0))  # NaN count -> 0, as the reference
+            if c is not None:
+                count_seq[t].copy_(torch.sub(u, w, out=c).nan_to_num_(0.0))  # NaN count -> 0, as the reference
             u.mul_(tp)
             u.sub_(w.mul_(tn))
         else:
-            if count_seq is not None:
-                count_seq[t].copy_(u.nan_to_num(0.0))
+            if c is not None:
+                count_seq[t].copy_(torch.nan_to_num(u, 0.0, out=c))
             u.mul_(tp)
         spike_seq[t].copy_(u)
         v = h.sub_(u)
