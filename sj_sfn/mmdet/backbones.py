@@ -104,7 +104,6 @@ class SpikingTrunkMixin:
         # Whenever _snn_stale is set, the snn_calibrated buffer is False (so is a checkpoint of it).
         self._snn_stale = False
         self._snn_outdated = False
-        self._snn_loaded_flag = False
         if self.snn_cfg is None:
             self.snn_trunk = None
             return
@@ -156,7 +155,6 @@ class SpikingTrunkMixin:
     def _mark_stale(self) -> None:
         """The ANN trunk (may have) changed: the SNN trunk is no longer calibrated, in memory and in the state_dict."""
         if self.snn_cfg is None:
-            self._snn_stale = True
             return
         if not self._snn_stale:  # once per change, not every training step (bool() syncs a GPU)
             self._snn_outdated = self._snn_outdated or bool(self.snn_calibrated)
@@ -245,10 +243,10 @@ class SpikingTrunkMixin:
             for k, v in self.snn_trunk.state_dict().items():
                 state_dict.setdefault(prefix + "snn_trunk." + k, v)
             state_dict[flag] = torch.zeros((), dtype=torch.bool)
-            self._snn_stale, self._snn_outdated, self._snn_loaded_flag = True, False, False
+            self._snn_stale, self._snn_outdated = True, False
         else:
             # the checkpoint's flag is the truth: a trunk saved stale carries snn_calibrated=False
-            self._snn_stale, self._snn_outdated, self._snn_loaded_flag = False, False, True
+            self._snn_stale, self._snn_outdated = False, False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
@@ -258,10 +256,7 @@ def _sync_snn_cfg_after_load(module: SpikingTrunkMixin, incompatible_keys) -> No
     A converted checkpoint may run at another λ/N than the config (``convert.py --lam/--tune/--max-spikes``);
     a value shared by every site replaces the config's, so reports and a later recalibration use it.
     """
-    if module.snn_cfg is None or not module._snn_loaded_flag:
-        return
-    module._snn_loaded_flag = False
-    if not bool(module.snn_calibrated):
+    if module.snn_cfg is None or module._snn_stale or not bool(module.snn_calibrated):
         return
     sites = module.snn_site_settings()
     for key, cast in (("lam", float), ("max_spikes", int)):
