@@ -41,6 +41,7 @@ from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from ..calibration import SiteObserver, calibrate
+from ..functional import _check_offset
 from ..neuron import MTNode, SFNode
 from .matching import activation_input, match_relu_family, unsupported_activation
 
@@ -235,13 +236,6 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _fraction(value: Any, name: str) -> float:
-    """Validate a threshold fraction ``r ∈ [0, 1)`` (``v_init``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a fraction of the threshold in [0, 1), got {value!r}")
-    return float(value)
-
-
 def _eval_copy(ann: Any) -> nn.Module:
     """A deep copy of ``ann`` in eval mode: conversion never edits the caller's model."""
     if not isinstance(ann, nn.Module):
@@ -315,7 +309,7 @@ class SFNRecipe(FXConversionRecipe):
         _positive_int(self.max_spikes, "max_spikes (N)")
         if isinstance(self.p, bool) or not isinstance(self.p, numbers.Real) or not 0.0 < self.p <= 1.0:
             raise ValueError(f"p (calibration quantile) must be in (0, 1], got {self.p!r}")
-        _fraction(self.v_init, "v_init")
+        _check_offset(self.v_init, "v_init")
         if self.num_batches is not None:
             _positive_int(self.num_batches, "num_batches")
         if not isinstance(self.channel_dim, int) or isinstance(self.channel_dim, bool):
@@ -454,7 +448,7 @@ class MTNRecipe(RateCodingRecipe):
         _check_loader(self.dataloader, "MTNRecipe")
         super().validate(converter)
         _positive_int(self.time_steps, "time_steps (T)")
-        _fraction(self.v_init, "v_init")
+        _check_offset(self.v_init, "v_init")
 
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
         return _eval_copy(ann)
