@@ -87,14 +87,18 @@ def load_config(path: str, data_root: str | None = None, cfg_options: dict | Non
     return cfg
 
 
-def _test_pipeline(cfg) -> list[dict] | None:
+def _test_pipeline(cfg, required: bool = False) -> list[dict] | None:
     """The config's test pipeline without annotation loading (calibration images have none)."""
     dl = cfg.get("test_dataloader")
-    if dl is None:
+    pipe = None
+    if dl is not None:
+        ds = dl["dataset"]
+        pipe = ds.get("dataset", ds).get("pipeline")
+    if pipe is None:
+        if required:
+            raise ValueError("the config has no test_dataloader.dataset.pipeline to preprocess calibration images with")
         return None
-    ds = dl["dataset"]
-    pipe = ds.get("dataset", ds).get("pipeline")
-    return None if pipe is None else [t for t in copy.deepcopy(pipe) if t["type"] != "LoadAnnotations"]
+    return [t for t in copy.deepcopy(pipe) if t["type"] != "LoadAnnotations"]
 
 
 def _fill_calib_defaults(cfg) -> None:
@@ -205,7 +209,7 @@ def calib_from_cfg(cfg, split: str = "train", num_images: int = 32, batch_size: 
     ds = copy.deepcopy(dl["dataset"])
     ds = ds.get("dataset", ds)
     ds = dict(ds)
-    ds["pipeline"] = [t for t in copy.deepcopy(cfg.test_dataloader["dataset"]["pipeline"]) if t["type"] != "LoadAnnotations"]
+    ds["pipeline"] = _test_pipeline(cfg, required=True)
     ds["test_mode"] = True
     ds.pop("filter_cfg", None)
     return dict(dataset=ds, num_images=num_images, batch_size=batch_size)
@@ -216,8 +220,7 @@ def calib_loader_from_cfg(cfg, split: str = "train", num_images: int = 32, batch
     """Backbone inputs for calibration: images of ``split`` (or of ``img_dir``) through the test pipeline and the
     detector's ``data_preprocessor`` (``model.data_preprocessor`` when given, else the config's)."""
     if img_dir is not None:
-        pipe = [t for t in copy.deepcopy(cfg.test_dataloader["dataset"]["pipeline"]) if t["type"] != "LoadAnnotations"]
-        calib = dict(img_dir=img_dir, pipeline=pipe, num_images=num_images, batch_size=batch_size)
+        calib = dict(img_dir=img_dir, pipeline=_test_pipeline(cfg, required=True), num_images=num_images, batch_size=batch_size)
     else:
         calib = calib_from_cfg(cfg, split, num_images, batch_size)
     pre = model.data_preprocessor if model is not None else copy.deepcopy(cfg.model.get("data_preprocessor"))
