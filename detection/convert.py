@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("the config's backbone has snn=None: set model.backbone.snn=dict(lam=..., max_spikes=...) to convert")
     if args.max_spikes is not None:
         snn["max_spikes"] = args.max_spikes
-    if args.tune and args.metric not in tools.metric_names(cfg):
-        raise SystemExit(f"--metric {args.metric} is not reported by this config's evaluator: "
-                         f"{', '.join(tools.metric_names(cfg))}")
+    if args.tune:
+        try:
+            tools.check_metric(cfg, args.metric)  # before any work: tuning would fail on its first trial
+        except ValueError as e:
+            raise SystemExit(f"--metric: {e}") from None
     model = tools.build_detector(cfg, args.checkpoint, device=args.device)
     loader = tools.calib_loader_from_cfg(cfg, args.calib_split, args.num_images, args.batch_size, model=model, img_dir=args.calib_dir)
     tools.convert_detector(model, loader, lam=args.lam)

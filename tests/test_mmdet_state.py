@@ -279,7 +279,7 @@ def test_metric_names_follow_the_evaluator():
     assert "bbox_mAP" in tools.metric_names(retina) and not any(m.startswith("segm") for m in tools.metric_names(retina))
     assert {"bbox_mAP", "segm_mAP", "segm_mAP_50"} <= set(tools.metric_names(mask))
     with pytest.raises(ValueError, match="is not one the val evaluator reports"):
-        tools._check_metric(retina, "segm_mAP")
+        tools.check_metric(retina, "segm_mAP")
 
 
 def test_img_dir_calibration_takes_the_test_pipeline_and_the_detector_preprocessor(tmp_path):

@@ -40,6 +40,7 @@ __all__ = [
     "backbone_energy",
     "tune_detector_lambda",
     "metric_names",
+    "check_metric",
 ]
 
 _SPLITS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
@@ -341,7 +342,8 @@ def metric_names(cfg, split: str = "val") -> list[str]:
     return [f"{k}_mAP{s}" for k in kinds for s in ("", "_50", "_75", "_s", "_m", "_l")]
 
 
-def _check_metric(cfg, metric: str, split: str = "val") -> None:
+def check_metric(cfg, metric: str, split: str = "val") -> None:
+    """Raise a ``ValueError`` naming the valid keys when ``split``'s evaluator does not report ``metric``."""
     names = metric_names(cfg, split)
     if metric not in names:
         raise ValueError(f"metric {metric!r} is not one the {split} evaluator reports: {', '.join(names)}")
@@ -361,7 +363,7 @@ def tune_detector_lambda(model: nn.Module, cfg, energy_loader: Iterable, split: 
     bb = spiking_backbone(model)
     if split == "test":
         raise ValueError("tune λ on a validation split, never on the test split")
-    _check_metric(cfg, metric)
+    check_metric(cfg, metric, split)
     if not bb.is_snn_ready:  # convert first: a conversion inside a trial would replace the trunk being tuned
         bb.convert_trunk()
     snn = bb.snn_trunk
