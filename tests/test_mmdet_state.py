@@ -178,51 +178,38 @@ def _detection_test_script():
     return mod
 
 
-def test_detection_test_reports_the_lambda_the_trunk_runs(tmp_path, rng, monkeypatch, capsys):
-    """detection/test.py reports λ and N of the loaded SNN trunk (one value, or min–max over the sites)."""
-    from mmengine.runner.checkpoint import load_checkpoint
+def test_detection_test_reports_the_lambda_the_trunk_runs(tmp_path, capsys):
+    """detection/test.py on a real converted RetinaNet: λ and N of the loaded SNN trunk (not the config's),
+    one value or min–max over the sites."""
+    from fixtures_det import RETINA_CFG
 
     from sj_sfn import set_lambda, sfn_nodes
     from sj_sfn.mmdet import tools
+    from sj_sfn.mmdet.synthetic import make_shapes_dataset
 
-    class Detector(torch.nn.Module):
-        def __init__(self, backbone):
-            super().__init__()
-            self.backbone = backbone
-
-    class Energy:
-        ratio = 0.5
-
-        def to_dict(self):
-            return {}
-
-    def build_detector(cfg, checkpoint=None, device="cpu"):
-        model = Detector(_build("vit", lam=0.25, max_spikes=32))  # the config's λ and N
-        load_checkpoint(model, checkpoint, map_location="cpu")
-        return model
-
-    monkeypatch.setattr(tools, "load_config", lambda *a, **k: None)
-    monkeypatch.setattr(tools, "build_detector", build_detector)
-    monkeypatch.setattr(tools, "evaluate", lambda *a, **k: {"bbox_mAP": 0.5})
-    monkeypatch.setattr(tools, "calib_loader_from_cfg", lambda *a, **k: [])
-    monkeypatch.setattr(tools, "backbone_energy", lambda *a, **k: Energy())
-    script = _detection_test_script()
-
-    model = Detector(_fresh("vit", rng, lam=0.25, max_spikes=16))
-    model.backbone.eval()
-    tools.convert_detector(model, [_inputs("vit", rng, 4)], lam=0.6)
+    root = str(tmp_path / "shapes")
+    make_shapes_dataset(root, {"train": 4, "val": 4}, image_size=96, seed=0)
+    # converted at N=16 and λ=0.6; the config that test.py reads says N=32, λ=0.25 (both give the SoftMax
+    # sites 128 levels: softmax_max_spikes), so N is reported as the range 16-128
+    cfg = tools.load_config(RETINA_CFG, data_root=root, cfg_options={"model.backbone.snn.max_spikes": 16})
+    model = tools.build_detector(cfg)
+    tools.convert_detector(model, tools.calib_loader_from_cfg(cfg, "train", 4, 2, model=model), lam=0.6)
     ckpt = tools.save_checkpoint(model, str(tmp_path / "snn.pth"))
-    res = script.main(["cfg.py", ckpt])
-    assert res["lam"] == 0.6 and res["max_spikes"] == 16
-    assert "λ=0.6, N=16" in capsys.readouterr().out
+    script = _detection_test_script()
+    argv = [RETINA_CFG, ckpt, "--data-root", root, "--split", "val", "--energy-images", "2"]
+    res = script.main(argv)
+    assert res["lam"] == 0.6 and res["max_spikes"] == [16, 128]
+    assert set(res["snn"]) >= {"bbox_mAP"} and 0 < res["energy_ratio"] < 10
+    assert "λ=0.6, N=16–128" in capsys.readouterr().out
 
-    names = [n for n, _ in sfn_nodes(model.backbone.snn_trunk)]
+    snn_trunk = tools.spiking_backbone(model).snn_trunk
+    names = [n for n, _ in sfn_nodes(snn_trunk)]
     assert len(names) > 1
-    set_lambda(model.backbone.snn_trunk, 0.3, names=names[:1])  # per-site λ
-    ckpt = tools.save_checkpoint(model, str(tmp_path / "mixed.pth"))
-    res = script.main(["cfg.py", ckpt])
-    assert res["lam"] == [0.3, 0.6] and res["max_spikes"] == 16
-    assert "λ=0.3–0.6, N=16" in capsys.readouterr().out
+    set_lambda(snn_trunk, 0.3, names=names[:1])  # per-site λ
+    argv[1] = tools.save_checkpoint(model, str(tmp_path / "mixed.pth"))
+    res = script.main(argv)
+    assert res["lam"] == [0.3, 0.6] and res["max_spikes"] == [16, 128]
+    assert "λ=0.3–0.6, N=16–128" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("model_name, frozen", [("resnet10t", ("conv1", "bn1", "layer1")), ("mobilenetv2_100", ("conv_stem", "bn1", "blocks.0", "blocks.1"))])
