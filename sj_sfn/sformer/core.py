@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 
 from ..calibration import SiteObserver, calibrate
-from ..neuron import SFNode, _check_max_spikes, _check_positive_float
+from ..functional import _check_max_spikes, _check_positive_float
+from ..neuron import SFNode
 from .modules import SITE_KINDS, HeadSite, SFormerAttention, SFormerMlp, attention_types, mlp_types
 
 __all__ = [
