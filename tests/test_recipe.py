@@ -152,10 +152,15 @@ def test_every_relu_form_becomes_an_sfn_site_with_quantile_thresholds(rng, per_c
 
 
 def test_bn_fusion_and_fine_resolution_match_the_ann(rng):
-    """With Conv-BN fused and a fine SFN (N=4096, rounding), the one-step SNN reproduces the ANN's logits."""
+    """With Conv-BN fused and a fine SFN (step θ/4096, full scale 4θ, rounding), the one-step SNN reproduces the ANN.
+
+    A full scale of 2θ (N=4096 at λ=1/2048) clipped the rare activation beyond twice the 99% quantile:
+    relative error above 1e-2 in 2 of 300 seeds (max 0.032). At 4θ: max 1.8e-3 over 600 seeds.
+    """
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))  # the weights too follow SJ_SFN_SEED
     ann = _trained_bn(AllForms(), rng)
     loader = _batches(rng)
-    snn = sj_sfn.convert(ann, loader, lam=1 / 2048, max_spikes=4096, v_init=0.5, progress=False)
+    snn = sj_sfn.convert(ann, loader, lam=1 / 4096, max_spikes=16384, v_init=0.5, progress=False)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in snn.modules())
     x = torch.randn(32, 2, 8, 8, generator=rng)
     with torch.no_grad():
