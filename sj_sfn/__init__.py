@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING
 
 from . import energy, functional
-from .convert import convert
+from .conversion import convert
 from .neuron import MTNode, SFNode, _register_with_spikingjelly, set_lambda, sfn_nodes
 from .ops import implementation
 from .version import __version__

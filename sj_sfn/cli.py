@@ -349,7 +349,7 @@ def load_converted(path: str, device: str | None = None):
     """
     import torch
 
-    from .convert import convert
+    from .conversion import convert
 
     obj = _torch_load(path)
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
@@ -487,7 +487,7 @@ def _device(args, dist_on: bool) -> str | None:
 
 
 def _cmd_convert(args) -> int:
-    from .convert import convert
+    from .conversion import convert
     from .distributed import init_from_env, is_main
     from .tune import _current_lams
 

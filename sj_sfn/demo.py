@@ -99,7 +99,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def run_demo(args) -> int:
     from . import zoo
     from .cli import DEMO_CACHE, UserError, _log, _write_json
-    from .convert import convert
+    from .conversion import convert
     from .data import make_splits
     from .energy import measure_energy
     from .tune import tune_lambda

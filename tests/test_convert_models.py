@@ -8,7 +8,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional
 
 import sj_sfn
-from sj_sfn.convert import is_transformer
+from sj_sfn.conversion import is_transformer
 from sj_sfn.energy import measure_energy
 
 timm = pytest.importorskip("timm")

@@ -284,7 +284,7 @@ def _cnn_convert():
 
     fn = getattr(sj_sfn, "convert", None)
     if not callable(fn):
-        from sj_sfn.convert import convert as fn
+        from sj_sfn.conversion import convert as fn
     return fn
 
 

@@ -244,7 +244,7 @@ def calibrate(
                 break
     finally:
         model.train(was_training)
-    from .distributed import all_reduce_sum, is_distributed
+    from ..distributed import all_reduce_sum, is_distributed
 
     if is_distributed():
         # torchrun: sum every observer's statistics over the processes (each saw its own batches),

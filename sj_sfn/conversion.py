@@ -1,4 +1,4 @@
-"""``sj_sfn.convert``: the one entry point from a trained ANN to a one-timestep SNN.
+"""``sj_sfn.convert`` (defined here, in ``sj_sfn.conversion``): the one entry point from a trained ANN to a one-timestep SNN.
 
 CNN-like models (ReLU family) go through :class:`~sj_sfn.ann2snn.SFNRecipe` and SpikingJelly's
 FX ``Converter``; Transformers (timm ``VisionTransformer``/``Eva``, or any model holding
