@@ -1,7 +1,8 @@
-"""FX conversion recipes for SpikingJelly's ``ann2snn.Converter`` (CNNs, ReLU family)."""
+"""FX conversion recipes for SpikingJelly's ``ann2snn.Converter`` (CNNs, ReLU family) and their graph passes."""
 
 from .matching import ActivationMatch, match_relu_family, unsupported_activation
-from .recipes import MTNRecipe, SFNRecipe, adapt_step_mode, fuse_conv_bn
+from .passes import InPlaceError, adapt_step_mode, functionalize_inplace, fuse_conv_bn
+from .recipes import MTNRecipe, SFNRecipe
 
-__all__ = ["SFNRecipe", "MTNRecipe", "fuse_conv_bn", "adapt_step_mode", "ActivationMatch", "match_relu_family",
-           "unsupported_activation"]
+__all__ = ["SFNRecipe", "MTNRecipe", "fuse_conv_bn", "adapt_step_mode", "functionalize_inplace", "InPlaceError",
+           "ActivationMatch", "match_relu_family", "unsupported_activation"]

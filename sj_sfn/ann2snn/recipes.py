@@ -22,28 +22,22 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import warnings
-from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from spikingjelly.activation_based.ann2snn.modules import VoltageHook, VoltageScaler
 from spikingjelly.activation_based.ann2snn.recipes.base import FXConversionRecipe
 from spikingjelly.activation_based.ann2snn.recipes.rate_coding import RateCodingRecipe
-from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import (
-    _RATE_CODING_STATELESS_MODULE_TYPES,
-    adapt_step_mode_graph,
-)
 from torch import fx
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from ..calibration import SiteObserver, calibrate
 from ..functional import _check_offset
 from ..neuron import MTNode, SFNode
 from .matching import activation_input, match_relu_family, unsupported_activation
+from .passes import adapt_step_mode, functionalize_inplace, fuse_conv_bn
+from .passes import unique_target as _unique_target
 
 if TYPE_CHECKING:
     from spikingjelly.activation_based.ann2snn.converter import FXConverter
@@ -56,165 +50,6 @@ __all__ = ["SFNRecipe", "MTNRecipe", "fuse_conv_bn", "adapt_step_mode", "CNN_DEF
 #: Larger λ trades accuracy for energy (λ = 0.1: -0.65 point, energy ratio 0.27 instead of 0.53).
 CNN_DEFAULT_LAM = 0.05
 CNN_DEFAULT_V_INIT = 0.5
-
-
-# -- graph utilities -------------------------------------------------------------------
-
-
-def _sole_value_user(producer: fx.Node, consumer: fx.Node) -> bool:
-    """Whether ``consumer`` is the only user of ``producer``'s values (``x.ndim``/``x.shape`` users do not count)."""
-    for user in producer.users:
-        if user is consumer:
-            continue
-        if user.op == "call_function" and user.target is getattr and user.args[1:] in (("ndim",), ("shape",)):
-            continue
-        if user.op == "call_method" and user.target in ("dim", "size"):
-            continue
-        return False
-    return True
-
-
-def _attr(fx_model: fx.GraphModule, node: Any) -> torch.Tensor | None:
-    if node is None:
-        return None
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        try:
-            return fx_model.get_parameter(node.target)
-        except AttributeError:  # not a parameter: a buffer (running statistics) or an error for the caller
-            return fx_model.get_buffer(node.target)
-    raise ValueError("not a constant attribute")
-
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def fuse_conv_bn(fx_model: fx.GraphModule) -> fx.GraphModule:
-    """Fold every eval-mode BatchNorm that directly follows a convolution into it.
-
-    Both ``nn.BatchNormNd`` modules and functional ``F.batch_norm(conv(x), running_mean, running_var,
-    weight, bias, training=False)`` calls on module attributes (timm's ``BatchNormAct2d``) are fused:
-    ``w' = w·γ/√(σ²+ε)``, ``b' = (b - μ)·γ/√(σ²+ε) + β``. A convolution called more than once
-    (shared weights) is left alone: folding one BatchNorm into it would change its other calls.
-    """
-    modules = dict(fx_model.named_modules())
-    calls = Counter(n.target for n in fx_model.graph.nodes if n.op == "call_module")
-    pairs = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
-    for node in list(fx_model.graph.nodes):
-        if not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        prev = node.args[0]
-        if prev.op != "call_module" or type(modules.get(prev.target)) not in _CONVS or not _sole_value_user(prev, node):
-            continue
-        if calls[prev.target] > 1:
-            continue
-        conv = modules[prev.target]
-        if node.op == "call_module":
-            bn = modules.get(node.target)
-            if not any(type(conv) is c and type(bn) is b for c, b in pairs) or not bn.track_running_stats:
-                continue
-            fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
-        elif node.op == "call_function" and node.target is F.batch_norm:
-            names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-            kw = dict(zip(names, node.args))
-            kw.update(node.kwargs)
-            if kw.get("training", False) is not False:
-                continue
-            try:
-                rm, rv, w, b = (_attr(fx_model, kw.get(k)) for k in ("running_mean", "running_var", "weight", "bias"))
-            except (ValueError, AttributeError):
-                continue
-            if rm is None or rv is None:
-                continue
-            fused = copy.deepcopy(conv).eval()
-            fused.weight, fused.bias = fuse_conv_bn_weights(conv.weight, conv.bias, rm, rv, kw.get("eps", 1e-5), w, b)
-        else:
-            continue
-        parent, _, leaf = prev.target.rpartition(".")
-        setattr(fx_model.get_submodule(parent) if parent else fx_model, leaf, fused)
-        modules[prev.target] = fused
-        node.replace_all_uses_with(prev)
-        fx_model.graph.erase_node(node)
-    fx_model.graph.eliminate_dead_code()
-    fx_model.graph.lint()
-    fx_model.delete_all_unused_submodules()
-    fx_model.recompile()
-    return fx_model
-
-
-def _unique_target(fx_model: fx.GraphModule, wanted: str) -> str:
-    existing = dict(fx_model.named_modules())
-    target, i = wanted, 1
-    while target in existing:
-        target = f"{wanted}_{i}"
-        i += 1
-    return target
-
-
-_FUNCTIONAL_POOLS = {
-    F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, ("output_size",)),
-    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
-    F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, ("output_size",)),
-    F.avg_pool1d: (nn.AvgPool1d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
-    F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")),
-    F.max_pool1d: (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
-    F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
-}
-
-
-def _modularise_pools(fx_model: fx.GraphModule) -> None:
-    """Prepare for step-mode adaptation: functional pools with literal arguments become modules and
-    ``x.ndim`` becomes ``x.dim()`` (which the adapter makes step-aware; timm asserts on it)."""
-    for node in list(fx_model.graph.nodes):
-        if node.op == "call_function" and node.target is getattr and node.args[1:] == ("ndim",):
-            with fx_model.graph.inserting_after(node):
-                new = fx_model.graph.call_method("dim", args=(node.args[0],))
-            node.replace_all_uses_with(new)
-            fx_model.graph.erase_node(node)
-            continue
-        if node.op != "call_function" or node.target not in _FUNCTIONAL_POOLS:
-            continue
-        cls, names = _FUNCTIONAL_POOLS[node.target]
-        kwargs = dict(zip(names, node.args[1:]))
-        kwargs.update({k: v for k, v in node.kwargs.items() if k in names})
-        if any(isinstance(v, fx.Node) for v in kwargs.values()) or "return_indices" in node.kwargs:
-            continue
-        try:
-            module = cls(**kwargs)
-        except TypeError:
-            continue
-        target = _unique_target(fx_model, f"{node.name}_pool")
-        fx_model.add_submodule(target, module)
-        with fx_model.graph.inserting_after(node):
-            new = fx_model.graph.call_module(target, args=(node.args[0],))
-        node.replace_all_uses_with(new)
-        fx_model.graph.erase_node(node)
-    fx_model.graph.lint()
-    fx_model.recompile()
-
-
-def adapt_step_mode(fx_model: fx.GraphModule, context: str) -> fx.GraphModule:
-    """Make ``fx_model`` follow ``functional.set_step_mode`` (SpikingJelly's adapter).
-
-    Functional pools are turned into modules first. If the graph holds an operation that the
-    adapter cannot make sequence-aware, a warning says so and the single-step graph is returned.
-    """
-    _modularise_pools(fx_model)
-    trial = copy.deepcopy(fx_model)
-    try:
-        return adapt_step_mode_graph(
-            trial,
-            context=context,
-            wrap_module_types=_RATE_CODING_STATELESS_MODULE_TYPES,
-            safe_module_types=(),
-            safe_call_functions=(F.dropout,),
-        )
-    except (ValueError, TypeError) as e:
-        warnings.warn(
-            f"{context}: the converted network runs single-step only (step_mode='s'); "
-            f"multi-step adaptation failed: {e}",
-            stacklevel=3,
-        )
-        return fx_model
 
 
 def _check_loader(dataloader: Any, owner: str) -> None:
@@ -319,6 +154,7 @@ class SFNRecipe(FXConversionRecipe):
         return _eval_copy(ann)
 
     def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
+        fx_model = functionalize_inplace(fx_model)  # in-place ops first: SFNs are out of place, fusion prunes nodes
         if self.fuse_bn:
             fx_model = fuse_conv_bn(fx_model)
         return fx_model.to(converter.device)
@@ -452,6 +288,9 @@ class MTNRecipe(RateCodingRecipe):
 
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
         return _eval_copy(ann)
+
+    def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
+        return super().after_trace(converter, functionalize_inplace(fx_model))
 
     def replace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         modules = dict(fx_model.named_modules())
