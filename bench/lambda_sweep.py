@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from sj_sfn import convert, set_lambda, sfn_nodes, zoo
     from sj_sfn.data import make_splits
-    from sj_sfn.tune import _finite, evaluate_lambda, tune_lambda
+    from sj_sfn.tune import evaluate_lambda, tune_lambda
+    from sj_sfn.utils import json_safe
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{ax_pt:10.2f} {ax_max:5.2f}")
     out = os.path.join(args.out, f"{args.dataset}.json")
     with open(out, "w") as f:
-        json.dump(_finite(results), f, indent=2, default=str)  # NaN/Inf -> null, as TuneResult.to_json
+        json.dump(json_safe(results), f, indent=2, default=str)  # NaN/Inf -> null, as TuneResult.to_json
     print(f"\nwrote {out} and the plots in {args.out}/")
     return 0
 

@@ -34,7 +34,7 @@ def _train_set(args, model):
     """The training images (augmented for folders; never the validation or test split) and the data."""
     from torch.utils.data import Subset
 
-    from sj_sfn.cli import _image_folder, load_data
+    from sj_sfn.cli import image_folder, load_data
 
     d = load_data(args.data, args.batch_size, None, args.val_samples, None, model, args.model, args.img_size, args.workers, args.seed)
     if d.train_root is None:  # digits / fashion-mnist: the training split of make_splits
@@ -55,7 +55,7 @@ def _train_set(args, model):
         size = args.img_size or 224
         transform = T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
                                T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    return Subset(_image_folder(d.train_root, transform), d.train_indices), d
+    return Subset(image_folder(d.train_root, transform), d.train_indices), d
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +90,8 @@ def _train(args) -> int:
     from tqdm.auto import tqdm
 
     from sj_sfn.cli import build_model, data_info
-    from sj_sfn.distributed import distributed_accuracy, init_from_env, is_main, shard_loader
+    from sj_sfn.distributed import init_from_env, is_main, shard_loader
+    from sj_sfn.evaluation import distributed_accuracy
 
     dist_on = init_from_env()
     device = torch.device(args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"))
@@ -202,9 +203,9 @@ def _classifier_names(model: nn.Module) -> list[str]:
 
 def _load_init(model: nn.Module, path: str) -> None:
     """Load pretrained weights, re-initialising the classifier head when its shape differs (another class count)."""
-    from sj_sfn.cli import UserError, _state_dict_of, _torch_load
+    from sj_sfn.cli import UserError, state_dict_of, torch_load
 
-    sd = _state_dict_of(_torch_load(path), path)
+    sd = state_dict_of(torch_load(path), path)
     own = model.state_dict()
     heads = tuple(f"{name}." for name in _classifier_names(model))
     mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]

@@ -4,14 +4,14 @@ from typing import TYPE_CHECKING
 
 from . import energy, functional
 from .conversion import convert
-from .neuron import MTNode, SFNode, _register_with_spikingjelly, set_lambda, sfn_nodes
+from .neuron import MTNode, SFNode, register_with_spikingjelly, set_lambda, sfn_nodes
 from .ops import implementation
 from .version import __version__
 
 if TYPE_CHECKING:
     from .ann2snn import MTNRecipe, SFNRecipe
 
-_register_with_spikingjelly()
+register_with_spikingjelly()
 
 _LAZY = {"SFNRecipe": "sj_sfn.ann2snn", "MTNRecipe": "sj_sfn.ann2snn"}
 # Submodules with heavier or optional dependencies (timm, Ax, matplotlib) load on first access.

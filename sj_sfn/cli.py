@@ -27,14 +27,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from .demo import DEMO_CACHE
+from .utils import UserError
+
 __all__ = ["main", "build_parser", "UserError", "build_model", "load_checkpoint", "load_data", "load_converted", "save_converted"]
 
 FORMAT = "sj-sfn-snn"
-DEMO_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sj-sfn", "demo")
 
-
-class UserError(Exception):
-    """A mistake in the command line or its inputs: reported in one line, exit code 2."""
 
 
 # -- models --------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def build_model(spec: str, num_classes: int, in_chans: int = 3, img_size: int | 
     return timm.create_model(name, **kw)
 
 
-def _state_dict_of(obj: Any, path: str) -> dict:
+def state_dict_of(obj: Any, path: str) -> dict:
     import torch
 
     if isinstance(obj, torch.nn.Module):
@@ -94,7 +93,7 @@ def _state_dict_of(obj: Any, path: str) -> dict:
     raise UserError(f"{path} holds no state_dict (expected a dict of tensors or one under 'state_dict'/'model')")
 
 
-def _torch_load(path: str) -> Any:
+def torch_load(path: str) -> Any:
     import pickle
 
     import torch
@@ -126,7 +125,7 @@ def _torch_load(path: str) -> Any:
 
 def load_checkpoint(model, path: str, spec: str = "model") -> None:
     """Load an ANN checkpoint into ``model``; a mismatch is a :class:`UserError` naming the keys."""
-    sd = _state_dict_of(_torch_load(path), path)
+    sd = state_dict_of(torch_load(path), path)
     sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -206,7 +205,7 @@ def _image_transform(config: dict | None, img_size: int | None):
     ])
 
 
-def _image_folder(path: str, transform, classes: dict[str, int] | None = None):
+def image_folder(path: str, transform, classes: dict[str, int] | None = None):
     """An ``ImageFolder``; with ``classes`` (``train/``'s class-to-index map) its labels follow that map."""
     from torchvision.datasets import ImageFolder
 
@@ -281,13 +280,13 @@ def load_data(
         transform = _image_transform(config if config is not None else data_config(model, spec), img_size)
         train_dir, val_dir = os.path.join(data, "train"), os.path.join(data, "val")
         if os.path.isdir(train_dir) and os.path.isdir(val_dir):
-            whole = _image_folder(train_dir, transform)
+            whole = image_folder(train_dir, transform)
             pool = list(range(len(whole)))
-            test = _subset(_image_folder(val_dir, transform, whole.class_to_idx), test_samples, seed)
+            test = _subset(image_folder(val_dir, transform, whole.class_to_idx), test_samples, seed)
             note = f"{data}: calibration and validation (λ) from train/ (disjoint), test = val/"
             train_root = train_dir
         else:
-            whole = _image_folder(data, transform)
+            whole = image_folder(data, transform)
             perm = torch.randperm(len(whole), generator=torch.Generator().manual_seed(seed)).tolist()
             n_test = max(1, len(whole) // 10)
             test = _subset(Subset(whole, perm[:n_test]), test_samples, seed)
@@ -322,7 +321,7 @@ def load_data(
 
 
 def _sample_shape(loader) -> tuple[int, ...]:
-    from .calibration import batch_inputs
+    from .utils import batch_inputs
 
     for batch in loader:
         return tuple(batch_inputs(batch).shape[1:])
@@ -351,7 +350,7 @@ def load_converted(path: str, device: str | None = None):
 
     from .conversion import convert
 
-    obj = _torch_load(path)
+    obj = torch_load(path)
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise UserError(f"{path} is not a converted SNN written by 'sj-sfn convert'")
     mk = obj["model_kwargs"]
@@ -382,13 +381,11 @@ def _log(args, *msg: Any) -> None:
 
 def _write_json(path: str, obj: dict) -> None:
     from .distributed import is_main
-    from .tune import _finite
+    from .utils import write_json
 
     if not path or not is_main():
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(_finite(obj), f, indent=2)
+    write_json(path, obj)
 
 
 def _check_lam(v: str) -> float:
@@ -454,8 +451,8 @@ def _tune(args, snn, val_loader, ann=None, device=None):
 
 def _evaluate(snn, ann, loader, device=None) -> dict:
     """ANN and SNN top-1 accuracy and the energy ratio over ``loader`` (all-reduced under torchrun)."""
-    from .distributed import all_reduce_report, distributed_accuracy
     from .energy import measure_energy
+    from .evaluation import all_reduce_report, distributed_accuracy
 
     t0 = time.perf_counter()
     snn_acc, n = distributed_accuracy(snn, loader, device)
@@ -489,7 +486,7 @@ def _device(args, dist_on: bool) -> str | None:
 def _cmd_convert(args) -> int:
     from .conversion import convert
     from .distributed import init_from_env, is_main
-    from .tune import _current_lams
+    from .tune import current_lams
 
     dist_on = init_from_env()
     num_classes, in_chans, img_size = data_info(args.data)
@@ -520,7 +517,7 @@ def _cmd_convert(args) -> int:
     except (ValueError, TypeError, NotImplementedError) as e:
         raise UserError(f"cannot convert {args.model}: {str(e).splitlines()[0]}") from e
     t_conv = time.perf_counter() - t0
-    lams = _current_lams(snn)
+    lams = current_lams(snn)
     if "lam" not in ck and lams and len(set(lams.values())) == 1:
         ck["lam"] = next(iter(lams.values()))  # the converter's default
     tune_info = None
@@ -536,7 +533,7 @@ def _cmd_convert(args) -> int:
         "model": args.model, "model_kwargs": {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size},
         "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None, "data": args.data,
         "convert_kwargs": ck, "input_shape": list(_sample_shape(d.calib)), "data_config": config,
-        "lams": _current_lams(snn), "tune": tune_info,
+        "lams": current_lams(snn), "tune": tune_info,
         "version": _version(),
     }
     summary = {"out": os.path.abspath(args.out), "model": args.model, "lam": ck.get("lam"), "max_spikes": args.max_spikes,
@@ -567,7 +564,7 @@ def _check_model_accepts(ann, loader, args, device) -> None:
     """One calibration image through the ANN, so that a model/data mismatch is one clear line, not a traceback."""
     import torch
 
-    from .calibration import batch_inputs
+    from .utils import batch_inputs
 
     x = batch_inputs(next(iter(loader)))[:1]
     try:
@@ -624,7 +621,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_tune(args) -> int:
     from .distributed import init_from_env, is_main
-    from .tune import _current_lams
+    from .tune import current_lams
 
     dist_on = init_from_env()
     device = _device(args, dist_on)
@@ -646,7 +643,7 @@ def _cmd_tune(args) -> int:
         res.apply(snn)
         meta = {k: v for k, v in meta.items() if k not in ("format", "state_dict")}
         meta["convert_kwargs"] = {**meta["convert_kwargs"], "lam": res.best_lam}
-        meta.update(lams=_current_lams(snn), tune=res.to_dict())
+        meta.update(lams=current_lams(snn), tune=res.to_dict())
         save_converted(args.out, snn.cpu() if device else snn, meta)
     if not is_main():
         return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -19,8 +20,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["run_demo", "if_rate_coding_sweep", "format_table"]
+__all__ = ["DEMO_CACHE", "run_demo", "if_rate_coding_sweep", "format_table"]
 
+DEMO_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sj-sfn", "demo")  # trained models, reused across runs
 IF_MAX_IMAGES = 2048  # test images the IF rate-coding sweep runs on (one batch)
 
 
@@ -98,11 +100,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(args) -> int:
     from . import zoo
-    from .cli import DEMO_CACHE, UserError, _log, _write_json
     from .conversion import convert
     from .data import make_splits
     from .energy import measure_energy
     from .tune import tune_lambda
+    from .utils import UserError, write_json
+
+    def _log(args, *msg: Any) -> None:
+        if not args.quiet:
+            print(*msg, file=sys.stderr, flush=True)
 
     t_all = time.perf_counter()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
@@ -185,7 +191,7 @@ def run_demo(args) -> int:
               "splits": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
               "rows": rows, "table": table, "total_seconds": total, "cache": cache}
     path = os.path.join(args.out, "demo.json")
-    _write_json(path, result)
+    write_json(path, result)
     print(table)
     if not args.quiet:
         print(f"\nT=1 SNN: one forward pass, SFN neurons with N=32 levels; λ tuned on the validation split, "

@@ -5,26 +5,21 @@ processes gives the *same* thresholds as one process only if every process sees 
 of the single-process batch sequence: :class:`ShardedBatchSampler` hands batch ``b`` to rank
 ``b mod W`` (a sample-level ``DistributedSampler`` would change which images share a batch, and
 pads with repeats). :func:`sj_sfn.calibration.calibrate` all-reduces the observers' sums when a
-process group is initialised; metrics are sums of counts, all-reduced here.
+process group is initialised; metrics are sums of counts, all-reduced by :mod:`sj_sfn.evaluation`.
+This module imports nothing from the rest of the package.
 
     torchrun --nproc_per_node 8 classification/convert.py vit_base_patch16_224 --checkpoint ... --data /imagenet
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
-
-if TYPE_CHECKING:
-    from .energy import EnergyReport
 
 _T = TypeVar("_T")
 
@@ -38,10 +33,7 @@ __all__ = [
     "shard_loader",
     "all_reduce_sum",
     "all_reduce_max",
-    "all_reduce_report",
     "broadcast_object",
-    "distributed_accuracy",
-    "barrier",
 ]
 
 
@@ -82,11 +74,6 @@ def init_from_env(backend: str | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return dist.get_world_size() > 1
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -160,31 +147,6 @@ def _all_reduce(values: list[float], op: str, device: torch.device | str | None)
     return t.cpu().tolist()
 
 
-def all_reduce_report(rep: EnergyReport, device: torch.device | str | None = None) -> EnergyReport:
-    """Every rank's :class:`~sj_sfn.energy.EnergyReport` merged: each per-sample count is the sample-weighted mean
-    ``x = Σ_r s_r·x_r / Σ_r s_r`` (totals, per-layer counts and firing rates alike). Unchanged without a process group.
-    """
-    if not is_distributed():
-        return rep
-    sites = sorted(rep.firing_rates)
-    layer_fields = ("ann_macs", "snn_acs", "events", "macs", "firing_rate")
-    values = [rep.sops, rep.events, rep.macs, rep.ann_macs, *(rep.firing_rates[k] for k in sites)]
-    for layer in rep.per_layer:
-        values += [math.nan if getattr(layer, f) is None else getattr(layer, f) for f in layer_fields]
-    sums = all_reduce_sum([float(rep.samples), *(v * rep.samples for v in values)], device)
-    total, means = sums[0], iter(v / sums[0] if sums[0] else math.nan for v in sums[1:])
-    sops, events, macs, ann_macs = (next(means) for _ in range(4))
-    rates = {k: next(means) for k in sites}
-    layers = []
-    for layer in rep.per_layer:
-        merged = {f: next(means) for f in layer_fields}
-        if layer.firing_rate is None:
-            merged["firing_rate"] = None
-        layers.append(replace(layer, **merged))
-    return replace(rep, sops=sops, events=events, macs=macs, ann_macs=ann_macs, firing_rates=rates, per_layer=layers,
-                   samples=int(total))
-
-
 def broadcast_object(obj: _T, src: int = 0) -> _T:
     """Rank ``src``'s ``obj`` on every rank (any picklable value); ``obj`` itself without a process group."""
     if not is_distributed():
@@ -192,18 +154,3 @@ def broadcast_object(obj: _T, src: int = 0) -> _T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-@torch.no_grad()
-def distributed_accuracy(model: nn.Module, loader: Iterable, device: torch.device | str | None = None) -> tuple[float, int]:
-    """Top-1 accuracy (%) over the union of every rank's ``loader``: ``100·Σcorrect / Σtotal``.
-
-    Returns ``(accuracy, total samples)``. Each rank passes its own shard (:func:`shard_loader`).
-    """
-    from .zoo import count_correct
-
-    correct, total = count_correct(model, loader, device)
-    correct, total = all_reduce_sum([float(correct), float(total)])
-    if total == 0:
-        raise ValueError("the evaluation loader is empty")
-    return 100.0 * correct / total, int(total)

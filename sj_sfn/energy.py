@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as TF
 
-from .calibration import batch_inputs
+from .utils import batch_inputs
 
 __all__ = ["E_AC_PJ", "E_MAC_PJ", "LayerEnergy", "EnergyReport", "measure_energy", "conv_fanout_acs", "linear_fanout_acs"]
 

@@ -26,16 +26,18 @@ The public step functions validate their parameters (``N`` an int >= 1; threshol
 the ceiling finite and > 0; ``0 <= r < 1``; ``len(levels) == N``) in eager mode, not while
 ``torch.compile`` traces. Python numbers are always checked; tensors only when they live on the
 CPU, so a forward on a GPU never synchronises the device for a check. The neurons validate their parameters once,
-at construction, and call unchecked internal functions.
+at construction, and call the ``*_unchecked`` functions.
+The checks themselves live in :mod:`sj_sfn.checks`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
+
+from .checks import check_fire_params, check_levels
 
 __all__ = [
     "FireOutput",
@@ -46,8 +48,10 @@ __all__ = [
     "multi_threshold_fire",
     "mtn_step",
     "mtn_multi_step",
+    "mtn_multi_step_unchecked",
     "sfn_step",
     "sfn_multi_step",
+    "sfn_multi_step_unchecked",
     "power_levels",
     "check_levels",
     "broadcast_threshold",
@@ -108,20 +112,6 @@ def power_levels(max_spikes: int, gamma: float = 2.0) -> torch.Tensor:
         raise ValueError(f"gamma must be a finite positive number, got {gamma!r}")
     i = torch.arange(1, max_spikes + 1, dtype=torch.float64)
     return (max_spikes * (i / max_spikes) ** gamma).to(torch.float32)
-
-
-def check_levels(levels: torch.Tensor) -> torch.Tensor:
-    """Validate a level tensor: 1-D, finite, positive, strictly increasing."""
-    levels = torch.as_tensor(levels)
-    if levels.dim() != 1 or levels.numel() < 1:
-        raise ValueError(f"levels must be a non-empty 1-D tensor, got shape {tuple(levels.shape)}")
-    if not levels.is_floating_point():
-        levels = levels.to(torch.float32)
-    if not torch.isfinite(levels).all() or not (levels > 0).all():
-        raise ValueError("levels must be finite and positive")
-    if levels.numel() > 1 and not (levels[1:] > levels[:-1]).all():
-        raise ValueError("levels must be strictly increasing")
-    return levels
 
 
 def broadcast_threshold(theta: torch.Tensor, x: torch.Tensor, channel_dim: int | None, name: str = "threshold") -> torch.Tensor:
@@ -237,69 +227,6 @@ def _step(
     return StepOutput(spike.to(x.dtype), v_next, count_out)
 
 
-def _check_max_spikes(max_spikes: Any) -> int:
-    """``N``: an integer >= 1 (a one-element tensor is read). TypeError for another type, ValueError below 1."""
-    if isinstance(max_spikes, torch.Tensor) and max_spikes.numel() == 1:
-        max_spikes = max_spikes.item()
-    if isinstance(max_spikes, bool) or not isinstance(max_spikes, numbers.Integral):
-        raise TypeError(f"max_spikes (N) must be an integer, got {max_spikes!r}")
-    if max_spikes < 1:
-        raise ValueError(f"max_spikes (N) must be >= 1, got {max_spikes}")
-    return int(max_spikes)
-
-
-def _check_positive_float(value: Any, name: str) -> float:
-    """A finite real number > 0 (a one-element tensor is read)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return value
-
-
-def _check_finite_positive(t: torch.Tensor, name: str) -> None:
-    """Every element of ``t`` finite and > 0."""
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} must be finite, got non-finite values")
-    if not (t > 0).all():
-        raise ValueError(f"{name} must be > 0 everywhere (a zero threshold means the site never fires)")
-
-
-def _check_offset(offset: Any, name: str = "v_init") -> float:
-    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not 0.0 <= float(offset) < 1.0:
-        raise ValueError(f"{name} must be a fraction of the threshold in [0, 1), got {offset!r}")
-    return float(offset)
-
-
-def _check_params(max_spikes, offset: float = 0.0, levels: torch.Tensor | None = None, **positive) -> None:
-    """Validate the parameters of a public entry point (see the module doc for what is checked when).
-
-    Nothing is checked while torch.compile traces: a Python float may be traced as a symbolic
-    value there, and ``math.isfinite`` on it would break the graph. Eager calls check everything.
-    """
-    if torch.compiler.is_compiling():
-        return
-    n = _check_max_spikes(max_spikes)
-    for name, value in positive.items():
-        if isinstance(value, torch.Tensor):
-            if value.device.type == "cpu":  # checking a GPU tensor would synchronise the device
-                _check_finite_positive(value.detach(), name)
-        elif value is not None:
-            _check_positive_float(value, name)
-    _check_offset(offset, "offset")
-    if levels is not None:
-        if not isinstance(levels, torch.Tensor) or levels.dim() != 1 or levels.numel() != n:
-            shape = tuple(levels.shape) if isinstance(levels, torch.Tensor) else type(levels).__name__
-            raise ValueError(f"levels must be a 1-D tensor of max_spikes={n} entries, got {shape}")
-        if levels.device.type == "cpu":
-            check_levels(levels)
-
-
 def _prepare(x: torch.Tensor, v: torch.Tensor | float, *thresholds):
     dtype = compute_dtype(x.dtype)
     if isinstance(v, torch.Tensor):
@@ -323,7 +250,7 @@ def mtn_step(
     return_count: bool = False,
 ) -> StepOutput:
     """One MTN step: ``h = v + x``, ``k = clip(floor(h/θ), 0, N)``, ``o = θ·k``, ``v' = h - o``."""
-    _check_params(max_spikes, v_threshold=v_threshold)
+    check_fire_params(max_spikes, v_threshold=v_threshold)
     v, (theta,) = _prepare(x, v, v_threshold)
     return _step(x, v, theta, None, max_spikes, None, 0.0, None, detach_reset, return_count)
 
@@ -338,11 +265,11 @@ def mtn_multi_step(
     store_v_seq: bool = False,
 ) -> SeqOutput:
     """Run :func:`mtn_step` over the first dimension of ``x_seq`` (``[T, ...]``)."""
-    _check_params(max_spikes, v_threshold=v_threshold)
-    return _mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
+    check_fire_params(max_spikes, v_threshold=v_threshold)
+    return mtn_multi_step_unchecked(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
 
 
-def _mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq) -> SeqOutput:
+def mtn_multi_step_unchecked(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq) -> SeqOutput:
     """:func:`mtn_multi_step` without the parameter checks (for callers that validated them)."""
     v, (theta,) = _prepare(x_seq[0], v, v_threshold)
     return _run_seq(x_seq, v, theta, None, max_spikes, None, 0.0, None, detach_reset, return_count, store_v_seq)
@@ -369,7 +296,7 @@ def sfn_step(
 
     ``θ±`` must already broadcast against ``x`` (see :func:`broadcast_threshold`).
     """
-    _check_params(max_spikes, offset, levels, theta_pos=theta_pos, theta_neg=theta_neg, lam=lam, ceiling=ceiling)
+    check_fire_params(max_spikes, offset, levels, theta_pos=theta_pos, theta_neg=theta_neg, lam=lam, ceiling=ceiling)
     v, (tp, tn, lam_t, lv) = _prepare(x, v, theta_pos, theta_neg, lam, levels)
     tn = None if tn is None else _scaled(tn, lam_t)
     return _step(x, v, _scaled(tp, lam_t), tn, max_spikes, lv, offset, ceiling, detach_reset, return_count)
@@ -390,13 +317,13 @@ def sfn_multi_step(
     store_v_seq: bool = False,
 ) -> SeqOutput:
     """Run :func:`sfn_step` over the first dimension of ``x_seq`` (``[T, ...]``)."""
-    _check_params(max_spikes, offset, levels, theta_pos=theta_pos, theta_neg=theta_neg, lam=lam, ceiling=ceiling)
-    return _sfn_multi_step(
+    check_fire_params(max_spikes, offset, levels, theta_pos=theta_pos, theta_neg=theta_neg, lam=lam, ceiling=ceiling)
+    return sfn_multi_step_unchecked(
         x_seq, v, theta_pos, theta_neg, lam, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq
     )
 
 
-def _sfn_multi_step(
+def sfn_multi_step_unchecked(
     x_seq, v, theta_pos, theta_neg, lam, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq
 ) -> SeqOutput:
     """:func:`sfn_multi_step` without the parameter checks (for callers that validated them)."""

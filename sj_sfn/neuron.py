@@ -20,7 +20,7 @@ from spikingjelly.activation_based.neuron import BaseNode
 
 from . import functional as F
 from . import ops
-from .functional import _check_max_spikes, _check_offset, _check_positive_float
+from .checks import check_finite_positive, check_max_spikes, check_offset, check_positive_float
 
 __all__ = ["MTNode", "SFNode", "BACKENDS", "sfn_nodes", "set_lambda"]
 
@@ -43,7 +43,7 @@ def _check_threshold_tensor(value: Any, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be a scalar or a 1-D per-channel tensor, got shape {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty")
-    F._check_finite_positive(t, name)
+    check_finite_positive(t, name)
     return t
 
 
@@ -129,8 +129,8 @@ class MTNode(_FusedForward, BaseNode):
         store_counts: bool = False,
         surrogate_function: Any = None,
     ):
-        v_threshold = _check_positive_float(v_threshold, "v_threshold")
-        max_spikes = _check_max_spikes(max_spikes)
+        v_threshold = check_positive_float(v_threshold, "v_threshold")
+        max_spikes = check_max_spikes(max_spikes)
         if isinstance(v_init, bool) or not isinstance(v_init, numbers.Real) or not math.isfinite(v_init):
             raise ValueError(f"v_init must be a finite real number, got {v_init!r}")
         super().__init__(
@@ -154,8 +154,8 @@ class MTNode(_FusedForward, BaseNode):
         return {"v_threshold": self.v_threshold, "max_spikes": self.max_spikes, "v_init": self.v_init}
 
     def set_extra_state(self, state: dict) -> None:
-        self.v_threshold = _check_positive_float(state["v_threshold"], "v_threshold")
-        self.max_spikes = _check_max_spikes(state["max_spikes"])
+        self.v_threshold = check_positive_float(state["v_threshold"], "v_threshold")
+        self.max_spikes = check_max_spikes(state["max_spikes"])
         self.v_init = float(state.get("v_init", 0.0))
         self.set_reset_value("v", self.v_init)
         self.reset()
@@ -231,20 +231,20 @@ class SFNode(_FusedForward, base.MemoryModule):
         super().__init__()
         self.register_buffer("theta_pos", _check_threshold_tensor(theta_pos, "theta_pos"))
         self.register_buffer("theta_neg", None if theta_neg is None else _check_threshold_tensor(theta_neg, "theta_neg"))
-        self.register_buffer("lam", torch.tensor(_check_positive_float(lam, "lam (λ)"), dtype=torch.float32))
+        self.register_buffer("lam", torch.tensor(check_positive_float(lam, "lam (λ)"), dtype=torch.float32))
         if levels is not None:
             levels = F.check_levels(levels).clone()
             if max_spikes is None:
                 max_spikes = levels.numel()
-            elif _check_max_spikes(max_spikes) != levels.numel():
+            elif check_max_spikes(max_spikes) != levels.numel():
                 raise ValueError(f"levels has {levels.numel()} entries but max_spikes={max_spikes}")
         elif max_spikes is None:
             max_spikes = 32
         self.register_buffer("levels", levels)
         self.register_buffer(
-            "ceiling", None if ceiling is None else torch.tensor(_check_positive_float(ceiling, "ceiling"), dtype=torch.float32)
+            "ceiling", None if ceiling is None else torch.tensor(check_positive_float(ceiling, "ceiling"), dtype=torch.float32)
         )
-        self.max_spikes = _check_max_spikes(max_spikes)
+        self.max_spikes = check_max_spikes(max_spikes)
         if channel_dim is not None and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
             raise TypeError(f"channel_dim must be an int or None, got {channel_dim!r}")
         self.channel_dim = channel_dim
@@ -254,7 +254,7 @@ class SFNode(_FusedForward, base.MemoryModule):
             raise ValueError(
                 f"theta_neg shape {tuple(self.theta_neg.shape)} differs from theta_pos shape {tuple(self.theta_pos.shape)}"
             )
-        self.v_init = _check_offset(v_init)
+        self.v_init = check_offset(v_init, "v_init")
         if not isinstance(detach_reset, bool):
             raise TypeError("detach_reset must be a bool")
         self.detach_reset = detach_reset
@@ -308,7 +308,7 @@ class SFNode(_FusedForward, base.MemoryModule):
 
     def set_lambda(self, lam: float) -> None:
         """Rescale every threshold of this site: ``λ ← lam`` (no recalibration)."""
-        self.lam.fill_(_check_positive_float(lam, "lam (λ)"))
+        self.lam.fill_(check_positive_float(lam, "lam (λ)"))
 
     def scaled_thresholds(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(λ·θ+, λ·θ-)``: the first threshold of each branch."""
@@ -325,9 +325,9 @@ class SFNode(_FusedForward, base.MemoryModule):
         return {"max_spikes": self.max_spikes, "channel_dim": self.channel_dim, "v_init": self.v_init}
 
     def set_extra_state(self, state: dict) -> None:
-        self.max_spikes = _check_max_spikes(state["max_spikes"])
+        self.max_spikes = check_max_spikes(state["max_spikes"])
         self.channel_dim = state.get("channel_dim")
-        self.v_init = _check_offset(state.get("v_init", 0.0))
+        self.v_init = check_offset(state.get("v_init", 0.0), "v_init")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Thresholds may be per-tensor or per-channel, and theta_neg/levels/ceiling may be
@@ -398,7 +398,7 @@ class SFNode(_FusedForward, base.MemoryModule):
         return out
 
 
-def _register_with_spikingjelly() -> None:
+def register_with_spikingjelly() -> None:
     """Make MTNode resolvable in SpikingJelly's serialized vision configs."""
     try:
         from spikingjelly.activation_based.distributed.vision.config import register_neuron_class
@@ -417,7 +417,7 @@ def set_lambda(model: torch.nn.Module, lam: float, names: list[str] | None = Non
 
     Thresholds are rescaled in place, ``λθ·y_i``: no recalibration is needed.
     """
-    lam = _check_positive_float(lam, "lam (λ)")
+    lam = check_positive_float(lam, "lam (λ)")
     nodes = sfn_nodes(model)
     if not nodes:
         raise ValueError("the model has no SFNode sites: convert it first (sj_sfn.convert)")

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cuda
+from . import checks, cuda
 from . import functional as F
 
 __all__ = [
@@ -284,7 +284,7 @@ def _sfn_torch(x_seq, v, tp, tn, levels, ceiling, max_spikes, offset, channel_di
 
 
 def _mtn_reference(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq) -> F.SeqOutput:
-    return F._mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
+    return F.mtn_multi_step_unchecked(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
 
 
 def _sfn_reference(
@@ -294,7 +294,7 @@ def _sfn_reference(
     x0 = x_seq[0]
     tp = F.broadcast_threshold(theta_pos, x0, channel_dim, "theta_pos")
     tn = None if theta_neg is None else F.broadcast_threshold(theta_neg, x0, channel_dim, "theta_neg")
-    return F._sfn_multi_step(
+    return F.sfn_multi_step_unchecked(
         x_seq, v, tp, tn, 1.0, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq
     )
 
@@ -490,7 +490,7 @@ def mtn(
     ``max_spikes`` must be an int >= 1 and ``v_threshold`` finite and > 0 (a tensor is checked
     only on the CPU; nothing under ``torch.compile``; see :mod:`sj_sfn.functional`).
     """
-    F._check_params(max_spikes, v_threshold=v_threshold)
+    checks.check_fire_params(max_spikes, v_threshold=v_threshold)
     return _mtn(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq, backend)
 
 
@@ -500,7 +500,7 @@ def _mtn(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_
     impl = _choose(x_seq, backend)
     if impl == "torch" and not torch.compiler.is_compiling():
         if _needs_autograd(x_seq, v):
-            return F._mtn_multi_step(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
+            return F.mtn_multi_step_unchecked(x_seq, v, v_threshold, max_spikes, detach_reset, return_count, store_v_seq)
         return _mtn_torch(x_seq, v, v_threshold, max_spikes, return_count, store_v_seq)
     out = _mtn_op(x_seq, _state(v, x_seq), float(v_threshold), int(max_spikes), detach_reset, return_count, store_v_seq, impl)
     return _unpack(out, return_count, store_v_seq)
@@ -530,7 +530,7 @@ def sfn(
     ceiling finite and > 0, ``0 <= offset < 1``, checked in eager mode (not while ``torch.compile``
     traces): Python numbers always, tensors only on the CPU, so a GPU forward never synchronises.
     """
-    F._check_params(max_spikes, offset, levels, theta_pos=theta_pos, theta_neg=theta_neg, lam=lam, ceiling=ceiling)
+    checks.check_fire_params(max_spikes, offset, levels, theta_pos=theta_pos, theta_neg=theta_neg, lam=lam, ceiling=ceiling)
     return _sfn(
         x_seq, v, theta_pos, theta_neg, lam, max_spikes, levels, offset, ceiling, channel_dim, detach_reset,
         return_count, store_v_seq, backend,
@@ -552,7 +552,7 @@ def _sfn(
     if param_grad or (eager_torch and (levels is not None or _needs_autograd(x_seq, v))):
         tp_b = F.broadcast_threshold(torch.as_tensor(theta_pos), x0, channel_dim, "theta_pos")
         tn_b = None if theta_neg is None else F.broadcast_threshold(torch.as_tensor(theta_neg), x0, channel_dim, "theta_neg")
-        return F._sfn_multi_step(
+        return F.sfn_multi_step_unchecked(
             x_seq, v, tp_b, tn_b, lam, max_spikes, levels, offset, ceiling, detach_reset, return_count, store_v_seq
         )
     dtype = F.compute_dtype(x_seq.dtype)

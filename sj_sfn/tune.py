@@ -31,11 +31,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .distributed import all_reduce_max, all_reduce_report, all_reduce_sum, broadcast_object, is_distributed, is_main
+from .distributed import all_reduce_max, all_reduce_sum, broadcast_object, is_distributed, is_main
 from .energy import E_MAC_PJ, measure_energy
+from .evaluation import all_reduce_report
 from .neuron import SFNode, set_lambda, sfn_nodes
+from .utils import json_safe
 
-__all__ = ["OBJECTIVES", "Trial", "TuneResult", "tune_lambda", "pareto_front", "evaluate_lambda", "site_groups"]
+__all__ = ["OBJECTIVES", "Trial", "TuneResult", "tune_lambda", "pareto_front", "evaluate_lambda", "site_groups", "current_lams"]
 
 OBJECTIVES = ("accuracy", "tradeoff", "pareto")
 
@@ -185,7 +187,7 @@ class TuneResult:
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
-            json.dump(_finite(self.to_dict()), f, indent=2)
+            json.dump(json_safe(self.to_dict()), f, indent=2)
         return path
 
     @classmethod
@@ -263,16 +265,6 @@ class TuneResult:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
-
-
-def _finite(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
 
 
 # -- groups ------------------------------------------------------------------------------
@@ -402,7 +394,8 @@ def evaluate_lambda(
     return value, float(ratio)
 
 
-def _current_lams(snn: nn.Module) -> dict[str, float]:
+def current_lams(snn: nn.Module) -> dict[str, float]:
+    """``{site name: λ}`` of every SFN site of ``snn``."""
     return {n: float(m.lam.item()) for n, m in sfn_nodes(snn)}
 
 
@@ -566,7 +559,7 @@ def tune_lambda(
     Client, RangeParameterConfig = _import_ax()
     main = is_main()
     t_start = time.perf_counter()
-    saved = _current_lams(snn)
+    saved = current_lams(snn)
     was_training = snn.training
     snn.eval()
     records: list[Trial] = []

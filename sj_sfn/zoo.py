@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .calibration import batch_inputs
+from .evaluation import accuracy, count_correct
 
-__all__ = ["digits_cnn", "digits_vit", "small_resnet", "fit", "accuracy", "count_correct", "predict_logits"]
+__all__ = ["digits_cnn", "digits_vit", "small_resnet", "fit", "accuracy", "count_correct"]
 
 
 def digits_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> nn.Sequential:
@@ -89,45 +89,3 @@ def fit(model: nn.Module, loader, epochs: int = 10, lr: float = 3e-3, weight_dec
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     return model.eval()
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, loader, device: torch.device | str | None = None) -> torch.Tensor:
-    """Concatenated outputs of ``model`` over ``loader`` (eval mode, network state reset per batch)."""
-    from spikingjelly.activation_based import functional
-
-    model.eval()
-    outs = []
-    for batch in loader:
-        x = batch_inputs(batch)
-        if device is not None:
-            x = x.to(device)
-        functional.reset_net(model)
-        outs.append(model(x).float().cpu())
-    if not outs:
-        raise ValueError("the loader is empty")
-    return torch.cat(outs)
-
-
-@torch.no_grad()
-def count_correct(model: nn.Module, loader, device: torch.device | str | None = None) -> tuple[int, int]:
-    """``(correct, total)`` top-1 counts of ``model`` over ``(x, y)`` batches (network state reset per batch)."""
-    from spikingjelly.activation_based import functional
-
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        functional.reset_net(model)
-        correct += (model(x).argmax(-1) == y).sum()  # stays on the device: one sync at the end, not per batch
-        total += y.numel()
-    return int(correct), total
-
-
-def accuracy(model: nn.Module, loader, device: torch.device | str | None = None) -> float:
-    """Top-1 accuracy in percent, ``100·correct/total``, of ``model`` over a loader of ``(x, y)`` batches."""
-    correct, total = count_correct(model, loader, device)
-    if total == 0:
-        raise ValueError("the loader is empty")
-    return 100.0 * correct / total

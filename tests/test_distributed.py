@@ -23,8 +23,9 @@ def _worker(rank: int, world: int, init_file: str, payload: dict, out_dir: str) 
     import sj_sfn
     from sj_sfn import sformer
     from sj_sfn.cli import UserError, load_data
-    from sj_sfn.distributed import all_reduce_report, distributed_accuracy, shard_loader
+    from sj_sfn.distributed import shard_loader
     from sj_sfn.energy import measure_energy
+    from sj_sfn.evaluation import all_reduce_report, distributed_accuracy
     from sj_sfn.tune import tune_lambda
 
     torch.set_num_threads(1)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sj_sfn import functional as F
+from sj_sfn.checks import check_fire_params
 
 
 def _signed_mtn(h: torch.Tensor, tp: torch.Tensor, tn: torch.Tensor, n: int) -> torch.Tensor:
@@ -267,4 +268,4 @@ def test_good_parameters_pass_and_only_cpu_tensors_are_checked(rng: torch.Genera
     x = _draw(rng, (2, 3, 5))
     F.sfn_multi_step(x, 0.0, torch.tensor(0.5), torch.tensor(0.2), torch.tensor(0.5), 4, F.power_levels(4), 0.5, 1.0)
     F.mtn_multi_step(x, 0.0, torch.tensor(0.3), 1)
-    F._check_params(4, lam=torch.tensor(-1.0, device="meta"), theta_pos=torch.zeros(3, device="meta"))
+    check_fire_params(4, lam=torch.tensor(-1.0, device="meta"), theta_pos=torch.zeros(3, device="meta"))

@@ -7,7 +7,7 @@ import torch
 from spikingjelly.activation_based import functional as sjf
 
 import sj_sfn
-from sj_sfn import MTNode, SFNode, ops
+from sj_sfn import MTNode, SFNode, checks, ops
 from sj_sfn import functional as F
 
 ENV = ops.ENV_VAR
@@ -415,7 +415,7 @@ def test_nodes_skip_the_entry_point_checks(monkeypatch, rng):
     def fail(*args, **kwargs):
         raise AssertionError("a node forward ran the public parameter checks")
 
-    monkeypatch.setattr(F, "_check_params", fail)
+    monkeypatch.setattr(checks, "check_fire_params", fail)
     x = torch.randn(3, 2, 4, generator=rng)
     nodes = [MTNode(0.3, 4, step_mode="m"), SFNode(0.5, 0.4, lam=0.5, max_spikes=4, step_mode="m"),
              SFNode(0.5, lam=0.5, levels=F.power_levels(4), step_mode="m")]  # fmt: skip

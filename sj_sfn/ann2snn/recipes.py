@@ -33,7 +33,7 @@ from spikingjelly.activation_based.ann2snn.recipes.rate_coding import RateCoding
 from torch import fx
 
 from ..calibration import SiteObserver, calibrate
-from ..functional import _check_offset
+from ..checks import check_offset, check_quantile
 from ..neuron import MTNode, SFNode
 from .matching import activation_input, match_relu_family, unsupported_activation
 from .passes import adapt_step_mode, functionalize_inplace, fuse_conv_bn
@@ -142,9 +142,8 @@ class SFNRecipe(FXConversionRecipe):
         _check_loader(self.dataloader, "SFNRecipe")
         _positive(self.lam, "lam (λ)")
         _positive_int(self.max_spikes, "max_spikes (N)")
-        if isinstance(self.p, bool) or not isinstance(self.p, numbers.Real) or not 0.0 < self.p <= 1.0:
-            raise ValueError(f"p (calibration quantile) must be in (0, 1], got {self.p!r}")
-        _check_offset(self.v_init, "v_init")
+        check_quantile(self.p)
+        check_offset(self.v_init, "v_init")
         if self.num_batches is not None:
             _positive_int(self.num_batches, "num_batches")
         if not isinstance(self.channel_dim, int) or isinstance(self.channel_dim, bool):
@@ -284,7 +283,7 @@ class MTNRecipe(RateCodingRecipe):
         _check_loader(self.dataloader, "MTNRecipe")
         super().validate(converter)
         _positive_int(self.time_steps, "time_steps (T)")
-        _check_offset(self.v_init, "v_init")
+        check_offset(self.v_init, "v_init")
 
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
         return _eval_copy(ann)

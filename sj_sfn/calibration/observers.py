@@ -21,6 +21,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..checks import check_quantile
+from ..utils import batch_inputs
+
 __all__ = ["SiteObserver", "observers", "calibrate", "batch_inputs", "CalibrationError"]
 
 
@@ -47,8 +50,7 @@ class SiteObserver(nn.Module):
         name: str = "",
     ):
         super().__init__()
-        if not (isinstance(p, float | int) and 0.0 < float(p) <= 1.0):
-            raise ValueError(f"quantile p must be in (0, 1], got {p!r}")
+        check_quantile(p)
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self.p = float(p)
@@ -188,19 +190,6 @@ def observers(model: nn.Module) -> Iterator[tuple[str, SiteObserver]]:
     for name, m in model.named_modules():
         if isinstance(m, SiteObserver):
             yield name, m
-
-
-def batch_inputs(batch) -> torch.Tensor:
-    """The model input of a loader batch: ``x`` from ``(x, y, ...)``, a dict's ``"img"``/``"x"``, or the tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("img", "image", "x", "inputs", "pixel_values"):
-            if key in batch:
-                return batch[key]
-    raise TypeError(f"cannot find the model input in a batch of type {type(batch).__name__}")
 
 
 @torch.no_grad()

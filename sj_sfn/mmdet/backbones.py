@@ -273,7 +273,7 @@ class _ToDevice:
         return len(self.loader)  # type: ignore[arg-type]
 
     def __iter__(self):
-        from sj_sfn.calibration import batch_inputs
+        from sj_sfn.utils import batch_inputs
 
         for b in self.loader:
             yield batch_inputs(b).to(self.device)

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from ..calibration import SiteObserver, calibrate
-from ..functional import _check_max_spikes, _check_positive_float
+from ..checks import check_max_spikes, check_positive_float, check_quantile
 from ..neuron import SFNode
 from .modules import SITE_KINDS, HeadSite, SFormerAttention, SFormerMlp, attention_types, mlp_types
 
@@ -200,11 +200,10 @@ def convert(
         ``0.0`` floors (SPEC's default; see the module doc for why SFormer rounds)
     :returns: the converted ``nn.Module``; ``snn(x)`` takes the ANN's input and returns its kind of output
     """
-    lam = _check_positive_float(lam, "lam (λ)")
-    max_spikes = _check_max_spikes(max_spikes)
-    softmax_max_spikes = max_spikes if softmax_max_spikes is None else _check_max_spikes(softmax_max_spikes)
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.5 < float(p) <= 1.0:
-        raise ValueError(f"p must be a quantile in (0.5, 1], got {p!r}")
+    lam = check_positive_float(lam, "lam (λ)")
+    max_spikes = check_max_spikes(max_spikes)
+    softmax_max_spikes = max_spikes if softmax_max_spikes is None else check_max_spikes(softmax_max_spikes)
+    p = check_quantile(p)
     cap_mode = _check_cap(softmax_cap)
     if softmax_theta not in ("cap", "quantile"):
         raise ValueError(f"softmax_theta must be 'cap' or 'quantile', got {softmax_theta!r}")
@@ -358,7 +357,7 @@ def set_lambda(snn: nn.Module, lam: float, kinds: Iterable[str] | str | None = N
 
     No recalibration: the thresholds become ``λ·θ·i``. The SoftMax site keeps its ceiling.
     """
-    lam = _check_positive_float(lam, "lam (λ)")
+    lam = check_positive_float(lam, "lam (λ)")
     chosen = _check_kinds(kinds)
     n = 0
     for _, kind, m in _sfn_sites(snn):
@@ -376,7 +375,7 @@ def set_max_spikes(snn: nn.Module, max_spikes: int, kinds: Iterable[str] | str |
     ``softmax_theta='cap'`` mode): there the levels keep spanning ``[0, c]``, ``θ ← θ·N_old/N``,
     as a conversion with ``softmax_max_spikes=N`` would make them.
     """
-    n_new = _check_max_spikes(max_spikes)
+    n_new = check_max_spikes(max_spikes)
     chosen = _check_kinds(kinds)
     n = 0
     for name, kind, m in _sfn_sites(snn):

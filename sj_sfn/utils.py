@@ -1,0 +1,79 @@
+"""Small shared helpers: the user-error type, the model input of a loader batch, JSON that survives NaN, atomic writes.
+
+This module imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import torch
+
+__all__ = ["UserError", "batch_inputs", "json_safe", "atomic_write", "write_json"]
+
+class UserError(ValueError):
+    """A mistake in what the user named (a file, a folder, a model, an option); the command line reports it in one line, exit code 2."""
+
+
+INPUT_KEYS = ("img", "image", "x", "inputs", "pixel_values")
+
+
+def batch_inputs(batch: Any) -> torch.Tensor:
+    """The model input of a loader batch: ``x`` from ``(x, y, ...)``, a dict's ``"img"``/``"x"``, or the tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+    raise TypeError(f"cannot find the model input in a batch of type {type(batch).__name__}")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±Inf) replaced by ``None`` (JSON has no NaN); tuples become lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success it replaces ``path`` (``os.replace``), on error it is removed.
+
+    An interrupted write never leaves a half-written ``path``: readers see the old file or the new one.
+    The parent folder must exist.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write opens files for writing ('w' or 'wb'), got mode {mode!r}")
+    path = os.fspath(path)
+    # a unique name beside the target (same file system, so os.replace is atomic), created with the usual permissions
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x"), **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> str:
+    """Write ``json_safe(obj)`` to ``path`` atomically (missing parent folders are created); returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path) as f:
+        json.dump(json_safe(obj), f, indent=indent)
+    return path
