@@ -1,4 +1,4 @@
-"""Tune the SFN scaling factor λ by Bayesian optimisation with Ax (SPEC §4).
+"""Tune the SFN scaling factor λ by Bayesian optimisation with Ax (docs/method.md, "Tuning λ").
 
 A converted network is calibrated once; a trial only rescales its thresholds
 (:func:`~sj_sfn.neuron.set_lambda`, ``θ_i = λ·θ·y_i``) and makes one pass over the validation
