@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 from . import energy, functional
 from .conversion import convert
-from .neuron import MTNode, SFNode, register_with_spikingjelly, set_lambda, sfn_nodes
+from .neuron import MTNode, MultiLevelNode, SFNode, register_with_spikingjelly, set_lambda, set_stateful, sfn_nodes
 from .ops import implementation
 from .version import __version__
 
@@ -32,4 +32,4 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["MTNode", "SFNode", "SFNRecipe", "MTNRecipe", "convert", "energy", "functional", "implementation", "set_lambda", "sfn_nodes", "__version__"]
+__all__ = ["MTNode", "SFNode", "SFNRecipe", "MTNRecipe", "convert", "energy", "functional", "implementation", "set_lambda", "set_stateful", "sfn_nodes", "MultiLevelNode", "__version__"]

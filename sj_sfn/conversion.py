@@ -8,11 +8,15 @@ FX ``Converter``; Transformers (timm ``VisionTransformer``/``Eva``, or any model
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from .checks import check_offset
+from .neuron import set_stateful
 
 __all__ = ["convert", "is_transformer"]
 
@@ -52,6 +56,8 @@ def convert(
     p: float = 0.99,
     *,
     per_channel: bool = False,
+    offset: float | None = None,
+    keep_state: bool = False,
     v_init: float | None = None,
     num_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -71,8 +77,12 @@ def convert(
     :param max_spikes: ``N``
     :param p: calibration quantile
     :param per_channel: per-channel thresholds
-    :param v_init: threshold offset ``r ∈ [0, 1)`` (``0.5`` = round, ``0`` = floor); ``None`` = the family
+    :param offset: threshold offset ``r ∈ [0, 1)`` (``0.5`` = round, ``0`` = floor); ``None`` = the family
         default (CNNs: ``0.5``, measured to beat flooring; Transformers: the SFormer default)
+    :param keep_state: ``False`` (default): every SFN starts from rest on every call, so the same input
+        gives the same output without ``functional.reset_net``; ``True``: SpikingJelly's stateful nodes
+        (multi-step use, Theorem 2; see docs/spikingjelly.md)
+    :param v_init: deprecated name of ``offset``
     :param num_batches: calibrate on at most this many batches
     :param device: conversion device (default: the model's)
     :param progress: progress bar while calibrating
@@ -81,15 +91,21 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    optional = {k: v for k, v in (("lam", lam), ("v_init", v_init)) if v is not None}
+    if v_init is not None:
+        warnings.warn("convert(v_init=...) is deprecated: the threshold offset is called offset", DeprecationWarning, stacklevel=2)
+        offset = check_offset(v_init, "v_init") if offset is None else offset
+    optional = {k: v for k, v in (("lam", lam), ("offset", offset)) if v is not None}
     if is_transformer(model):
         fn = _sformer_convert()
-        return fn(model, dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
-                  device=device, progress=progress, **optional, **kwargs)
-    from spikingjelly.activation_based.ann2snn import Converter
+        snn = fn(model, dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
+                 device=device, progress=progress, **optional, **kwargs)
+    else:
+        from spikingjelly.activation_based.ann2snn import Converter
 
-    from .ann2snn import SFNRecipe
+        from .ann2snn import SFNRecipe
 
-    recipe = SFNRecipe(dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
-                       progress=progress, **optional, **kwargs)
-    return Converter(recipe, device=device).convert(model)
+        recipe = SFNRecipe(dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
+                           progress=progress, keep_state=keep_state, **optional, **kwargs)
+        return Converter(recipe, device=device).convert(model)
+    set_stateful(snn, keep_state)  # Transformers: the SFormer/HF sites follow keep_state too
+    return snn

@@ -1,30 +1,50 @@
 """Multi-Threshold (MTN) and Scale-and-Fire (SFN) neurons as SpikingJelly nodes.
 
-Both follow SpikingJelly 2.0's stateful-module contract: ``step_mode`` ``'s'`` (input
-``[N, *]``) or ``'m'`` (input ``[T, N, *]``), the membrane ``v`` registered as memory so that
+Both derive from :class:`MultiLevelNode`, a ``spikingjelly.activation_based.neuron.BaseNode``,
+so every SpikingJelly tool that looks for ``BaseNode`` finds them (``monitor.OutputMonitor``,
+the ``op_counter`` package, ``ann2snn.delay``, the vision-config registry). They follow
+SpikingJelly 2.0's stateful-module contract: ``step_mode`` ``'s'`` (input ``[N, *]``) or
+``'m'`` (input ``[T, N, *]``), the membrane ``v`` registered as memory so that
 ``functional.reset_net``, ``set_step_mode``, ``detach_net`` and ``base.to_functional_forward``
-work, and an explicit-state ``single_step_functional_forward``. The spike *value* is
-returned (count × threshold), so a converted network needs no weight rescaling.
+work, and an explicit-state ``single_step_functional_forward``. The spike *value* is returned
+(count × threshold), so a converted network needs no weight rescaling.
+
+State between calls (``stateful``): ``True`` (SpikingJelly's contract, the default of the
+nodes) keeps the membrane until ``functional.reset_net``; ``False`` (what ``sj_sfn.convert``
+makes) starts every step from the initial membrane and keeps nothing between calls, so the
+same input gives the same output on every call. See docs/spikingjelly.md.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from spikingjelly.activation_based import base
 from spikingjelly.activation_based.neuron import BaseNode
 
 from . import functional as F
 from . import ops
-from .checks import check_finite_positive, check_max_spikes, check_offset, check_positive_float
+from .checks import check_finite_positive, check_levels, check_max_spikes, check_offset, check_positive_float
 
-__all__ = ["MTNode", "SFNode", "BACKENDS", "sfn_nodes", "set_lambda"]
+__all__ = [
+    "MultiLevelNode",
+    "MTNode",
+    "SFNode",
+    "BACKENDS",
+    "sfn_nodes",
+    "spiking_nodes",
+    "set_lambda",
+    "set_stateful",
+    "register_with_spikingjelly",
+]
 
 BACKENDS = ("torch", "cupy")
+
+_UNSET: Any = object()
 
 
 def _check_backend(backend: str) -> str:
@@ -33,6 +53,18 @@ def _check_backend(backend: str) -> str:
     if backend == "cupy":
         ops.require_cupy()
     return backend
+
+
+def _check_real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def _check_threshold_tensor(value: Any, name: str) -> torch.Tensor:
@@ -54,12 +86,98 @@ def _check_seq_input(x_seq: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} in step_mode='m' expects input of shape [T, N, *], got {tuple(x_seq.shape)}")
 
 
-class _FusedForward:
-    """Step forwards shared by MTNode and SFNode: every step mode runs ``_dispatch_seq`` over ``[T, ...]``.
+class MultiLevelNode(BaseNode):
+    r"""Common base of :class:`MTNode` and :class:`SFNode`: a SpikingJelly ``BaseNode`` whose spike is ``count × threshold``.
 
-    The state is the membrane ``v`` (float32 for 16-bit inputs), starting at ``_initial_v()``.
+    SpikingJelly's contract, honoured: ``v_threshold`` (the value of one spike), ``v_reset``
+    (``None`` = soft reset ``v ← h − o``, the method's; a float = hard reset: ``v ← v_reset``
+    after a step in which the neuron fired), ``detach_reset``, ``step_mode``, ``store_v_seq``
+    (the membrane after every step in ``v_seq``). ``surrogate_function`` is stored (SpikingJelly
+    configs pass one); the fire gradient is straight-through, ``∂o/∂x = 1`` inside the output
+    range, for every surrogate.
+
+    :param stateful: ``True``: the membrane carries over between forwards until
+        ``functional.reset_net`` (SpikingJelly's contract). ``False``: every step starts from the
+        initial membrane and no membrane is kept between calls; a multi-step forward then equals
+        a loop of single steps, each from rest.
+    :param backend: ``'torch'`` (reference) or ``'cupy'`` (fused CUDA kernel)
+    :param store_counts: keep the integer spike counts of the last forward in ``last_counts``
     """
 
+    def __init__(
+        self,
+        v_threshold: float = 1.0,
+        v_reset: float | None = None,
+        surrogate_function: Any = None,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        store_v_seq: bool = False,
+        backend: str = "torch",
+        store_counts: bool = False,
+        stateful: bool = True,
+    ):
+        v_reset = None if v_reset is None else _check_real(v_reset, "v_reset")
+        super().__init__(
+            v_threshold=float(v_threshold),
+            v_reset=v_reset,
+            surrogate_function=surrogate_function,
+            detach_reset=_check_bool(detach_reset, "detach_reset"),
+            step_mode=step_mode,
+            store_v_seq=store_v_seq,
+        )
+        self.backend = _check_backend(backend)
+        self.store_counts = _check_bool(store_counts, "store_counts")
+        self.stateful = _check_bool(stateful, "stateful")
+        self.last_counts: torch.Tensor | None = None
+
+    # -- state -----------------------------------------------------------------------
+    def _initial_v(self) -> float:
+        """The membrane every forward starts from after ``reset`` (and always, when not ``stateful``)."""
+        return 0.0
+
+    def _set_initial_v(self) -> None:
+        self.set_reset_value("v", self._initial_v())
+        self._memories["v"] = self._initial_v()
+
+    def set_stateful(self, stateful: bool) -> None:
+        """Keep the membrane between calls (``True``) or start every step from rest (``False``, drops the membrane)."""
+        self.stateful = _check_bool(stateful, "stateful")
+        if not stateful:
+            self.reset()
+
+    @property
+    def store_v_seq(self) -> bool:
+        return self._store_v_seq
+
+    @store_v_seq.setter
+    def store_v_seq(self, value: bool) -> None:
+        self._store_v_seq = _check_bool(value, "store_v_seq")
+        self.v_seq = None
+
+    def reset(self):
+        super().reset()
+        self.last_counts = None
+
+    def _state_extra(self) -> dict:
+        return {"stateful": self.stateful, "v_reset": self.v_reset}
+
+    def _load_state_extra(self, state: Mapping) -> None:
+        self.stateful = _check_bool(state.get("stateful", True), "stateful")
+        v_reset = state.get("v_reset")
+        self.v_reset = None if v_reset is None else _check_real(v_reset, "v_reset")
+
+    def __setstate__(self, state: dict) -> None:
+        # whole-module pickles of nodes saved before the common base lack its attributes
+        super().__setstate__(state)
+        d = self.__dict__
+        for name, value in (("v_reset", None), ("surrogate_function", None), ("stateful", True), ("_neuron_precision", None),
+                            ("lava_s_cale", 1 << 6), ("v_seq", None), ("last_counts", None)):  # fmt: skip
+            if name not in d and name not in self._modules:
+                d[name] = value
+        if "_store_v_seq" not in d:
+            d["_store_v_seq"] = False
+
+    # -- forward ---------------------------------------------------------------------
     def materialize_states(self, inputs, states, step_mode):
         x = inputs[0][0] if step_mode == "m" else inputs[0]
         dtype = F.compute_dtype(x.dtype)
@@ -70,29 +188,69 @@ class _FusedForward:
             v = v.to(dtype=dtype, device=x.device)
         return (v, *states[1:])
 
+    def _dispatch_seq(self, x_seq: torch.Tensor, v: torch.Tensor, store_v_seq: bool) -> F.SeqOutput:
+        raise NotImplementedError
+
+    def _run(self, x_seq: torch.Tensor, v: torch.Tensor, store_v_seq: bool, carry: bool = True) -> F.SeqOutput:
+        """``[T, ...]`` steps from ``v``; ``carry=False`` starts every step from ``v`` (stateless).
+
+        Soft reset with the membrane carried runs as one fused call; a hard reset or a stateless
+        sequence runs step by step.
+        """
+        if self.v_reset is None and (carry or x_seq.shape[0] == 1):
+            return self._dispatch_seq(x_seq, v, store_v_seq)
+        spikes, counts, vs = [], [], []
+        v_t = v
+        for t in range(x_seq.shape[0]):
+            out = self._dispatch_seq(x_seq[t : t + 1], v_t if carry else v, False)
+            v_next = out.v
+            if self.v_reset is not None:
+                v_next = torch.where(out.spike_seq[0] != 0, torch.full_like(v_next, self.v_reset), v_next)
+            spikes.append(out.spike_seq)
+            counts.append(out.count_seq)
+            vs.append(v_next)
+            v_t = v_next
+        count_seq = None if counts[0] is None else torch.cat(counts)
+        return F.SeqOutput(torch.cat(spikes), v_t, count_seq, torch.stack(vs) if store_v_seq else None)
+
+    def _forward_seq(self, x_seq: torch.Tensor, x0: torch.Tensor, store_v_seq: bool) -> F.SeqOutput:
+        v0 = self._memories["v"] if self.stateful else self._initial_v()
+        (v,) = self.materialize_states((x0,), (v0,), "s")
+        out = self._run(x_seq, v, store_v_seq, carry=self.stateful)
+        self._memories["v"] = out.v if self.stateful else self._initial_v()
+        self.last_counts = out.count_seq
+        return out
+
     def single_step_functional_forward(self, inputs, states, **kwargs):
-        out = self._dispatch_seq(inputs[0].unsqueeze(0), states[0], False)
+        out = self._run(inputs[0].unsqueeze(0), states[0], False)
         self.last_counts = None if out.count_seq is None else out.count_seq[0]
         return (out.spike_seq[0],), (out.v, *states[1:])
 
     def multi_step_functional_forward(self, inputs, states, **kwargs):
         _check_seq_input(inputs[0], type(self).__name__)
-        out = self._dispatch_seq(inputs[0], states[0], False)
+        out = self._run(inputs[0], states[0], False)
         self.last_counts = out.count_seq
         return (out.spike_seq,), (out.v, *states[1:])
 
+    def single_step_forward(self, x: torch.Tensor, *args, **kwargs):
+        out = self._forward_seq(x.unsqueeze(0), x, self.store_v_seq)
+        self.last_counts = None if out.count_seq is None else out.count_seq[0]
+        if self.store_v_seq:
+            if self.stateful:
+                self._append_v_seq(out.v_seq[0])
+            else:  # each call is its own sequence
+                self.v_seq = out.v_seq
+        return out.spike_seq[0]
+
     def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs):
         _check_seq_input(x_seq, type(self).__name__)
-        states = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")
-        out = self._dispatch_seq(x_seq, states[0], self.store_v_seq)
-        self._memories["v"] = out.v
-        self.last_counts = out.count_seq
+        out = self._forward_seq(x_seq, x_seq[0], self.store_v_seq)
         if self.store_v_seq:
             self.v_seq = out.v_seq
         return out.spike_seq
 
 
-class MTNode(_FusedForward, BaseNode):
+class MTNode(MultiLevelNode):
     r"""Multi-threshold neuron: at most ``N`` spikes of value ``θ`` per step, soft reset.
 
     .. math::
@@ -107,14 +265,12 @@ class MTNode(_FusedForward, BaseNode):
     :param v_threshold: base threshold ``θ`` (a spike carries this value)
     :param max_spikes: ``N``, the most spikes one step can emit
     :param v_init: initial (and reset) membrane potential, absolute
-    :param detach_reset: detach the reset from the autograd graph
-    :param step_mode: ``'s'`` or ``'m'``
-    :param backend: ``'torch'`` (reference) or ``'cupy'`` (fused CUDA kernel)
-    :param store_v_seq: keep the membrane of every step in ``v_seq`` (step mode ``'m'``)
-    :param store_counts: keep the integer spike counts of the last forward in ``last_counts``
-    :param surrogate_function: accepted for SpikingJelly config compatibility and ignored
+    :param v_reset: ``None`` = soft reset (the method's); a float = hard reset to it after firing
+    :param surrogate_function: stored (SpikingJelly configs pass one); the gradient is straight-through
+    :param stateful: keep the membrane between calls (see :class:`MultiLevelNode`)
 
-    The gradient is straight-through: ``∂o/∂x = 1`` where ``0 <= h <= N·θ``, else 0.
+    Other parameters as :class:`MultiLevelNode`. The gradient is straight-through:
+    ``∂o/∂x = 1`` where ``0 <= h <= N·θ``, else 0.
     """
 
     def __init__(
@@ -128,47 +284,38 @@ class MTNode(_FusedForward, BaseNode):
         store_v_seq: bool = False,
         store_counts: bool = False,
         surrogate_function: Any = None,
+        v_reset: float | None = None,
+        stateful: bool = True,
     ):
         v_threshold = check_positive_float(v_threshold, "v_threshold")
         max_spikes = check_max_spikes(max_spikes)
-        if isinstance(v_init, bool) or not isinstance(v_init, numbers.Real) or not math.isfinite(v_init):
-            raise ValueError(f"v_init must be a finite real number, got {v_init!r}")
+        v_init = _check_real(v_init, "v_init")
         super().__init__(
-            v_threshold=v_threshold,
-            v_reset=None,
-            surrogate_function=None,
-            detach_reset=detach_reset,
-            step_mode=step_mode,
-            store_v_seq=store_v_seq,
-        )
+            v_threshold=v_threshold, v_reset=v_reset, surrogate_function=surrogate_function, detach_reset=detach_reset,
+            step_mode=step_mode, store_v_seq=store_v_seq, backend=backend, store_counts=store_counts, stateful=stateful,
+        )  # fmt: skip
         self.max_spikes = max_spikes
-        self.v_init = float(v_init)
-        self.set_reset_value("v", self.v_init)
-        self.v = self.v_init
-        self.backend = _check_backend(backend)
-        self.store_counts = store_counts
-        self.last_counts: torch.Tensor | None = None
+        self.v_init = v_init
+        self._set_initial_v()
 
-    # -- state -----------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        return {"v_threshold": self.v_threshold, "max_spikes": self.max_spikes, "v_init": self.v_init}
+        return {"v_threshold": self.v_threshold, "max_spikes": self.max_spikes, "v_init": self.v_init, **self._state_extra()}
 
     def set_extra_state(self, state: dict) -> None:
         self.v_threshold = check_positive_float(state["v_threshold"], "v_threshold")
         self.max_spikes = check_max_spikes(state["max_spikes"])
-        self.v_init = float(state.get("v_init", 0.0))
+        self.v_init = _check_real(state.get("v_init", 0.0), "v_init")
+        self._load_state_extra(state)
         self.set_reset_value("v", self.v_init)
         self.reset()
 
-    def reset(self):
-        super().reset()
-        self.last_counts = None
-
     def extra_repr(self) -> str:
-        return (
-            f"v_threshold={self.v_threshold}, max_spikes={self.max_spikes}, v_init={self.v_init}, "
-            f"detach_reset={self.detach_reset}, step_mode={self.step_mode}, backend={self.backend}"
-        )
+        s = f"v_threshold={self.v_threshold}, max_spikes={self.max_spikes}, v_init={self.v_init}, "
+        if self.v_reset is not None:
+            s += f"v_reset={self.v_reset}, "
+        if not self.stateful:
+            s += "stateful=False, "
+        return s + f"detach_reset={self.detach_reset}, step_mode={self.step_mode}, backend={self.backend}"
 
     def _initial_v(self) -> float:
         return self.v_init
@@ -177,7 +324,7 @@ class MTNode(_FusedForward, BaseNode):
         return ops.mtn_forward(self, x_seq, v, store_v_seq)
 
 
-class SFNode(_FusedForward, base.MemoryModule):
+class SFNode(MultiLevelNode):
     r"""Scale-and-Fire neuron: a (signed) multi-threshold neuron with thresholds ``λ·θ·y_i``.
 
     .. math::
@@ -188,8 +335,8 @@ class SFNode(_FusedForward, base.MemoryModule):
         \quad v \leftarrow h - o
 
     With evenly spaced levels (``y_i = i``, the default) this is
-    ``o = λθ+·clip(floor(h/(λθ+)), 0, N)`` for ``h >= 0`` and
-    ``o = -λθ-·clip(floor(-h/(λθ-)), 0, N)`` for ``h < 0``.
+    ``o = λθ+·clip(floor(h/(λθ+) + r), 0, N)`` for ``h >= 0`` and
+    ``o = -λθ-·clip(floor(-h/(λθ-) + r), 0, N)`` for ``h < 0``.
 
     :param theta_pos: base positive threshold ``θ+`` (scalar or 1-D per-channel)
     :param theta_neg: base negative threshold magnitude ``θ-``; ``None`` = positive-only site
@@ -197,17 +344,18 @@ class SFNode(_FusedForward, base.MemoryModule):
     :param max_spikes: ``N``, the most spikes per sign and step (default 32, or ``len(levels)``)
     :param levels: optional strictly increasing level multipliers ``y_1..y_N`` (defaults to ``1..N``)
     :param channel_dim: dimension of the single-step input that per-channel thresholds index
-    :param v_init: threshold offset ``r ∈ [0, 1)``; ``0.5`` = start half a threshold up (rounding)
+    :param offset: threshold offset ``r ∈ [0, 1)``: ``0.5`` rounds (a half-threshold start), ``0`` floors
     :param ceiling: optional cap on the positive output (a ReLU6 / ``clamp(max=c)`` site)
-    :param detach_reset: detach the reset from the autograd graph
-    :param step_mode: ``'s'`` or ``'m'``
-    :param backend: ``'torch'`` or ``'cupy'``
-    :param store_v_seq: keep the membrane of every step in ``v_seq`` (step mode ``'m'``)
-    :param store_counts: keep the signed integer counts of the last forward in ``last_counts``
+    :param kind: what the site is (``"relu"``, ``"qkv_in"``, ``"attn"``, ...), set by the converters;
+        :func:`set_lambda` filters on it
+    :param v_init: deprecated name of ``offset`` (a DeprecationWarning; removed in the next release)
 
-    Thresholds, ``λ``, levels and ceiling are buffers; ``N``, ``channel_dim`` and ``v_init``
-    travel as the module's extra state, so a default-constructed ``SFNode`` loads any saved one.
-    The gradient is straight-through on ``[-N·λθ-, N·λθ+]``.
+    ``v_threshold`` is the positive spike value ``λθ+`` (a float for a per-tensor threshold, a
+    tensor per channel); assigning it sets ``θ+ ← v_threshold/λ``. Thresholds, ``λ``, levels
+    and ceiling are buffers; ``N``, ``channel_dim``, ``offset``, ``kind``, ``stateful`` and
+    ``v_reset`` travel as the module's extra state, so a default-constructed ``SFNode`` loads any
+    saved one (also those saved before ``offset``/``kind``/``stateful`` existed). Other
+    parameters as :class:`MultiLevelNode`. The gradient is straight-through on ``[-N·λθ-, N·λθ+]``.
     """
 
     _TENSOR_STATE = ("theta_pos", "theta_neg", "lam", "levels", "ceiling")
@@ -220,20 +368,34 @@ class SFNode(_FusedForward, base.MemoryModule):
         max_spikes: int | None = None,
         levels: torch.Tensor | None = None,
         channel_dim: int | None = None,
-        v_init: float = 0.0,
+        offset: float = _UNSET,
         ceiling: float | None = None,
         detach_reset: bool = False,
         step_mode: str = "s",
         backend: str = "torch",
         store_v_seq: bool = False,
         store_counts: bool = False,
+        kind: str = "",
+        v_reset: float | None = None,
+        surrogate_function: Any = None,
+        stateful: bool = True,
+        v_init: float = _UNSET,
     ):
-        super().__init__()
+        if v_init is not _UNSET:
+            if offset is not _UNSET:
+                raise TypeError("SFNode: give offset only (v_init is its deprecated name)")
+            warnings.warn("SFNode(v_init=...) is deprecated: the threshold offset is called offset", DeprecationWarning, stacklevel=2)
+            offset = check_offset(v_init, "v_init")
+        offset = 0.0 if offset is _UNSET else check_offset(offset, "offset")
+        super().__init__(
+            v_threshold=1.0, v_reset=v_reset, surrogate_function=surrogate_function, detach_reset=detach_reset,
+            step_mode=step_mode, store_v_seq=store_v_seq, backend=backend, store_counts=store_counts, stateful=stateful,
+        )  # fmt: skip
         self.register_buffer("theta_pos", _check_threshold_tensor(theta_pos, "theta_pos"))
         self.register_buffer("theta_neg", None if theta_neg is None else _check_threshold_tensor(theta_neg, "theta_neg"))
         self.register_buffer("lam", torch.tensor(check_positive_float(lam, "lam (λ)"), dtype=torch.float32))
         if levels is not None:
-            levels = F.check_levels(levels).clone()
+            levels = check_levels(levels).clone()
             if max_spikes is None:
                 max_spikes = levels.numel()
             elif check_max_spikes(max_spikes) != levels.numel():
@@ -254,16 +416,11 @@ class SFNode(_FusedForward, base.MemoryModule):
             raise ValueError(
                 f"theta_neg shape {tuple(self.theta_neg.shape)} differs from theta_pos shape {tuple(self.theta_pos.shape)}"
             )
-        self.v_init = check_offset(v_init, "v_init")
-        if not isinstance(detach_reset, bool):
-            raise TypeError("detach_reset must be a bool")
-        self.detach_reset = detach_reset
-        self.register_memory("v", 0.0)
-        self.step_mode = step_mode
-        self.backend = _check_backend(backend)
-        self.store_v_seq = store_v_seq
-        self.store_counts = store_counts
-        self.last_counts: torch.Tensor | None = None
+        self.offset = offset
+        if not isinstance(kind, str):
+            raise TypeError(f"kind must be a str, got {kind!r}")
+        self.kind = kind
+        self._set_initial_v()
 
     @classmethod
     def from_statistics(
@@ -296,15 +453,28 @@ class SFNode(_FusedForward, base.MemoryModule):
         return self.theta_neg is not None
 
     @property
-    def store_v_seq(self) -> bool:
-        return self._store_v_seq
+    def v_threshold(self) -> float | torch.Tensor:
+        """``λθ+``, the value of one positive spike (a float per tensor, a tensor per channel)."""
+        tp = self._buffers.get("theta_pos")
+        if tp is None:
+            return 1.0
+        t = tp * self._buffers["lam"]
+        return float(t) if t.numel() == 1 else t
 
-    @store_v_seq.setter
-    def store_v_seq(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError("store_v_seq must be a bool")
-        self._store_v_seq = value
-        self.v_seq = None
+    @v_threshold.setter
+    def v_threshold(self, value: float | torch.Tensor) -> None:
+        if "theta_pos" not in self._buffers:  # BaseNode.__init__ assigns it before the buffers exist
+            return
+        new = _check_threshold_tensor(value, "v_threshold").to(self.theta_pos) / self.lam
+        if new.numel() == 1:
+            self.theta_pos.copy_(new.expand_as(self.theta_pos))
+        else:
+            self.theta_pos = new
+
+    @property
+    def v_init(self) -> float:
+        """Deprecated name of :attr:`offset` (read by the fire dispatch; kept for one release)."""
+        return self.offset
 
     def set_lambda(self, lam: float) -> None:
         """Rescale every threshold of this site: ``λ ← lam`` (no recalibration)."""
@@ -322,12 +492,28 @@ class SFNode(_FusedForward, base.MemoryModule):
 
     # -- state -----------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        return {"max_spikes": self.max_spikes, "channel_dim": self.channel_dim, "v_init": self.v_init}
+        return {"max_spikes": self.max_spikes, "channel_dim": self.channel_dim, "offset": self.offset, "kind": self.kind,
+                **self._state_extra()}  # fmt: skip
 
     def set_extra_state(self, state: dict) -> None:
         self.max_spikes = check_max_spikes(state["max_spikes"])
         self.channel_dim = state.get("channel_dim")
-        self.v_init = check_offset(state.get("v_init", 0.0), "v_init")
+        if "offset" in state:
+            self.offset = check_offset(state["offset"], "offset")
+        else:  # saved before the rename
+            self.offset = check_offset(state.get("v_init", 0.0), "v_init")
+        kind = state.get("kind", self.kind)
+        if not isinstance(kind, str):
+            raise TypeError(f"kind must be a str, got {kind!r}")
+        self.kind = kind
+        self._load_state_extra(state)
+
+    def __setstate__(self, state: dict) -> None:
+        if "offset" not in state and "v_init" in state:  # a whole-module pickle from before the rename
+            state = dict(state)
+            state["offset"] = state.pop("v_init")
+        super().__setstate__(state)
+        self.__dict__.setdefault("kind", "")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Thresholds may be per-tensor or per-channel, and theta_neg/levels/ceiling may be
@@ -349,17 +535,6 @@ class SFNode(_FusedForward, base.MemoryModule):
             if t is not None and (not torch.isfinite(t).all() or not (t > 0).all()):
                 error_msgs.append(f"{prefix}{name}: thresholds must be finite and > 0")
 
-    def reset(self):
-        super().reset()
-        self.v_seq = None
-        self.last_counts = None
-
-    def detach(self):
-        """Detach the membrane and the recorded ``v_seq`` from the graph (``functional.detach_net``, TBPTT)."""
-        super().detach()
-        if isinstance(self.v_seq, torch.Tensor):
-            self.v_seq = self.v_seq.detach()
-
     def extra_repr(self) -> str:
         def fmt(t):
             if t is None:
@@ -367,18 +542,24 @@ class SFNode(_FusedForward, base.MemoryModule):
             return f"{t.item():.4g}" if t.numel() == 1 else f"[{t.numel()} channels]"
 
         s = f"theta_pos={fmt(self.theta_pos)}, theta_neg={fmt(self.theta_neg)}, lam={self.lam.item():.4g}, max_spikes={self.max_spikes}"
+        if self.kind:
+            s = f"kind={self.kind!r}, " + s
         if self.levels is not None:
             s += ", levels=custom"
         if self.channel_dim is not None:
             s += f", channel_dim={self.channel_dim}"
-        if self.v_init:
-            s += f", v_init={self.v_init}"
+        if self.offset:
+            s += f", offset={self.offset}"
         if self.ceiling is not None:
             s += f", ceiling={self.ceiling.item():.4g}"
+        if self.v_reset is not None:
+            s += f", v_reset={self.v_reset}"
+        if not self.stateful:
+            s += ", stateful=False"
         return s + f", step_mode={self.step_mode}, backend={self.backend}"
 
     def _initial_v(self) -> float:
-        return 0.0  # the threshold offset v_init acts in the fire rule (functional.multi_threshold_fire)
+        return 0.0  # the threshold offset acts in the fire rule (functional.multi_threshold_fire)
 
     # -- forward ---------------------------------------------------------------------
     def broadcast_thresholds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -390,21 +571,20 @@ class SFNode(_FusedForward, base.MemoryModule):
     def _dispatch_seq(self, x_seq: torch.Tensor, v: torch.Tensor, store_v_seq: bool) -> F.SeqOutput:
         return ops.sfn_forward(self, x_seq, v, store_v_seq)
 
-    def single_step_forward(self, x: torch.Tensor, *args, **kwargs):
-        out = super().single_step_forward(x, *args, **kwargs)
-        if self.store_v_seq:
-            v = self.v.unsqueeze(0)
-            self.v_seq = v.clone() if self.v_seq is None or self.v_seq.shape[1:] != v.shape[1:] else torch.cat((self.v_seq, v))
-        return out
-
 
 def register_with_spikingjelly() -> None:
-    """Make MTNode resolvable in SpikingJelly's serialized vision configs."""
+    """Register MTNode and SFNode with SpikingJelly's neuron registry (serialized vision configs name them)."""
     try:
         from spikingjelly.activation_based.distributed.vision.config import register_neuron_class
     except Exception:  # pragma: no cover - optional SpikingJelly component
         return
     register_neuron_class(MTNode)
+    register_neuron_class(SFNode)
+
+
+def spiking_nodes(model: torch.nn.Module) -> list[tuple[str, MultiLevelNode]]:
+    """All :class:`MTNode` / :class:`SFNode` of ``model`` with their qualified names, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MultiLevelNode)]
 
 
 def sfn_nodes(model: torch.nn.Module) -> list[tuple[str, SFNode]]:
@@ -412,19 +592,57 @@ def sfn_nodes(model: torch.nn.Module) -> list[tuple[str, SFNode]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SFNode)]
 
 
-def set_lambda(model: torch.nn.Module, lam: float, names: list[str] | None = None) -> int:
-    """Set ``λ`` of every SFN site (or only those in ``names``); returns how many were set.
+def set_stateful(model: torch.nn.Module, stateful: bool) -> int:
+    """Make every MTN/SFN node of ``model`` keep its membrane between calls (``True``) or not; returns how many.
 
-    Thresholds are rescaled in place, ``λθ·y_i``: no recalibration is needed.
+    ``False`` (what :func:`sj_sfn.convert` makes): every step starts from the initial membrane,
+    so the same input gives the same output on every call and no membrane stays allocated.
+    ``True``: SpikingJelly's contract; call ``functional.reset_net`` between sequences.
+    """
+    stateful = _check_bool(stateful, "stateful")
+    nodes = spiking_nodes(model)
+    if not nodes:
+        raise ValueError(f"{type(model).__name__} has no MTNode/SFNode: convert it first (sj_sfn.convert)")
+    for _, m in nodes:
+        m.set_stateful(stateful)
+    return len(nodes)
+
+
+def set_lambda(
+    model: torch.nn.Module,
+    lam: float,
+    *,
+    kinds: Iterable[str] | str | None = None,
+    names: Iterable[str] | None = None,
+) -> int:
+    """Set ``λ`` of the SFN sites of ``model`` (all, or those of the given ``kinds`` and/or ``names``); returns how many.
+
+    Thresholds are rescaled in place, ``λθ·y_i``: no recalibration is needed. ``kinds`` filter
+    on :attr:`SFNode.kind` (``"relu"``, ``"attn"``, ``"qkv_in"``, ...), ``names`` on the qualified
+    module names; both given = sites matching both. A requested name or kind with no site is an error.
     """
     lam = check_positive_float(lam, "lam (λ)")
     nodes = sfn_nodes(model)
     if not nodes:
         raise ValueError("the model has no SFNode sites: convert it first (sj_sfn.convert)")
-    chosen = nodes if names is None else [(n, m) for n, m in nodes if n in set(names)]
-    if names is not None and len(chosen) != len(set(names)):
-        missing = set(names) - {n for n, _ in chosen}
-        raise KeyError(f"no SFNode sites named {sorted(missing)}")
+    chosen = nodes
+    if names is not None:
+        if isinstance(names, str):
+            names = [names]
+        wanted = set(names)
+        missing = wanted - {n for n, _ in nodes}
+        if missing:
+            raise KeyError(f"no SFNode sites named {sorted(missing)}")
+        chosen = [(n, m) for n, m in chosen if n in wanted]
+    if kinds is not None:
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        wanted_kinds = set(kinds)
+        present = {m.kind for _, m in nodes}
+        missing = wanted_kinds - present
+        if missing:
+            raise ValueError(f"no SFN site of kind(s) {sorted(missing)}; the model's kinds are {sorted(present)}")
+        chosen = [(n, m) for n, m in chosen if m.kind in wanted_kinds]
     for _, m in chosen:
         m.set_lambda(lam)
     return len(chosen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -293,3 +294,125 @@ def test_detach_net_detaches_v_seq(step_mode: str, rng: torch.Generator) -> None
         y = node(x if step_mode == "s" else x.unsqueeze(0))
         y.sum().backward()  # the graph before detach_net is not reused
         functional.reset_net(node)
+
+
+# -- SpikingJelly BaseNode contract (one common base) --------------------------------------
+
+
+def test_both_nodes_are_spikingjelly_base_nodes() -> None:
+    from spikingjelly.activation_based import neuron, surrogate
+
+    for node in (MTNode(0.5, 4), SFNode(0.5, lam=0.5)):
+        assert isinstance(node, neuron.BaseNode) and isinstance(node, sj_sfn.MultiLevelNode)
+        assert node.v_reset is None and node.surrogate_function is None and node.detach_reset is False
+    sg = surrogate.ATan()
+    node = SFNode(0.5, lam=0.5, surrogate_function=sg)
+    assert node.surrogate_function is sg
+
+
+def test_sfn_v_threshold_is_the_positive_spike_value(rng: torch.Generator) -> None:
+    node = SFNode(0.8, 0.4, lam=0.25, max_spikes=8)
+    assert node.v_threshold == pytest.approx(0.2)
+    node.v_threshold = 0.5  # θ+ ← 0.5 / λ; θ- unchanged
+    assert node.theta_pos.item() == pytest.approx(2.0) and node.theta_neg.item() == pytest.approx(0.4)
+    x = torch.rand(50, generator=rng) * 3
+    torch.testing.assert_close(node(x), 0.5 * torch.clamp(torch.floor(x / 0.5), 0, 8))
+    per_channel = SFNode(torch.tensor([1.0, 2.0]), lam=0.5, channel_dim=-1)
+    torch.testing.assert_close(per_channel.v_threshold, torch.tensor([0.5, 1.0]))
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_hard_reset_sets_the_membrane_after_firing(step_mode: str, rng: torch.Generator) -> None:
+    """v_reset=float: v ← v_reset after a step in which the neuron fired, else v ← h (nothing subtracted)."""
+    theta, n, v_reset = 0.25, 4, 0.05
+    x_seq = torch.rand(5, 3, 7, generator=rng) * 0.6
+    for node in (MTNode(theta, n, v_reset=v_reset, step_mode=step_mode), SFNode(1.0, lam=theta, max_spikes=n, v_reset=v_reset, step_mode=step_mode)):  # fmt: skip
+        v = torch.zeros(3, 7)
+        expected = []
+        for x in x_seq:
+            h = v + x
+            o = theta * torch.clamp(torch.floor(h / theta), 0, n)
+            v = torch.where(o != 0, torch.full_like(h, v_reset), h)
+            expected.append(o)
+        out = node(x_seq) if step_mode == "m" else torch.stack([node(x) for x in x_seq])
+        torch.testing.assert_close(out, torch.stack(expected), msg=type(node).__name__)
+        torch.testing.assert_close(node.v, v)
+        assert "v_reset=0.05" in repr(node)
+
+
+def test_offset_is_the_threshold_fraction_and_v_init_is_deprecated() -> None:
+    node = SFNode(1.0, lam=0.5, offset=0.5)
+    assert node.offset == 0.5 and node.v_init == 0.5
+    with pytest.warns(DeprecationWarning, match="offset"):
+        old = SFNode(1.0, lam=0.5, v_init=0.5)
+    assert old.offset == 0.5
+    x = torch.linspace(-1, 3, 41)
+    torch.testing.assert_close(old(x), node(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="offset only"):
+        SFNode(1.0, offset=0.5, v_init=0.5)
+    with pytest.raises(ValueError, match="offset"):
+        SFNode(1.0, offset=1.0)
+    assert MTNode(1.0, 4, v_init=0.3).v_init == 0.3  # MTN: the absolute initial potential
+
+
+def _old_state_dict(node: SFNode) -> dict:
+    """A state_dict as SFNode wrote it before the common base: the same keys, v_init in the extra state."""
+    sd = {k: v.clone() for k, v in node.state_dict().items() if k != "_extra_state"}
+    sd["_extra_state"] = {"max_spikes": node.max_spikes, "channel_dim": node.channel_dim, "v_init": node.offset}
+    return sd
+
+
+def test_checkpoints_saved_before_the_change_load(rng: torch.Generator) -> None:
+    x = _input(rng)
+    for node in _nodes(rng):
+        if not isinstance(node, SFNode):
+            continue
+        old = _old_state_dict(node)
+        assert set(old) == set(node.state_dict())
+        fresh = SFNode(kind="relu")
+        fresh.load_state_dict(old)
+        functional.reset_net(node)
+        torch.testing.assert_close(fresh(x), node(x), rtol=0, atol=0, msg=repr(node))
+        assert fresh.offset == node.offset and fresh.stateful and fresh.kind == "relu"
+    # a whole converted network saved the old way
+    net = nn.Sequential(nn.Linear(5, 4), SFNode(0.5, lam=0.5, offset=0.5), nn.Linear(4, 3), SFNode(0.7, 0.3, lam=0.25))
+    sd = {}
+    for k, v in net.state_dict().items():
+        sd[k] = v
+    for i in (1, 3):
+        sd[f"{i}._extra_state"] = _old_state_dict(net[i])["_extra_state"]
+    other = nn.Sequential(nn.Linear(5, 4), SFNode(), nn.Linear(4, 3), SFNode())
+    other.load_state_dict(sd)
+    x = torch.randn(3, 4, 5, generator=rng)
+    functional.reset_net(net)
+    torch.testing.assert_close(other(x), net(x), rtol=0, atol=0)
+
+
+def test_whole_module_pickles_from_before_the_change_load(rng: torch.Generator) -> None:
+    """torch.save(snn) pickles the instance __dict__: an old one lacks the base's attributes and has v_init."""
+    node = SFNode(0.5, 0.25, lam=0.5, max_spikes=4, offset=0.5)
+    state = dict(copy.deepcopy(node).__dict__)
+    state["v_init"] = state.pop("offset")
+    for name in ("v_reset", "surrogate_function", "stateful", "kind", "_neuron_precision", "lava_s_cale"):
+        state.pop(name, None)
+    old = SFNode.__new__(SFNode)
+    old.__setstate__(state)
+    assert old.offset == 0.5 and old.stateful and old.kind == "" and old.v_reset is None
+    x = _input(rng)
+    torch.testing.assert_close(old(x), node(x), rtol=0, atol=0)
+
+
+def test_set_lambda_by_kind_and_name(rng: torch.Generator) -> None:
+    net = nn.Sequential(
+        nn.Linear(3, 3), SFNode(1.0, kind="relu"), nn.Linear(3, 3), SFNode(1.0, 1.0, kind="input"),
+        nn.Linear(3, 3), SFNode(1.0, kind="relu"),
+    )  # fmt: skip
+    assert sj_sfn.set_lambda(net, 0.5, kinds="relu") == 2
+    assert [m.lam.item() for m in (net[1], net[3], net[5])] == [0.5, 1.0, 0.5]
+    assert sj_sfn.set_lambda(net, 0.25, kinds=["relu"], names=["5"]) == 1
+    assert [m.lam.item() for m in (net[1], net[3], net[5])] == [0.5, 1.0, 0.25]
+    with pytest.raises(ValueError, match="attn.*the model's kinds are \\['input', 'relu'\\]"):
+        sj_sfn.set_lambda(net, 0.5, kinds=["attn"])
+    with pytest.raises(KeyError, match="nope"):
+        sj_sfn.set_lambda(net, 0.5, names=["nope"])
+    assert "kind='input'" in repr(net[3])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from torch import fx
 
 from ..calibration import SiteObserver, calibrate
 from ..checks import check_offset, check_quantile
-from ..neuron import MTNode, SFNode
+from ..neuron import MTNode, SFNode, set_stateful
 from .matching import activation_input, match_relu_family, unsupported_activation
 from .passes import adapt_step_mode, functionalize_inplace, fuse_conv_bn
 from .passes import unique_target as _unique_target
@@ -97,13 +98,16 @@ class SFNRecipe(FXConversionRecipe):
     :param p: calibration quantile
     :param per_channel: one threshold per channel (``channel_dim``) instead of per site
     :param channel_dim: the channel dimension of the activations (1 for ``[N, C, H, W]``)
-    :param v_init: threshold offset ``r`` in ``[0, 1)``: ``0.5`` (the default) rounds, ``0`` floors
+    :param offset: threshold offset ``r`` in ``[0, 1)``: ``0.5`` (the default) rounds, ``0`` floors
     :param levels: non-uniform level multipliers ``y_1..y_N`` (default evenly spaced)
     :param num_batches: calibrate on at most this many batches
     :param fuse_bn: fold BatchNorm into the preceding convolution
     :param max_samples: per-batch subsample size of the quantile estimate
     :param backend: neuron backend (``'torch'`` or ``'cupy'``)
     :param progress: show a progress bar while calibrating
+    :param keep_state: ``False`` (default): every site starts from rest on every call (same input, same
+        output, no ``reset_net`` needed); ``True``: SpikingJelly's stateful nodes (multi-step use)
+    :param v_init: deprecated name of ``offset``
     """
 
     def __init__(
@@ -114,21 +118,27 @@ class SFNRecipe(FXConversionRecipe):
         p: float = 0.99,
         per_channel: bool = False,
         channel_dim: int = 1,
-        v_init: float = CNN_DEFAULT_V_INIT,
+        offset: float = CNN_DEFAULT_V_INIT,
         levels: torch.Tensor | None = None,
         num_batches: int | None = None,
         fuse_bn: bool = True,
         max_samples: int = 1 << 17,
         backend: str = "torch",
         progress: bool = True,
+        keep_state: bool = False,
+        v_init: float | None = None,
     ) -> None:
+        if v_init is not None:
+            warnings.warn("SFNRecipe(v_init=...) is deprecated: the threshold offset is called offset", DeprecationWarning, stacklevel=2)
+            offset = check_offset(v_init, "v_init")
         self.dataloader = dataloader
         self.lam = lam
         self.max_spikes = max_spikes
         self.p = p
         self.per_channel = per_channel
         self.channel_dim = channel_dim
-        self.v_init = v_init
+        self.offset = offset
+        self.keep_state = keep_state
         self.levels = levels
         self.num_batches = num_batches
         self.fuse_bn = fuse_bn
@@ -143,7 +153,9 @@ class SFNRecipe(FXConversionRecipe):
         _positive(self.lam, "lam (λ)")
         _positive_int(self.max_spikes, "max_spikes (N)")
         check_quantile(self.p)
-        check_offset(self.v_init, "v_init")
+        check_offset(self.offset, "offset")
+        if not isinstance(self.keep_state, bool):
+            raise TypeError(f"keep_state must be a bool, got {self.keep_state!r}")
         if self.num_batches is not None:
             _positive_int(self.num_batches, "num_batches")
         if not isinstance(self.channel_dim, int) or isinstance(self.channel_dim, bool):
@@ -199,8 +211,8 @@ class SFNRecipe(FXConversionRecipe):
                   progress=self.progress, desc="SFN calibration")
         return fx_model
 
-    def make_node(self, stats: dict[str, Any], ceiling: float | None) -> SFNode:
-        """The SFN for one site: ``θ = min(q_p, ceiling)``."""
+    def make_node(self, stats: dict[str, Any], ceiling: float | None, kind: str = "") -> SFNode:
+        """The SFN for one site of the given ``kind`` (``"relu"``, ``"relu6"``, ...): ``θ = min(q_p, ceiling)``."""
         theta = stats["pos"]
         if ceiling is not None:
             theta = torch.clamp(theta, max=ceiling)
@@ -209,16 +221,16 @@ class SFNRecipe(FXConversionRecipe):
             theta = theta.reshape(())
         return SFNode.from_statistics(
             {"pos": theta}, lam=float(self.lam), max_spikes=int(self.max_spikes), signed=False, channel_dim=channel_dim,
-            v_init=float(self.v_init), ceiling=ceiling, levels=self.levels, backend=self.backend,
+            offset=float(self.offset), ceiling=ceiling, levels=self.levels, backend=self.backend, kind=kind,
         )
 
     def replace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         nodes = {n.name: n for n in fx_model.graph.nodes}
-        for name, obs_target, module_target, _kind, ceiling in self._sites:
+        for name, obs_target, module_target, kind, ceiling in self._sites:
             act = nodes[name]
             obs_node = next(u for u in act.users if u.op == "call_module" and u.target == obs_target)
             obs = fx_model.get_submodule(obs_target)
-            sfn = self.make_node(obs.statistics(), ceiling).to(converter.device)
+            sfn = self.make_node(obs.statistics(), ceiling, kind.lower()).to(converter.device)
             if module_target is not None and self._module_uses.get(module_target) == 1:
                 target = module_target
                 parent, _, leaf = target.rpartition(".")
@@ -239,6 +251,7 @@ class SFNRecipe(FXConversionRecipe):
 
     def finalize(self, converter: FXConverter, fx_model: fx.GraphModule) -> nn.Module:
         fx_model.eval()
+        set_stateful(fx_model, bool(self.keep_state))
         return fx_model
 
 

@@ -21,11 +21,11 @@ rescales the step to ``c·λ'/(λ·N_a)`` like every other site, and the ceiling
 ``c``. With ``softmax_theta='quantile'`` θ_a is the p-quantile of the probabilities like the
 other sites, capped by ``c``.
 
-Rounding by default (``v_init=0.5``, a half-threshold start): flooring shrinks every
+Rounding by default (``offset=0.5``, a half-threshold start): flooring shrinks every
 signed activation toward zero by half a step on average, and in a Transformer that bias
 compounds through LayerNorm and the residual stream. Measured on the digits ViT (ANN
 94.99%): floor gives 93.59% at λ=0.1 and 71.3% at λ=0.25; rounding 94.15% at both, with
-energy ratio 0.31 at λ=0.25. ``v_init=0.0`` restores the floor.
+energy ratio 0.31 at λ=0.25. ``offset=0.0`` restores the floor.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,8 +41,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import neuron
 from ..calibration import SiteObserver, calibrate
-from ..checks import check_max_spikes, check_positive_float, check_quantile
+from ..checks import check_max_spikes, check_offset, check_positive_float, check_quantile
 from ..neuron import SFNode
 from .modules import SITE_KINDS, HeadSite, SFormerAttention, SFormerMlp, attention_types, mlp_types
 
@@ -130,8 +132,8 @@ def prepare(
 
 def _default_site(kind: str, name: str) -> SFNode:
     if kind == "attn":
-        return SFNode(theta_pos=1.0, theta_neg=None, ceiling=1.0)
-    return SFNode(theta_pos=1.0, theta_neg=1.0)
+        return SFNode(theta_pos=1.0, theta_neg=None, ceiling=1.0, kind=kind)
+    return SFNode(theta_pos=1.0, theta_neg=1.0, kind=kind)
 
 
 def _site_kind(name: str) -> str | None:
@@ -184,9 +186,10 @@ def convert(
     num_batches: int | None = None,
     progress: bool = True,
     spike_head: bool = True,
-    v_init: float = 0.5,
+    offset: float = 0.5,
     per_channel: bool = False,
     device: torch.device | str | None = None,
+    v_init: float | None = None,
 ) -> nn.Module:
     """Convert a timm ViT/DeiT/EVA into a one-timestep SFormer (the caller's model is not touched).
 
@@ -196,10 +199,14 @@ def convert(
     the cap ``softmax_cap`` (see the module doc for ``softmax_theta``).
 
     :param per_channel: per-channel thresholds (last dim) for the token sites instead of one per tensor
-    :param v_init: threshold offset in ``[0, 1)`` of every SFN: ``0.5`` (the default, as for CNNs) rounds,
+    :param v_init: deprecated name of ``offset``
+    :param offset: threshold offset in ``[0, 1)`` of every SFN: ``0.5`` (the default, as for CNNs) rounds,
         ``0.0`` floors (SPEC's default; see the module doc for why SFormer rounds)
     :returns: the converted ``nn.Module``; ``snn(x)`` takes the ANN's input and returns its kind of output
     """
+    if v_init is not None:
+        warnings.warn("sformer.convert(v_init=...) is deprecated: the threshold offset is called offset", DeprecationWarning, stacklevel=2)
+        offset = check_offset(v_init, "v_init")
     lam = check_positive_float(lam, "lam (λ)")
     max_spikes = check_max_spikes(max_spikes)
     softmax_max_spikes = max_spikes if softmax_max_spikes is None else check_max_spikes(softmax_max_spikes)
@@ -236,11 +243,11 @@ def convert(
             cap = min(max(cap, 1e-6), 1.0)
             # (1 - 1e-6): floor(cap / (λθ)) must be N_a, not N_a - 1 by rounding
             theta = cap / (lam * softmax_max_spikes) * (1 - 1e-6) if softmax_theta == "cap" else float(stats["pos"].max())
-            node = SFNode(theta_pos=theta, lam=lam, max_spikes=softmax_max_spikes, ceiling=cap, v_init=v_init)
+            node = SFNode(theta_pos=theta, lam=lam, max_spikes=softmax_max_spikes, ceiling=cap, offset=offset, kind=kind)
         else:
             stats = site.statistics()
             node = SFNode.from_statistics(
-                stats, lam=lam, max_spikes=max_spikes, signed=True, v_init=v_init,
+                stats, lam=lam, max_spikes=max_spikes, signed=True, offset=offset, kind=kind,
                 channel_dim=-1 if per_channel else None,
             )
         parent_name, _, attr = name.rpartition(".")
@@ -355,16 +362,11 @@ def sites(snn: nn.Module, loader: Iterable | None = None, num_batches: int | Non
 def set_lambda(snn: nn.Module, lam: float, kinds: Iterable[str] | str | None = None) -> int:
     """Set ``λ`` of the sites of the given kinds (all by default); returns how many were set.
 
-    No recalibration: the thresholds become ``λ·θ·i``. The SoftMax site keeps its ceiling.
+    :func:`sj_sfn.set_lambda` with the kinds checked against :data:`SITE_KINDS`. No recalibration:
+    the thresholds become ``λ·θ·i``. The SoftMax site keeps its ceiling.
     """
-    lam = check_positive_float(lam, "lam (λ)")
-    chosen = _check_kinds(kinds)
-    n = 0
-    for _, kind, m in _sfn_sites(snn):
-        if kind in chosen:
-            m.set_lambda(lam)
-            n += 1
-    return n
+    _sfn_sites(snn)  # a clear error for a model without SFormer sites
+    return neuron.set_lambda(snn, lam, kinds=None if kinds is None else sorted(_check_kinds(kinds)))
 
 
 def set_max_spikes(snn: nn.Module, max_spikes: int, kinds: Iterable[str] | str | None = None) -> int:
