@@ -36,7 +36,7 @@ Modules may describe extra operations (attention matrix products, ...) by defini
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,10 +163,15 @@ class EnergyReport:
 # -- counting helpers ------------------------------------------------------------------
 
 
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored ``[in, out]``."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers.")
+
+
 def linear_fanout_acs(counts: torch.Tensor, layer: nn.Linear) -> tuple[float, float]:
-    """``(Σ|k|·F, Σ1[k≠0]·F)`` for counts ``k`` entering ``layer`` (``F = out_features``)."""
+    """``(Σ|k|·F, Σ1[k≠0]·F)`` for counts ``k`` entering ``layer`` (``F = out_features``; a ``Conv1D``'s ``nf``)."""
     a = counts.abs().to(torch.float64)
-    f = float(layer.out_features)
+    f = float(layer.nf if _is_hf_conv1d(layer) else layer.out_features)
     return a.sum().item() * f, (a > 0).sum().item() * f
 
 
@@ -210,6 +215,8 @@ def _dense_macs(layer: nn.Module, out: torch.Tensor) -> float:
     """Dense MACs of one forward: ``out.numel() · (fan-in per output)``."""
     if isinstance(layer, nn.Linear):
         return float(out.numel()) * layer.in_features
+    if _is_hf_conv1d(layer):
+        return float(out.numel()) * layer.weight.shape[0]
     k = math.prod(layer.kernel_size)
     return float(out.numel()) * (layer.in_channels // layer.groups) * k
 
@@ -257,7 +264,7 @@ class _Recorder:
                     self.saved_store.append((m, m.store_counts))
                     m.store_counts = True
                 self.handles.append(m.register_forward_hook(self._neuron_hook(name)))
-            elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_hf_conv1d(m):
                 self.handles.append(m.register_forward_hook(self._layer_hook(name)))
             elif role == "snn" and _passthrough_kind(m) is not None:
                 self.handles.append(m.register_forward_hook(self._pass_hook(_passthrough_kind(m))))
@@ -339,7 +346,7 @@ class _Recorder:
             kn = self.input_counts.setdefault(name, [0.0, 0.0])
             kn[0] += counts.abs().to(torch.float64).sum().item()
             kn[1] += counts.numel()
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) or _is_hf_conv1d(m):
                 acs, ev = linear_fanout_acs(counts, m)
             else:
                 acs, ev = conv_fanout_acs(counts, m)
@@ -377,15 +384,18 @@ def _run(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int |
     samples = 0
     seen = 0
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x = batch_inputs(batch)
+        kwargs = dict(batch) if isinstance(batch, Mapping) and "input_ids" in batch else None  # Hugging Face inputs
+        x = batch_inputs(batch) if kwargs is None else kwargs["input_ids"]
         if device is not None:
             x = x.to(device)
+            if kwargs is not None:
+                kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         sjf.reset_net(model)
         recorder.static_input = x
         for t in range(time_steps):
             recorder.new_forward()
             recorder.step = t
-            model(x)
+            model(x) if kwargs is None else model(**kwargs)
         recorder.new_forward()
         recorder.static_input = None
         samples += int(x.shape[0])
@@ -411,7 +421,7 @@ def measure_energy(
     """Count the operations of ``snn`` (and of ``ann``) over ``loader``; per-sample averages.
 
     :param snn: converted network (SFN/MTN or SpikingJelly neurons), run in single-step mode
-    :param loader: batches of inputs (``x`` or ``(x, y, ...)``)
+    :param loader: batches of inputs (``x`` or ``(x, y, ...)``, or a Hugging Face mapping with ``input_ids``: ``model(**batch)``)
     :param ann: the source ANN; when given, ``ann_macs`` are its measured Linear/Conv MACs plus
         the ``ann_macs`` that ``energy_ops`` report; otherwise the dense MACs of the SNN's own layers
     :param time_steps: forward passes per input (a rate-coded network run for ``T`` steps);
