@@ -71,7 +71,8 @@ def convert(
     rescales later without recalibrating.
 
     :param model: a CNN with ReLU-family activations, or a timm Vision Transformer
-    :param dataloader: calibration batches (``x`` or ``(x, y, ...)``)
+    :param dataloader: calibration batches (``x`` or ``(x, y, ...)``); a single tensor ``x`` (or a dict) is ONE
+        batch, a lone ``(x, y)`` pair must be wrapped: ``[(x, y)]``
     :param lam: ``λ``; ``None`` = the family default (CNNs: ``0.05``, see
         :data:`sj_sfn.ann2snn.recipes.CNN_DEFAULT_LAM`; Transformers: :func:`sj_sfn.sformer.convert`'s)
     :param max_spikes: ``N``
@@ -89,8 +90,10 @@ def convert(
     :param kwargs: passed on to :class:`~sj_sfn.ann2snn.SFNRecipe` or :func:`sj_sfn.sformer.convert`
     :returns: an ``nn.Module``; ``snn(x)`` takes the ANN's input and returns its kind of output
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from .ann2snn.inputs import calibration_loader, check_model
+
+    check_model(model, "sj_sfn.convert")  # an nn.Module, not converted yet, no meta tensors, a weight layer
+    dataloader = calibration_loader(dataloader, "sj_sfn.convert")  # a single tensor (or dict) is one batch
     if v_init is not None:
         warnings.warn("convert(v_init=...) is deprecated: the threshold offset is called offset", DeprecationWarning, stacklevel=2)
         offset = check_offset(v_init, "v_init") if offset is None else offset

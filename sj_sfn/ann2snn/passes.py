@@ -297,7 +297,8 @@ def functionalize_inplace(fx_model: fx.GraphModule) -> fx.GraphModule:
     of ``v`` taken before ``n`` and used after it is taken again from the new value. The graph then
     holds no in-place operation, so neurons replacing activations out of place and dead-code
     elimination cannot change the result. Writing into a graph input is allowed (the converted
-    network leaves its input untouched).
+    network leaves its input untouched). In-place modules (``nn.ReLU(inplace=True)``) get ``inplace = False``:
+    like every pass here, it edits the modules of ``fx_model`` (trace a copy of a model you keep).
 
     :raises InPlaceError: naming the node, when the write would show through a tensor the pass cannot
         re-derive (the base of a view, a sibling view, a possibly-copied alias from

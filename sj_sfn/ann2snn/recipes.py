@@ -36,6 +36,7 @@ from torch import fx
 from ..calibration import SiteObserver, calibrate
 from ..checks import check_offset, check_quantile
 from ..neuron import MTNode, SFNode, set_stateful
+from .inputs import calibration_loader, check_model
 from .matching import activation_input, match_relu_family, unsupported_activation
 from .passes import adapt_step_mode, functionalize_inplace, fuse_conv_bn
 from .passes import unique_target as _unique_target
@@ -51,13 +52,6 @@ __all__ = ["SFNRecipe", "MTNRecipe", "fuse_conv_bn", "adapt_step_mode", "CNN_DEF
 #: Larger λ trades accuracy for energy (λ = 0.1: -0.65 point, energy ratio 0.27 instead of 0.53).
 CNN_DEFAULT_LAM = 0.05
 CNN_DEFAULT_V_INIT = 0.5
-
-
-def _check_loader(dataloader: Any, owner: str) -> None:
-    if dataloader is None:
-        raise ValueError(f"{owner} needs a calibration dataloader (an iterable of x or (x, y) batches)")
-    if not isinstance(dataloader, Iterable):
-        raise TypeError(f"{owner}: dataloader must be iterable, got {type(dataloader).__name__}")
 
 
 def _positive(value: Any, name: str) -> float:
@@ -149,7 +143,7 @@ class SFNRecipe(FXConversionRecipe):
 
     # -- hooks -------------------------------------------------------------------------
     def validate(self, converter: FXConverter) -> None:
-        _check_loader(self.dataloader, "SFNRecipe")
+        self.dataloader = calibration_loader(self.dataloader, "SFNRecipe")  # a tensor or dict is one batch
         _positive(self.lam, "lam (λ)")
         _positive_int(self.max_spikes, "max_spikes (N)")
         check_quantile(self.p)
@@ -162,7 +156,7 @@ class SFNRecipe(FXConversionRecipe):
             raise TypeError(f"channel_dim must be an int, got {self.channel_dim!r}")
 
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
-        return _eval_copy(ann)
+        return _eval_copy(check_model(ann, type(self).__name__))
 
     def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         fx_model = functionalize_inplace(fx_model)  # in-place ops first: SFNs are out of place, fusion prunes nodes
@@ -293,13 +287,13 @@ class MTNRecipe(RateCodingRecipe):
         self.backend = backend
 
     def validate(self, converter: FXConverter) -> None:
-        _check_loader(self.dataloader, "MTNRecipe")
+        self.dataloader = calibration_loader(self.dataloader, "MTNRecipe")
         super().validate(converter)
         _positive_int(self.time_steps, "time_steps (T)")
         check_offset(self.v_init, "v_init")
 
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
-        return _eval_copy(ann)
+        return _eval_copy(check_model(ann, type(self).__name__))
 
     def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         return super().after_trace(converter, functionalize_inplace(fx_model))

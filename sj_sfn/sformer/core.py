@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from .. import neuron
+from ..ann2snn.inputs import calibration_loader, check_model
 from ..calibration import SiteObserver, calibrate
 from ..checks import check_max_spikes, check_offset, check_positive_float, check_quantile
 from ..neuron import SFNode
@@ -204,6 +205,8 @@ def convert(
         ``0.0`` floors (SPEC's default; see the module doc for why SFormer rounds)
     :returns: the converted ``nn.Module``; ``snn(x)`` takes the ANN's input and returns its kind of output
     """
+    model = check_model(model, "sformer.convert")  # an nn.Module, not converted yet, no meta tensors, a weight layer
+    loader = calibration_loader(loader, "sformer.convert")  # a single tensor is one batch
     if v_init is not None:
         warnings.warn("sformer.convert(v_init=...) is deprecated: the threshold offset is called offset", DeprecationWarning, stacklevel=2)
         offset = check_offset(v_init, "v_init")
