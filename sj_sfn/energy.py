@@ -1,36 +1,38 @@
 """Energy accounting: ANN multiply-accumulates vs SNN synaptic operations.
 
-The model (SPEC §5, 45 nm figures, Horowitz ISSCC 2014)::
+The model (the paper's Sec. 3 and docs/spikingjelly.md; 45 nm figures, Horowitz ISSCC 2014)::
 
     E_ANN = 4.6 pJ · MACs_ANN
     E_SNN = 0.9 pJ · ACs + 4.6 pJ · MACs_SNN          ratio = E_SNN / E_ANN
 
-For a layer whose input is *spiking*, every input element with signed spike count ``k`` costs
-``|k|·F`` accumulates (``F`` = its fan-out: how many weights it meets), so
-``ACs = Σ |k|·F`` (count-weighted synaptic operations, "SOPs") and
-``events = Σ 1[k≠0]·F`` (what it costs if a multi-level spike is one event). A layer whose
-input is not spiking (the image into the first convolution, an average-pooled spike map,
-a LayerNorm output) costs its dense MACs. Run for ``T`` steps on a constant input, the layer
-that reads the input itself is charged once (its output is the same every step).
+For a weight operation whose input is *spiking*, every input element with signed spike count
+``k`` costs ``|k|·F`` accumulates (``F`` = its fan-out: how many weights it meets), so
+``ACs = Σ |k|·F`` (count-weighted synaptic operations, "SOPs") and ``events = Σ 1[k≠0]·F``
+(what it costs if a multi-level spike is one event). A site with custom levels ``y`` sends one
+graded spike per non-zero output: ``F`` ACs when ``y_|k|`` is a power of two, ``F`` MACs
+otherwise. A product of two spike tensors (attention) costs ``|k_a|·|k_b|`` ACs per pair of
+spikes that meet (a power-of-two graded operand counts 1; a pair with another graded level is
+one MAC). A weight operation whose input is not spiking (the image into the first convolution,
+an average-pooled spike map, a LayerNorm output) costs its dense MACs. Run for ``T`` steps on a
+constant input, the operation that reads the input itself is charged once.
 
-Fan-out: a ``Linear`` input element meets ``out_features`` weights. A convolution input
-element at a given position meets ``C_out/groups`` times the number of kernel taps that
-cover that position (fewer at the borders, none in the gaps of a strided convolution): the
-count is exact, computed as ``Σ_out (C_out/groups) · conv(|k|, 1)`` (a convolution of the
-absolute counts with an all-ones kernel, one per group).
+Fan-out is exact: a convolution input element meets ``C_out/groups`` times the kernel taps
+that cover it (fewer at the borders, none in the gaps of a strided convolution).
 
-How spiking inputs are found: during measurement every :class:`~sj_sfn.SFNode`,
-:class:`~sj_sfn.MTNode` and SpikingJelly spiking node (``BaseNode``, binary spikes) has its
-output tensor remembered together with its integer counts; a layer input *is* spiking when
-it is one of those tensors (identity, same forward). Counts are carried through modules that
-keep spikes spikes: ``Flatten``, ``Identity``, ``Dropout`` (eval), SpikingJelly's
-``VoltageScaler``/``ChannelVoltageScaler`` and, for non-negative counts, ``MaxPool``.
-Everything else (``AvgPool``, additions, ...) produces non-spiking values: the layers they
-feed are charged MACs.
+How operations are found: at ATen level, through SpikingJelly's ``DispatchCounterMode`` and
+the spike registry of :mod:`sj_sfn.op_counter` (the same rules as the SpikingJelly counters
+there, so both count every operation alike). Every ``convolution``/``mm``/``addmm``/``bmm``
+is seen, whether a module or a functional call in an FX graph issued it, and a padding done
+inside a module's forward (timm's ``Conv2dSame``) is part of the input the fan-out follows.
+Neuron outputs (:class:`~sj_sfn.MultiLevelNode`, SpikingJelly ``BaseNode``) are spikes, and
+stay spikes through operations that only move, copy, pad, max-pool or rescale them; anything
+else (``AvgPool``, additions, ...) is not spiking. A row is named after the module that owns
+the weight (``"0"``, ``"blocks.3.mlp.fc1"``), or the innermost module for a computed weight.
 
 Modules may describe extra operations (attention matrix products, ...) by defining
 ``energy_ops(self) -> list[dict]``, called after each forward of the module; each dict has
-``name``, ``kind``, ``macs``, ``acs``, ``events`` and ``ann_macs`` (summed over the batch).
+``name``, ``kind``, ``macs``, ``acs``, ``events`` and ``ann_macs`` (summed over the batch). A
+product of two activations inside such a module is left to it.
 """
 
 from __future__ import annotations
@@ -211,52 +213,48 @@ def conv_fanout_acs(counts: torch.Tensor, layer: nn.Conv1d | nn.Conv2d | nn.Conv
     return acs, events
 
 
-def _dense_macs(layer: nn.Module, out: torch.Tensor) -> float:
-    """Dense MACs of one forward: ``out.numel() · (fan-in per output)``."""
-    if isinstance(layer, nn.Linear):
-        return float(out.numel()) * layer.in_features
-    if _is_hf_conv1d(layer):
-        return float(out.numel()) * layer.weight.shape[0]
-    k = math.prod(layer.kernel_size)
-    return float(out.numel()) * (layer.in_channels // layer.groups) * k
-
-
 def _is_neuron(m: nn.Module) -> bool:
     from spikingjelly.activation_based.neuron import BaseNode
 
-    from .neuron import MTNode, SFNode
-
-    return isinstance(m, (SFNode, MTNode, BaseNode))
+    return isinstance(m, BaseNode)
 
 
-def _passthrough_kind(m: nn.Module) -> str | None:
-    """How a module carries spike counts from its input to its output (or ``None``)."""
-    from spikingjelly.activation_based.ann2snn.modules import ChannelVoltageScaler, VoltageScaler
-
-    if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, VoltageScaler, ChannelVoltageScaler)):
-        return "same"
-    if isinstance(m, nn.Flatten):
-        return "flatten"
-    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-        return "maxpool"
-    return None
+def _innermost(parent_names: set[str]) -> str:
+    """The innermost active module's path (the module tracker's names start with the root class name)."""
+    best = max(parent_names - {"Global"}, key=lambda n: n.count("."), default="")
+    return best.partition(".")[2] if "." in best else best
 
 
 class _Recorder:
-    """Hooks that tie neuron outputs to counts and charge every Linear/Conv call."""
+    """Ties neuron outputs to their counts (forward hooks) and charges every weight operation at ATen level.
+
+    Weight operations (``convolution``, ``mm``/``addmm``, ``bmm``/``baddbmm``) are seen through
+    SpikingJelly's ``DispatchCounterMode``, whatever module or functional call issued them; a row is
+    named after the module owning the weight parameter (the innermost module for a computed weight).
+    A product of two activations inside a module with ``energy_ops`` is left to those.
+    """
 
     def __init__(self, model: nn.Module, role: str):
+        from spikingjelly.activation_based.op_counter import BaseCounter
+
+        from .op_counter import PROPAGATING_OPS, WEIGHT_OPS, SpikeRegistry
+
         self.role = role  # "snn" or "ann"
-        self.spiking: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.registry = SpikeRegistry(model)
         self.rows: dict[str, LayerEnergy] = {}
         self.order: list[str] = []
-        self.op_rows: set[str] = set()  # rows from energy_ops() (products), not from layers
+        self.op_rows: set[str] = set()  # rows of activation products (energy_ops, matmuls): not weight layers
+        self.weight_rows: set[str] = set()
         self.site_counts: dict[str, list[float]] = {}
         self.input_counts: dict[str, list[float]] = {}
         self.handles: list[Any] = []
         self.saved_store: list[tuple[nn.Module, bool]] = []
         self.step = 0
-        self.static_input: torch.Tensor | None = None
+        self.owners: dict[int, tuple[str, str]] = {}
+        for name, m in model.named_modules():
+            for pname, p in m.named_parameters(recurse=False):
+                owner = name or pname
+                self.owners.setdefault(p.untyped_storage().data_ptr(), (owner, type(m).__name__))
         for name, m in model.named_modules():
             name = name or type(m).__name__
             if role == "snn" and _is_neuron(m):
@@ -264,22 +262,36 @@ class _Recorder:
                     self.saved_store.append((m, m.store_counts))
                     m.store_counts = True
                 self.handles.append(m.register_forward_hook(self._neuron_hook(name)))
-            elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_hf_conv1d(m):
-                self.handles.append(m.register_forward_hook(self._layer_hook(name)))
-            elif role == "snn" and _passthrough_kind(m) is not None:
-                self.handles.append(m.register_forward_hook(self._pass_hook(_passthrough_kind(m))))
             if role == "snn" and callable(getattr(m, "energy_ops", None)):
                 self.handles.append(m.register_forward_hook(self._ops_hook(name)))
+        recorder = self
+
+        class _Counter(BaseCounter):
+            def __init__(self) -> None:
+                super().__init__()
+                self.rules = dict.fromkeys(set(WEIGHT_OPS) | set(PROPAGATING_OPS))
+
+            def count(self, func, args, kwargs, out, active_modules=None, parent_names=None) -> int:
+                recorder.on_op(func, args, kwargs, out, active_modules or set(), parent_names or set())
+                return 0
+
+            def record(self, scope, func, value) -> None:
+                pass
+
+        self.counter = _Counter()
+        self.weight_ops = WEIGHT_OPS
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
         for m, s in self.saved_store:
             m.store_counts = s
-        self.spiking.clear()
+        self.registry.clear()
 
-    def new_forward(self) -> None:
-        self.spiking.clear()
+    def new_forward(self, x: torch.Tensor | None) -> None:
+        self.registry.clear()
+        if x is not None and self.step > 0:
+            self.registry.mark_static(x)
 
     def _row(self, name: str, kind: str) -> LayerEnergy:
         if name not in self.rows:
@@ -287,73 +299,62 @@ class _Recorder:
             self.order.append(name)
         return self.rows[name]
 
-    def _mark(self, out: torch.Tensor, counts: torch.Tensor) -> None:
-        self.spiking[id(out)] = (out, counts)
-
-    def _counts_of(self, x: Any) -> torch.Tensor | None:
-        if not isinstance(x, torch.Tensor):
-            return None
-        hit = self.spiking.get(id(x))
-        return hit[1] if hit is not None and hit[0] is x else None
-
     def _neuron_hook(self, name: str):
+        from .op_counter import Shadow
+
         def hook(m, inputs, out):
             if not isinstance(out, torch.Tensor):
                 return
-            counts = getattr(m, "last_counts", None)
-            if counts is None:  # a SpikingJelly node: binary (or ternary) spikes
-                counts = (out != 0).to(torch.int8) * torch.sign(out).to(torch.int8)
-            self._mark(out, counts)
+            shadow = Shadow.of_node(m, out)
+            self.registry.mark(out, shadow)
             s = self.site_counts.setdefault(name, [0.0, 0.0])
-            s[0] += counts.abs().to(torch.float64).sum().item()
-            s[1] += counts.numel()
+            s[0] += shadow.mag.to(torch.float64).sum().item()
+            s[1] += shadow.mag.numel()
 
         return hook
 
-    def _pass_hook(self, kind: str):
-        def hook(m, inputs, out):
-            counts = self._counts_of(inputs[0]) if inputs else None
-            if counts is None or not isinstance(out, torch.Tensor):
-                return
-            if kind == "same":
-                c = counts
-            elif kind == "flatten":
-                c = counts.flatten(m.start_dim, m.end_dim)
-            else:
-                if (counts < 0).any():
-                    return
-                c = _maxpool_like(m, counts)
-            if c.shape == out.shape:
-                self._mark(out, c)
-
-        return hook
-
-    def _layer_hook(self, name: str):
-        def hook(m, inputs, out):
-            row = self._row(name, type(m).__name__)
-            ann = _dense_macs(m, out)
-            row.ann_macs += ann
-            if self.role == "ann":
-                return
-            counts = self._counts_of(inputs[0])
-            if counts is None:
-                if self.step > 0 and inputs[0] is self.static_input:
-                    return  # the same input every step: computed once, its output reused (direct encoding)
-                row.macs += ann
-                row.spiking_input = False if row.spiking_input is None else row.spiking_input
-                return
-            row.spiking_input = True
-            kn = self.input_counts.setdefault(name, [0.0, 0.0])
-            kn[0] += counts.abs().to(torch.float64).sum().item()
-            kn[1] += counts.numel()
-            if isinstance(m, nn.Linear) or _is_hf_conv1d(m):
-                acs, ev = linear_fanout_acs(counts, m)
-            else:
-                acs, ev = conv_fanout_acs(counts, m)
-            row.snn_acs += acs
-            row.events += ev
-
-        return hook
+    def on_op(self, func, args, kwargs, out, active_modules: set, parent_names: set) -> None:
+        if func not in self.weight_ops:
+            self.registry.propagate(func, args, kwargs, out)
+            return
+        i, j = self.weight_ops[func]
+        owner = None
+        for w, x in ((args[j], args[i]), (args[i], args[j])):
+            if isinstance(w, torch.Tensor) and (owner := self.owners.get(w.untyped_storage().data_ptr())) is not None:
+                activation = x
+                break
+        else:
+            activation = args[i]
+        if owner is None:
+            kind = "conv" if func is torch.ops.aten.convolution.default else "matmul"
+            if kind == "matmul":  # a product of two activations
+                if self.role == "ann" or any(callable(getattr(m, "energy_ops", None)) for m in active_modules):
+                    return  # the ANN's products come from the SNN's rows; energy_ops count their own
+            name = _innermost(parent_names) or "model"
+            owner = (f"{name}.matmul" if kind == "matmul" else name, kind)
+        cost = self.registry.cost(func, args, kwargs, out)
+        row = self._row(*owner)
+        if owner[1] == "matmul" and owner[0].endswith(".matmul"):
+            self.op_rows.add(row.name)
+        else:
+            self.weight_rows.add(row.name)
+        row.ann_macs += cost.dense_macs
+        if self.role == "ann":
+            return
+        if self.step > 0 and self.registry.is_static(activation):
+            return  # the same input every step: computed once, its output reused (direct encoding)
+        if not cost.spiking:
+            row.macs += cost.dense_macs
+            row.spiking_input = False if row.spiking_input is None else row.spiking_input
+            return
+        row.spiking_input = True
+        row.snn_acs += cost.acs
+        row.events += cost.events
+        row.macs += cost.graded_macs
+        if cost.input_numel:
+            kn = self.input_counts.setdefault(row.name, [0.0, 0.0])
+            kn[0] += cost.input_mag
+            kn[1] += cost.input_numel
 
     def _ops_hook(self, name: str):
         def hook(m, inputs, out):
@@ -371,14 +372,10 @@ class _Recorder:
         return hook
 
 
-def _maxpool_like(m: nn.Module, counts: torch.Tensor) -> torch.Tensor:
-    """Max-pool non-negative counts with ``m``'s geometry (valid when thresholds are constant over the window)."""
-    return m(counts.to(torch.float32)).round().to(counts.dtype)
-
-
 def _run(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int | None, device, progress: bool,
          recorder: _Recorder, desc: str) -> int:
     from spikingjelly.activation_based import functional as sjf
+    from spikingjelly.activation_based.op_counter import DispatchCounterMode
     from tqdm.auto import tqdm
 
     samples = 0
@@ -391,13 +388,13 @@ def _run(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int |
             if kwargs is not None:
                 kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         sjf.reset_net(model)
-        recorder.static_input = x
         for t in range(time_steps):
-            recorder.new_forward()
             recorder.step = t
-            model(x) if kwargs is None else model(**kwargs)
-        recorder.new_forward()
-        recorder.static_input = None
+            recorder.new_forward(x)
+            with DispatchCounterMode([recorder.counter]):
+                model(x) if kwargs is None else model(**kwargs)
+        recorder.step = 0
+        recorder.new_forward(None)
         samples += int(x.shape[0])
         seen += 1
         if num_batches is not None and seen >= num_batches:
@@ -422,8 +419,10 @@ def measure_energy(
 
     :param snn: converted network (SFN/MTN or SpikingJelly neurons), run in single-step mode
     :param loader: batches of inputs (``x`` or ``(x, y, ...)``, or a Hugging Face mapping with ``input_ids``: ``model(**batch)``)
-    :param ann: the source ANN; when given, ``ann_macs`` are its measured Linear/Conv MACs plus
-        the ``ann_macs`` that ``energy_ops`` report; otherwise the dense MACs of the SNN's own layers
+    :param ann: the source ANN; when given, ``ann_macs`` are its measured weight-operation MACs plus
+        the ``ann_macs`` of the SNN's activation products (``energy_ops``, matmuls); otherwise the
+        dense MACs of the SNN's own operations. The two must have the same weight layers: a layer
+        counted on one side only raises ``ValueError`` naming it
     :param time_steps: forward passes per input (a rate-coded network run for ``T`` steps);
         the SNN counts are summed over the steps, the ANN runs once. A layer that reads the
         network input itself (the image: the same every step) is charged its MACs once
@@ -447,7 +446,6 @@ def measure_energy(
     # ANN MACs of one forward: the SNN layers counted them once per step
     for r in rows:
         r.ann_macs /= time_steps
-    # MACs of energy_ops products (attention): the ANN recorder sees only layers, so these are added to its total
     ops_ann = sum(r.ann_macs for r in rows if r.name in rec.op_rows)
     ann_total = sum(r.ann_macs for r in rows)
     if ann is not None:
@@ -459,6 +457,7 @@ def measure_energy(
         finally:
             arec.close()
             ann.train(ann_was_training)
+        _check_same_layers(rec.weight_rows, arec.weight_rows)
         ann_total = sum(r.ann_macs for r in arec.rows.values()) * samples / ann_samples + ops_ann
     for r in rows:
         r.ann_macs /= samples
@@ -480,3 +479,18 @@ def measure_energy(
         sops=sops, events=events, macs=macs, ann_macs=ann_total / samples, per_layer=rows, firing_rates=firing,
         samples=samples, time_steps=time_steps, ann_measured=ann is not None,
     )
+
+
+def _check_same_layers(snn_layers: set[str], ann_layers: set[str]) -> None:
+    """Every weight layer of the ANN must be counted in the SNN and vice versa."""
+    only_ann, only_snn = sorted(ann_layers - snn_layers), sorted(snn_layers - ann_layers)
+    if only_ann or only_snn:
+        parts = []
+        if only_ann:
+            parts.append(f"in the ANN but not in the SNN: {only_ann}")
+        if only_snn:
+            parts.append(f"in the SNN but not in the ANN: {only_snn}")
+        raise ValueError(
+            "measure_energy: the SNN and the ANN do not run the same weight layers (" + "; ".join(parts)
+            + "): pass the ANN this SNN was converted from, or count every layer on both sides"
+        )

@@ -145,6 +145,13 @@ class MultiLevelNode(BaseNode):
         if not stateful:
             self.reset()
 
+    def level_costs(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What one output element with signed count ``k`` costs per fan-out of the layer it feeds: ``(ACs, MACs)``.
+
+        Evenly spaced levels: ``(|k|, None)`` (a count of ``k`` is ``|k|`` additions of the spike value).
+        """
+        return counts.abs(), None
+
     @property
     def store_v_seq(self) -> bool:
         return self._store_v_seq
@@ -475,6 +482,22 @@ class SFNode(MultiLevelNode):
     def v_init(self) -> float:
         """Deprecated name of :attr:`offset` (read by the fire dispatch; kept for one release)."""
         return self.offset
+
+    def level_costs(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What one output element with signed count ``k`` costs per fan-out: ``(ACs, MACs)`` (the paper's Sec. 3).
+
+        Evenly spaced levels: ``(|k|, None)``. Custom levels ``y``: one graded spike per non-zero
+        output, ``(1[k≠0, y_|k| a power of two], 1[k≠0, y_|k| not a power of two])`` (a shift and an
+        add, or a multiply).
+        """
+        if self.levels is None:
+            return counts.abs(), None
+        mantissa, _ = torch.frexp(self.levels.to(torch.float64))
+        pow2 = torch.cat([torch.zeros(1, dtype=torch.bool, device=mantissa.device), mantissa == 0.5])
+        idx = counts.abs().long().clamp(max=self.levels.numel())
+        fired = idx != 0
+        p2 = pow2.to(idx.device)[idx]
+        return (fired & p2).to(torch.int8), (fired & ~p2).to(torch.int8)
 
     def set_lambda(self, lam: float) -> None:
         """Rescale every threshold of this site: ``λ ← lam`` (no recalibration)."""

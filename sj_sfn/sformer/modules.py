@@ -226,39 +226,61 @@ class SFormerAttention(nn.Module):
         ``events`` is the same sum with ``1[k≠0]`` for ``|k|`` (one event per non-zero pair);
         ``ann_macs = B·H·N·N·D`` for each product. The scale ``d^-1/2`` and the spike values
         ``λθ`` are per-tensor constants folded into the result, not counted.
-        A site that is not an SFN with ``store_counts=True`` makes its product dense (``macs``).
+        A site with custom levels (:meth:`~sj_sfn.SFNode.level_costs`) sends graded spikes: a
+        power-of-two level counts 1 in place of ``|k|`` (each pair costs the other operand's
+        ``|k|`` ACs), any other level makes each of its pairs one MAC (``macs``).
         """
-        counts = {kind: getattr(getattr(self, f"sfn_{kind}"), "last_counts", None) for kind in ("q", "k", "v", "attn")}
+        counts = {kind: _site_costs(getattr(self, f"sfn_{kind}")) for kind in ("q", "k", "v", "attn")}
         groups = self.num_heads // self.num_kv_heads
         for kind in ("k", "v"):
             if counts[kind] is not None and groups > 1:
-                counts[kind] = counts[kind].repeat_interleave(groups, dim=1)
+                counts[kind] = tuple(None if t is None else t.repeat_interleave(groups, dim=1) for t in counts[kind])
         return [
             _product_ops("qk", counts["q"], counts["k"], "qk"),
             _product_ops("av", counts["attn"], counts["v"], "av"),
         ]
 
 
-def _product_ops(name: str, a: torch.Tensor | None, b: torch.Tensor | None, kind: str) -> dict:
-    """Counts for ``a @ bᵀ`` (``qk``: a=[..,N,D], b=[..,M,D]) or ``a @ b`` (``av``: a=[..,N,M], b=[..,M,D])."""
+def _site_costs(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """``(ACs, MACs, 1[k≠0])`` per element of a site's last output, or ``None`` without counts."""
+    k = getattr(site, "last_counts", None)
+    if k is None:
+        return None
+    ac, mac = site.level_costs(k)
+    return ac, mac, k != 0
+
+
+def _product_ops(name: str, a: tuple | None, b: tuple | None, kind: str) -> dict:
+    """Counts for ``a @ bᵀ`` (``qk``: a=[..,N,D], b=[..,M,D]) or ``a @ b`` (``av``: a=[..,N,M], b=[..,M,D]).
+
+    ``a``, ``b``: ``(ACs, MACs, non-zero)`` per element (:func:`_site_costs`); per pair of spikes that
+    meet, ``ac_a·ac_b`` ACs, or one MAC when either spike is graded at a non-power-of-two level.
+    """
     if a is None or b is None:
         raise RuntimeError(
             f"energy_ops: the sites of the {name} product kept no spike counts; set store_counts=True on the "
             "SFN sites (sj_sfn.energy.measure_energy does this) and run a forward first"
         )
-    a_abs, b_abs = a.abs().to(torch.float64), b.abs().to(torch.float64)
-    a_ev, b_ev = (a != 0).to(torch.float64), (b != 0).to(torch.float64)
-    if kind == "qk":  # Σ_d (Σ_i |a_id|)(Σ_j |b_jd|)
-        n, d, m = a.shape[-2], a.shape[-1], b.shape[-2]
-        acs = (a_abs.sum(-2) * b_abs.sum(-2)).sum().item()
-        events = (a_ev.sum(-2) * b_ev.sum(-2)).sum().item()
-    else:  # Σ_j (Σ_i |a_ij|)(Σ_d |b_jd|)
-        n, m, d = a.shape[-2], a.shape[-1], b.shape[-1]
-        acs = (a_abs.sum(-2) * b_abs.sum(-1)).sum().item()
-        events = (a_ev.sum(-2) * b_ev.sum(-1)).sum().item()
-    batch = a.numel() // (a.shape[-2] * a.shape[-1])
+    shape_a, shape_b = a[0].shape, b[0].shape
+    if kind == "qk":  # Σ_d (Σ_i a_id)(Σ_j b_jd)
+        n, d, m = shape_a[-2], shape_a[-1], shape_b[-2]
+        dim_b = -2
+    else:  # Σ_j (Σ_i a_ij)(Σ_d b_jd)
+        n, m, d = shape_a[-2], shape_a[-1], shape_b[-1]
+        dim_b = -1
+
+    def pairs(x: torch.Tensor | None, y: torch.Tensor | None) -> float:
+        if x is None or y is None:
+            return 0.0
+        return (x.to(torch.float64).sum(-2) * y.to(torch.float64).sum(dim_b)).sum().item()
+
+    (a_ac, a_mac, a_nz), (b_ac, b_mac, b_nz) = a, b
+    acs = pairs(a_ac, b_ac)
+    events = pairs(a_nz, b_nz)
+    macs = pairs(a_mac, b_nz) + pairs(a_nz, b_mac) - pairs(a_mac, b_mac)
+    batch = a_ac.numel() // (shape_a[-2] * shape_a[-1])
     ann_macs = float(batch * n * m * d)
-    return {"name": name, "kind": "matmul", "macs": 0.0, "acs": acs, "events": events, "ann_macs": ann_macs}
+    return {"name": name, "kind": "matmul", "macs": macs, "acs": acs, "events": events, "ann_macs": ann_macs}
 
 
 class SFormerMlp(nn.Module):
