@@ -103,3 +103,16 @@ def test_reset_net_and_set_step_mode_on_a_converted_network(rng: torch.Generator
         multi = snn(x.unsqueeze(0).expand(t, *x.shape))
     torch.testing.assert_close(multi, single)
     assert {m.step_mode for _, m in sj_sfn.sfn_nodes(snn)} == {"m"}
+
+
+def test_the_docs_snippets_run() -> None:
+    """docs/spikingjelly.md: every python block, in order, in one namespace (what the page shows is what runs)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "spikingjelly.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 7
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/spikingjelly.md[block {i}]", "exec"), namespace)  # noqa: S102
