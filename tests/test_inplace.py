@@ -9,6 +9,7 @@ where a correct conversion is within 1e-2 relative L2 error (measured: about 3e-
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 import torch.nn as nn
