@@ -34,7 +34,7 @@ def _train_set(args, model):
     """The training images (augmented for folders; never the validation or test split) and the data."""
     from torch.utils.data import Subset
 
-    from sj_sfn.cli import image_folder, load_data
+    from sj_sfn.data import image_folder, load_data
 
     d = load_data(args.data, args.batch_size, None, args.val_samples, None, model, args.model, args.img_size, args.workers, args.seed)
     if d.train_root is None:  # digits / fashion-mnist: the training split of make_splits
@@ -59,7 +59,7 @@ def _train_set(args, model):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sj_sfn.cli import UserError
+    from sj_sfn.cli import run_guarded
 
     p = argparse.ArgumentParser(prog="classification/train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="timm model name, torchvision:NAME or zoo:NAME")
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder for last.pth / best.pth / log.json")
     p.add_argument("--init", default=None, help="initial weights (a local pretrained checkpoint); a mismatched classifier head is re-initialised")
     p.add_argument("--resume", default=None, help="continue from a last.pth")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="--init: unpickle a checkpoint that holds Python objects besides tensors (runs code: only files you trust)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -79,20 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", "-q", action="store_true")
     args = p.parse_args(argv)
-    try:
-        return _train(args)
-    except UserError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_guarded("train.py", lambda: _train(args))
 
 
 def _train(args) -> int:
     from tqdm.auto import tqdm
 
-    from sj_sfn.cli import build_model, data_info
+    from sj_sfn.data import data_info
     from sj_sfn.distributed import init_from_env, is_main, shard_loader
     from sj_sfn.evaluation import distributed_accuracy
+    from sj_sfn.io import check_output_dir, save
+    from sj_sfn.utils import write_json
+    from sj_sfn.zoo import build_model
 
+    check_output_dir(args.out, "--out")  # before any work: a bad folder must not cost an epoch
     dist_on = init_from_env()
     device = torch.device(args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
@@ -101,7 +103,7 @@ def _train(args) -> int:
     img_size = args.img_size or img_size
     model = build_model(args.model, num_classes, in_chans, img_size)
     if args.init:
-        _load_init(model, args.init)
+        _load_init(model, args.init, args.trust_checkpoint)
     train_set, d = _train_set(args, model)
     sampler = None
     if dist_on:
@@ -146,11 +148,10 @@ def _train(args) -> int:
         if is_main():
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
                      "best_acc": max(best, acc), "log": log, "args": vars(args)}
-            torch.save(state, os.path.join(args.out, "last.pth"))
+            save(state, os.path.join(args.out, "last.pth"))  # atomic: an interrupted write keeps the previous file
             if acc > best:
-                torch.save(state, os.path.join(args.out, "best.pth"))
-            with open(os.path.join(args.out, "log.json"), "w") as f:
-                json.dump(log, f, indent=2)
+                save(state, os.path.join(args.out, "best.pth"))
+            write_json(os.path.join(args.out, "log.json"), log)
             if not args.quiet:
                 print(json.dumps(entry), flush=True)
         best = max(best, acc)
@@ -165,11 +166,12 @@ def _resume(path: str, model: nn.Module, opt: torch.optim.Optimizer, sched, epoc
     With a different ``--epochs`` the one-cycle schedule is rebuilt for the new length and
     fast-forwarded to the steps already taken, so training continues on the longer (or shorter) curve.
     """
-    from sj_sfn.cli import UserError
+    from sj_sfn.io import load
+    from sj_sfn.utils import UserError
 
     if not os.path.isfile(path):
         raise UserError(f"--resume: {path} not found")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load(path)  # last.pth holds tensors, numbers, strings and dicts only: the safe loader reads it
     if not isinstance(ck, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= set(ck):
         raise UserError(f"--resume {path} is not a last.pth written by this script (needs model, optimizer, scheduler, epoch)")
     try:
@@ -201,11 +203,12 @@ def _classifier_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if head is not None and m is head]
 
 
-def _load_init(model: nn.Module, path: str) -> None:
+def _load_init(model: nn.Module, path: str, trust: bool = False) -> None:
     """Load pretrained weights, re-initialising the classifier head when its shape differs (another class count)."""
-    from sj_sfn.cli import UserError, state_dict_of, torch_load
+    from sj_sfn.io import load, state_dict_of
+    from sj_sfn.utils import UserError
 
-    sd = state_dict_of(torch_load(path), path)
+    sd = state_dict_of(load(path, trusted=trust), path)
     own = model.state_dict()
     heads = tuple(f"{name}." for name in _classifier_names(model))
     mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]

@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+import sys
 
 
 def main(argv: list[str] | None = None) -> dict:
     from mmengine.config import DictAction
 
+    from sj_sfn.io import check_output_path
     from sj_sfn.mmdet import tools
+    from sj_sfn.utils import UserError
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -41,17 +42,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cfg-options", nargs="+", action=DictAction)
     args = ap.parse_args(argv)
 
+    check_output_path(args.out, "out")  # before any work: a bad path must not cost a conversion
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
     cfg = tools.load_config(args.config, data_root=args.data_root, cfg_options=args.cfg_options)
     snn = cfg.model.backbone.get("snn")
     if snn is None:
-        raise SystemExit("the config's backbone has snn=None: set model.backbone.snn=dict(lam=..., max_spikes=...) to convert")
+        raise UserError("the config's backbone has snn=None: set model.backbone.snn=dict(lam=..., max_spikes=...) to convert")
     if args.max_spikes is not None:
         snn["max_spikes"] = args.max_spikes
     if args.tune:
         try:
             tools.check_metric(cfg, args.metric)  # before any work: tuning would fail on its first trial
         except ValueError as e:
-            raise SystemExit(f"--metric: {e}") from None
+            raise UserError(f"--metric: {e}") from None
     model = tools.build_detector(cfg, args.checkpoint, device=args.device)
     loader = tools.calib_loader_from_cfg(cfg, args.calib_split, args.num_images, args.batch_size, model=model, img_dir=args.calib_dir)
     tools.convert_detector(model, loader, lam=args.lam)
@@ -69,4 +73,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from sj_sfn.cli import run_guarded
+
+    sys.exit(run_guarded(f"detection/{os.path.basename(__file__)}", main))

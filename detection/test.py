@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+import sys
 
 ROWS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50", "seconds_per_image")
 
@@ -21,7 +20,9 @@ ROWS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50", "se
 def _summary(values: list):
     """One value when every SFN site agrees, else ``[min, max]`` over the sites."""
     if not values:
-        raise SystemExit("the SNN trunk has no SFN sites")
+        from sj_sfn.utils import UserError
+
+        raise UserError("the SNN trunk has no SFN sites")
     lo, hi = min(values), max(values)
     return lo if lo == hi else [lo, hi]
 
@@ -33,7 +34,9 @@ def _fmt(v) -> str:
 def main(argv: list[str] | None = None) -> dict:
     from mmengine.config import DictAction
 
+    from sj_sfn.io import check_output_path
     from sj_sfn.mmdet import tools
+    from sj_sfn.utils import UserError, write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -46,11 +49,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cfg-options", nargs="+", action=DictAction)
     args = ap.parse_args(argv)
 
+    if args.json:
+        check_output_path(args.json, "--json")  # before the evaluation, not after it
     cfg = tools.load_config(args.config, data_root=args.data_root, cfg_options=args.cfg_options)
     model = tools.build_detector(cfg, args.checkpoint, device=args.device)
     bb = tools.spiking_backbone(model)
     if bb.snn_cfg is None or not bb.is_snn_ready:
-        raise SystemExit(f"{args.checkpoint} holds no calibrated SNN trunk: convert it first with detection/convert.py")
+        raise UserError(f"{args.checkpoint} holds no calibrated SNN trunk: convert it first with detection/convert.py")
     res = {"ann": tools.evaluate(model, cfg, args.split, run_as_mode="ann"),
            "snn": tools.evaluate(model, cfg, args.split, run_as_mode="snn")}
     energy = tools.backbone_energy(model, tools.calib_loader_from_cfg(cfg, args.split, args.energy_images, 1, model=model))
@@ -65,10 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{k:<20}{res['ann'][k]:>10.3f}{res['snn'][k]:>10.3f}")
     print(f"backbone energy ratio E_SNN/E_ANN = {energy.ratio:.3f}  (λ={_fmt(res['lam'])}, N={_fmt(res['max_spikes'])})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=float)
+        write_json(args.json, json.loads(json.dumps(res, default=float)))
     return res
 
 
 if __name__ == "__main__":
-    main()
+    from sj_sfn.cli import run_guarded
+
+    sys.exit(run_guarded(f"detection/{os.path.basename(__file__)}", main))

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+import sys
 
 
 def main(argv: list[str] | None = None) -> None:
     from mmengine.config import DictAction
 
+    from sj_sfn.io import check_output_dir
     from sj_sfn.mmdet import tools
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-validate", action="store_true", help="skip validation after training")
     ap.add_argument("--cfg-options", nargs="+", action=DictAction, help="key=value overrides of the config")
     args = ap.parse_args(argv)
+    check_output_dir(args.work_dir, "--work-dir")  # before any work
     cfg = tools.load_config(args.config, data_root=args.data_root, cfg_options=args.cfg_options, work_dir=args.work_dir)
     if args.epochs is not None:
         tools.set_epochs(cfg, args.epochs)
@@ -36,4 +37,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sj_sfn.cli import run_guarded
+
+    sys.exit(run_guarded(f"detection/{os.path.basename(__file__)}", main))

@@ -9,16 +9,18 @@ and the counts are all-reduced here.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .distributed import all_reduce_sum, is_distributed
-from .energy import EnergyReport
+from .energy import EnergyReport, measure_energy
 
-__all__ = ["count_correct", "accuracy", "distributed_accuracy", "all_reduce_report"]
+__all__ = ["count_correct", "accuracy", "distributed_accuracy", "all_reduce_report", "evaluate"]
 
 
 @torch.no_grad()
@@ -80,3 +82,23 @@ def all_reduce_report(rep: EnergyReport, device: torch.device | str | None = Non
         layers.append(replace(layer, **merged))
     return replace(rep, sops=sops, events=events, macs=macs, ann_macs=ann_macs, firing_rates=rates, per_layer=layers,
                    samples=int(total))
+
+
+def evaluate(snn: nn.Module, loader: Iterable, ann: nn.Module | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
+    """SNN (and ANN) top-1 accuracy and the energy ratio over ``loader``, all-reduced under ``torchrun``.
+
+    Returns ``samples``, ``snn_accuracy``, ``snn_seconds``, ``ann_accuracy`` (with ``ann``),
+    ``energy_ratio``, ``event_ratio``, and the per-sample ``sops``, ``events``, SNN and ANN MACs and
+    the firing rates (the per-sample means over every process; the ratios are ``EnergyReport``'s formulas).
+    """
+    t0 = time.perf_counter()
+    snn_acc, n = distributed_accuracy(snn, loader, device)
+    out: dict[str, Any] = {"samples": n, "snn_accuracy": snn_acc, "snn_seconds": time.perf_counter() - t0}
+    if ann is not None:
+        out["ann_accuracy"], _ = distributed_accuracy(ann, loader, device)
+    rep = all_reduce_report(measure_energy(snn, loader, ann=ann, device=device), device)
+    out.update(
+        energy_ratio=rep.ratio, event_ratio=rep.event_ratio, sops_per_sample=rep.sops, events_per_sample=rep.events,
+        snn_macs_per_sample=rep.macs, ann_macs_per_sample=rep.ann_macs, firing_rates=rep.firing_rates,
+    )
+    return out

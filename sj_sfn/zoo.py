@@ -1,4 +1,4 @@
-"""Tiny models for the bundled data sets, and a minimal train / evaluate loop.
+"""Tiny models for the bundled data sets, a minimal train loop, and the model factory of the command line.
 
 They exist so that tests, the demo and the benchmarks can train a real model on real data
 in seconds on a CPU; ImageNet-scale work uses timm models and local checkpoints instead.
@@ -6,13 +6,16 @@ in seconds on a CPU; ImageNet-scale work uses timm models and local checkpoints 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .evaluation import accuracy, count_correct
+from .utils import UserError
 
-__all__ = ["digits_cnn", "digits_vit", "small_resnet", "fit", "accuracy", "count_correct"]
+__all__ = ["digits_cnn", "digits_vit", "small_resnet", "fit", "accuracy", "count_correct", "build_model"]
 
 
 def digits_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> nn.Sequential:
@@ -89,3 +92,42 @@ def fit(model: nn.Module, loader, epochs: int = 10, lr: float = 3e-3, weight_dec
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     return model.eval()
+
+
+def build_model(spec: str, num_classes: int, in_chans: int = 3, img_size: int | None = None) -> nn.Module:
+    """``timm`` name (or ``timm:NAME``), ``torchvision:NAME`` or ``zoo:NAME`` → an untrained ``nn.Module``.
+
+    An unknown name is a :class:`~sj_sfn.utils.UserError` that says where names come from.
+    """
+    if spec.startswith("zoo:"):
+        name = spec[4:]
+        fns = {"digits_cnn": digits_cnn, "small_resnet": small_resnet, "digits_vit": digits_vit}
+        if name not in fns:
+            raise UserError(f"unknown model {spec!r}: zoo models are {', '.join('zoo:' + k for k in fns)}")
+        kw: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
+        if name == "digits_vit" and img_size is not None:
+            kw.update(img_size=img_size, patch_size=2 if img_size <= 8 else 4)
+        return fns[name](**kw)
+    if spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.split(":", 1)[1]
+        if name not in torchvision.models.list_models():
+            raise UserError(f"unknown model {spec!r}: not in torchvision.models.list_models()")
+        if in_chans != 3:
+            raise UserError(f"{spec} takes 3-channel images; this data set has {in_chans}")
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    try:
+        import timm
+    except ImportError as e:
+        raise UserError(f"model {spec!r} needs timm: pip install 'sj-sfn[timm]'") from e
+    name = spec[5:] if spec.startswith("timm:") else spec
+    if not timm.is_model(name):
+        raise UserError(f"unknown model {spec!r}: not a timm model name (see timm.list_models()), nor torchvision:NAME or zoo:NAME")
+    kw = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans}
+    if img_size is not None:
+        try:
+            return timm.create_model(name, img_size=img_size, **kw)
+        except TypeError:
+            pass
+    return timm.create_model(name, **kw)

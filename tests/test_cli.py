@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sj_sfn import cli, zoo
+from sj_sfn.io import converted_data_config
 
 SUBCOMMANDS = ["demo", "convert", "eval", "tune", "info", "theorem"]
 
@@ -162,7 +163,7 @@ def test_eval_and_tune_preprocess_as_convert_did(tmp_path, capsys, rng):
     assert torch.equal(recorded, with_model) and not torch.equal(fallback, with_model)
     # files written before the config was recorded: rebuilt from the architecture
     legacy = {k: v for k, v in meta.items() if k != "data_config"}
-    assert cli._recorded_data_config(legacy, root, None) == expected
+    assert converted_data_config(legacy, root, None) == expected
 
 
 def test_info(capsys):
@@ -271,3 +272,106 @@ def test_converted_file_errors(tmp_path, capsys, cli_checkpoint):
         os.rename(cli_checkpoint + ".moved", cli_checkpoint)
     if os.path.isdir("/usr/share/datasets/fashion-mnist"):
         assert "shape" in _main_error(capsys, ["eval", str(out), "--data", "fashion-mnist", "--no-ann", "--quiet"])
+
+
+# -- file errors: one line, exit code 2, checked before any work ------------------------------
+
+READ_ONLY = "/proc/sj-sfn-no-such-dir/out.pth"  # /proc takes no new files, not even from the superuser
+
+
+def _bad_paths(tmp_path) -> dict[str, str]:
+    """Output paths that cannot be written, each with the words its error must contain."""
+    regular = tmp_path / "a-file"
+    regular.write_text("x")
+    folder = tmp_path / "a-folder"
+    folder.mkdir(exist_ok=True)
+    return {str(folder): "is a directory", str(regular / "out.pth"): "is a file, not a folder",
+            str(regular / "deeper" / "out.pth"): "is a file, not a folder", READ_ONLY: "cannot write in /proc"}
+
+
+@pytest.mark.parametrize("option", ["--out", "--json", "--plot"])
+def test_convert_output_paths_are_checked_before_any_work(tmp_path, capsys, option):
+    """A bad --out/--json/--plot is reported first: before the checkpoint is read (here it does not even exist)."""
+    good = str(tmp_path / "snn.pth")
+    for path, words in _bad_paths(tmp_path).items():
+        argv = ["convert", "zoo:digits_cnn", "--checkpoint", str(tmp_path / "missing.pth"), "--data", "digits", "--tune",
+                "--out", good, option, path]
+        msg = _main_error(capsys, argv)
+        assert option in msg and words in msg, msg
+        assert not os.path.exists(good)
+
+
+@pytest.mark.parametrize("cmd, options", [("tune", ["--out", "--json", "--plot"]), ("eval", ["--json"])])
+def test_tune_and_eval_output_paths_are_checked_before_any_work(tmp_path, capsys, cmd, options):
+    for option in options:
+        for path, words in _bad_paths(tmp_path).items():
+            msg = _main_error(capsys, [cmd, str(tmp_path / "missing.pth"), option, path])
+            assert option in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("content", [b"hello, this is a text file\n", "random"])
+def test_unreadable_checkpoints_are_one_line(tmp_path, capsys, cli_checkpoint, content, rng):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=rng, dtype=torch.uint8).tolist()) if content == "random" else content)
+    out = str(tmp_path / "o.pth")
+    msg = _main_error(capsys, ["convert", "zoo:digits_cnn", "--checkpoint", str(bad), "--data", "digits", "--out", out])
+    assert "cannot read" in msg and "not a torch checkpoint" in msg and str(bad) in msg
+    for cmd in ("eval", "tune"):
+        msg = _main_error(capsys, [cmd, str(bad)])
+        assert "cannot read" in msg and str(bad) in msg
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert "is empty" in _main_error(capsys, ["eval", str(tmp_path / "empty.pth")])
+    assert "is a directory" in _main_error(capsys, ["eval", str(tmp_path)])
+    assert not os.path.exists(out)
+
+
+def test_checkpoint_with_pickled_objects_needs_trust(tmp_path, capsys, cnn_digits_model):
+    """weights_only loading refuses pickled Python objects; --trust-checkpoint unpickles a file the user trusts."""
+    import argparse
+
+    ck = tmp_path / "train.pth"
+    torch.save({"model": cnn_digits_model.state_dict(), "args": argparse.Namespace(lr=0.1)}, ck)
+    argv = ["convert", "zoo:digits_cnn", "--checkpoint", str(ck), "--data", "digits", "--lam", "0.1", "--calib-samples", "64",
+            "--out", str(tmp_path / "snn.pth"), "--quiet"]
+    msg = _main_error(capsys, argv)
+    assert "argparse.Namespace" in msg and "--trust-checkpoint" in msg
+    assert cli.main(argv + ["--trust-checkpoint"]) == 0
+    assert (tmp_path / "snn.pth").is_file()
+
+
+def test_io_writes_are_atomic_and_create_folders(tmp_path):
+    from sj_sfn import io
+
+    target = tmp_path / "new" / "deeper" / "ck.pth"
+    io.save({"w": torch.arange(3)}, target)  # missing folders are created
+    assert torch.equal(io.load(target)["w"], torch.arange(3))
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        io.save({"w": Unpicklable()}, target)
+    assert torch.equal(io.load(target)["w"], torch.arange(3))  # the old file survives a failed write
+    assert sorted(p.name for p in target.parent.iterdir()) == ["ck.pth"]  # and no temporary file is left
+
+
+@pytest.mark.parametrize("script", ["classification/train.py", "classification/convert.py", "classification/evaluate.py"])
+def test_classification_scripts_give_one_line_errors(tmp_path, capsys, monkeypatch, script):
+    """The scripts as ``python SCRIPT ...`` runs them (``__main__``, in this process): exit code 2, one line."""
+    import runpy
+
+    regular = tmp_path / "a-file"
+    regular.write_text("x")
+    text = tmp_path / "text.pth"
+    text.write_text("not a checkpoint\n")
+    argv = {"classification/train.py": ["zoo:digits_cnn", "--data", "digits", "--out", str(regular / "run")],
+            "classification/convert.py": ["zoo:digits_cnn", "--checkpoint", str(text), "--data", "digits", "--out", str(tmp_path / "o.pth")],
+            "classification/evaluate.py": [str(text)]}[script]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(root, script), run_name="__main__")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1, lines
+    assert ("is a file, not a folder" in lines[0]) if script.endswith("train.py") else ("cannot read" in lines[0])

@@ -286,3 +286,36 @@ def test_img_dir_calibration_takes_the_test_pipeline_and_the_detector_preprocess
     resize = [t for t in calib.pipeline if t["type"] == "Resize"]
     test_resize = [t for t in cfg.test_dataloader.dataset.pipeline if t["type"] == "Resize"]
     assert resize == test_resize and not any(t["type"] == "LoadAnnotations" for t in calib.pipeline)
+
+
+def _run_script(name: str, argv: list[str], monkeypatch, capsys) -> str:
+    """``python detection/NAME ...`` in this process: expect exit code 2 and one line on stderr; return it."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [f"detection/{name}", *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "detection" / name), run_name="__main__")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_detection_scripts_file_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """Output paths under a regular file, a text file as checkpoint, a missing checkpoint: one line, exit code 2."""
+    from fixtures_det import RETINA_CFG
+
+    regular = tmp_path / "a-file"
+    regular.write_text("x")
+    text = tmp_path / "text.pth"
+    text.write_text("not a checkpoint\n")
+    msg = _run_script("convert.py", [RETINA_CFG, str(text), str(regular / "snn.pth")], monkeypatch, capsys)
+    assert "is a file, not a folder" in msg
+    msg = _run_script("convert.py", [RETINA_CFG, str(tmp_path / "missing.pth"), str(tmp_path / "snn.pth")], monkeypatch, capsys)
+    assert "checkpoint not found" in msg
+    msg = _run_script("test.py", [RETINA_CFG, str(text), "--json", str(tmp_path)], monkeypatch, capsys)
+    assert "is a directory" in msg
+    msg = _run_script("test.py", [RETINA_CFG, str(text)], monkeypatch, capsys)
+    assert "cannot read" in msg and "not a torch checkpoint" in msg
+    msg = _run_script("train.py", [RETINA_CFG, "--work-dir", str(regular / "work")], monkeypatch, capsys)
+    assert "is a file, not a folder" in msg

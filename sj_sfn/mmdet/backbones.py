@@ -33,6 +33,7 @@ import torch.nn as nn
 from mmdet.registry import MODELS
 from mmengine.model import BaseModule
 
+from ..io import load
 from .calib import calibration_loader, check_calib
 
 __all__ = ["SFormerViT", "SFNTimmBackbone", "SFNResNet", "SNNNotCalibratedError", "SpikingTrunkMixin", "RUN_AS"]
@@ -74,12 +75,8 @@ def _check_snn(snn: Any, owner: str) -> dict[str, Any] | None:
 def _load_local(path: str, what: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: pretrained checkpoint {path!r} not found (pretrained weights come from local files)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+    # a local file the config names; an mmengine checkpoint holds numpy and meta objects besides tensors
+    sd = load(path, trusted=True)
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

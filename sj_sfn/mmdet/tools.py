@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..io import CheckpointError, save, unrestricted_torch_load
 from .backbones import RUN_AS, SpikingTrunkMixin
 from .calib import CalibrationLoader, calibration_loader
 
@@ -47,8 +48,6 @@ _SPLITS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_d
 
 
 def _ensure_env() -> None:
-    # mmengine 0.10 checkpoints hold numpy/meta objects that torch>=2.6's weights_only loader rejects
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
@@ -160,7 +159,8 @@ def train(cfg, work_dir: str | None = None, validate: bool = True, quiet: bool =
     if quiet:
         cfg.log_level = "WARNING"
     runner = Runner.from_cfg(cfg)
-    runner.train()
+    with unrestricted_torch_load():  # resume / load_from read mmengine checkpoints (numpy and meta objects)
+        runner.train()
     return runner
 
 
@@ -171,7 +171,9 @@ def build_detector(cfg, checkpoint: str | None = None, device: str = "cpu") -> n
     _ensure_env()
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
-    with _quiet():
+    if checkpoint is not None:
+        _check_readable(checkpoint)
+    with _quiet(), unrestricted_torch_load():  # an mmengine checkpoint holds numpy and meta objects besides tensors
         model = init_detector(copy.deepcopy(cfg), checkpoint, device=device)
     return model
 
@@ -184,6 +186,17 @@ def spiking_backbone(model: nn.Module) -> SpikingTrunkMixin:
             f"the detector's backbone is {type(bb).__name__}, not an sj_sfn backbone (SFormerViT, SFNTimmBackbone, SFNResNet)"
         )
     return bb
+
+
+def _check_readable(path: str) -> None:
+    """A checkpoint that is not a torch file (text, random bytes, truncated) is one clear error, not an unpickler's."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    legacy = head[:1] == b"\x80"  # torch's pre-1.6 format: a pickle (protocol byte 0x80)
+    if not head or not (zipfile.is_zipfile(path) or legacy):
+        raise CheckpointError(f"cannot read {path}: not a torch checkpoint or corrupt")
 
 
 @contextlib.contextmanager
@@ -250,9 +263,7 @@ def save_checkpoint(model: nn.Module, path: str, meta: dict | None = None) -> st
     if isinstance(bb, SpikingTrunkMixin) and bb.snn_cfg is not None:
         full_meta.setdefault("sj_sfn", {"lam": bb.snn_cfg["lam"], "max_spikes": bb.snn_cfg["max_spikes"], "p": bb.snn_cfg["p"],
                                         "calibrated": bool(bb.snn_calibrated)})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"meta": full_meta, "state_dict": weights_to_cpu(model.state_dict())}, path)
-    return path
+    return save({"meta": full_meta, "state_dict": weights_to_cpu(model.state_dict())}, path, "checkpoint")
 
 
 @contextlib.contextmanager
