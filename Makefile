@@ -20,9 +20,9 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check sj_sfn tests bench classification detection
 
-# Fashion-MNIST for the benchmarks (Debian package, 31 MB; needs root)
+# Fashion-MNIST, photos and English text (fortunes) for the benchmarks (Debian packages; needs root)
 bench-data:
-	apt-get update && apt-get install -y dataset-fashion-mnist darknet
+	apt-get update && apt-get install -y dataset-fashion-mnist darknet fortunes
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

