@@ -19,6 +19,7 @@ from torch import fx
 
 import sj_sfn
 from sj_sfn.ann2snn import InPlaceError, MTNRecipe, functionalize_inplace, fuse_conv_bn
+from sj_sfn.ann2snn.inputs import TraceMismatchError
 from sj_sfn.ann2snn.passes import is_inplace
 
 FINE = dict(lam=1 / 4096, max_spikes=16384, progress=False)
@@ -280,3 +281,30 @@ def test_mtn_recipe_keeps_inplace_semantics(rng):
         snn = Converter(MTNRecipe([x.clone()], time_steps=4096, v_init=0.5)).convert(ann)
         got = snn(x.clone())
     assert _rel(got, expect) < TOL, _rel(got, expect)
+
+
+class _AugmentedAlias(nn.Module):
+    """``y += ...`` on a tensor another name still refers to: eager edits ``z`` too, torch.fx records ``y = y + ...``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        z = y
+        y += self.c2(y)
+        return z
+
+
+def test_a_graph_that_fx_recorded_differently_is_a_clear_error(rng):
+    with pytest.raises(TraceMismatchError, match=r"computes something else on the first calibration batch.*`y \+= v`"):
+        sj_sfn.convert(_AugmentedAlias(), [torch.randn(2, 3, 8, 8, generator=rng)], lam=0.1, progress=False)
+
+
+def test_a_one_shot_iterator_is_not_read_twice(rng):
+    """The fidelity check reads the first batch of a re-iterable loader only; a generator's batches all go to calibration."""
+    xs = [torch.randn(4, 3, 8, 8, generator=rng) for _ in range(3)]
+    a = sj_sfn.convert(_ReluAfterLastConv(), iter(xs), **FINE)
+    b = sj_sfn.convert(_ReluAfterLastConv(), xs, **FINE)
+    assert a.state_dict().keys() == b.state_dict().keys()

@@ -12,6 +12,8 @@ import sj_sfn
 from sj_sfn import sformer
 from sj_sfn.ann2snn import MTNRecipe, SFNRecipe
 
+OPTS = dict(lam=0.1, progress=False)  # λ given: these tests are about the arguments, not λ's default
+
 
 def _cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 5)).eval()
@@ -24,8 +26,8 @@ def _x(rng: torch.Generator, n: int = 8) -> torch.Tensor:
 def test_a_tensor_is_one_calibration_batch(rng):
     """``convert(model, x)`` calibrates on the batch ``x``: the same network (same thresholds) as ``convert(model, [x])``."""
     ann, x = _cnn(), _x(rng)
-    a = sj_sfn.convert(ann, x, progress=False)
-    b = sj_sfn.convert(ann, [x], progress=False)
+    a = sj_sfn.convert(ann, x, **OPTS)
+    b = sj_sfn.convert(ann, [x], **OPTS)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -50,34 +52,34 @@ def test_a_lone_x_y_pair_is_an_error_that_says_so(rng, pair):
     x, y = _x(rng), torch.randint(0, 5, (8,), generator=rng)
     batch = (x, y) if pair == "tuple" else [x, y]
     with pytest.raises(TypeError, match=r"looks like ONE \(x, y\) batch.*\[\(x, y\)\]"):
-        sj_sfn.convert(_cnn(), batch, progress=False)
+        sj_sfn.convert(_cnn(), batch, **OPTS)
     # wrapped, it is a loader of one batch
-    assert sj_sfn.convert(_cnn(), [(x, y)], progress=False)(x).shape == (8, 5)
+    assert sj_sfn.convert(_cnn(), [(x, y)], **OPTS)(x).shape == (8, 5)
 
 
 def test_a_list_of_input_batches_is_still_a_loader(rng):
     ann = _cnn()
     xs = [_x(rng), _x(rng)]
-    snn = sj_sfn.convert(ann, xs, progress=False)
+    snn = sj_sfn.convert(ann, xs, **OPTS)
     assert snn(xs[0]).shape == (8, 5)
 
 
 @pytest.mark.parametrize("bad", [3, "data/", 1.5])
 def test_a_non_iterable_loader_is_named(bad):
     with pytest.raises(TypeError, match=r"dataloader must be an iterable of batches.*got (int|str|float)"):
-        sj_sfn.convert(_cnn(), bad, progress=False)
+        sj_sfn.convert(_cnn(), bad, **OPTS)
 
 
 def test_no_loader_is_named():
     with pytest.raises(ValueError, match="needs a calibration dataloader"):
-        sj_sfn.convert(_cnn(), None, progress=False)
+        sj_sfn.convert(_cnn(), None, **OPTS)
 
 
 def test_an_already_converted_network_is_named(rng):
     x = _x(rng)
-    snn = sj_sfn.convert(_cnn(), [x], progress=False)
+    snn = sj_sfn.convert(_cnn(), [x], **OPTS)
     with pytest.raises(ValueError, match=r"already converted: it has SFNode sites"):
-        sj_sfn.convert(snn, [x], progress=False)
+        sj_sfn.convert(snn, [x], **OPTS)
     with pytest.raises(ValueError, match=r"already converted: it has SFNode sites"):
         Converter(SFNRecipe([x], progress=False)).convert(snn)
 
@@ -86,14 +88,14 @@ def test_an_mtn_network_is_named_too(rng):
     x = _x(rng).abs()
     mtn = Converter(MTNRecipe([x], time_steps=4)).convert(_cnn())
     with pytest.raises(ValueError, match=r"already converted: it has MTNode sites"):
-        sj_sfn.convert(mtn, [x], progress=False)
+        sj_sfn.convert(mtn, [x], **OPTS)
 
 
 def test_a_model_on_the_meta_device_is_named(rng):
     with torch.device("meta"):
         ann = _cnn()
     with pytest.raises(ValueError, match=r"meta device.*'0\.weight'.*to_empty"):
-        sj_sfn.convert(ann, [_x(rng)], progress=False)
+        sj_sfn.convert(ann, [_x(rng)], **OPTS)
     with pytest.raises(ValueError, match=r"meta device"):
         Converter(SFNRecipe([_x(rng)], progress=False), device="cpu").convert(ann)
 
@@ -105,12 +107,12 @@ def test_a_model_on_the_meta_device_is_named(rng):
 )
 def test_a_model_without_a_weight_layer_is_named(rng, model):
     with pytest.raises(ValueError, match=r"no weight layer \(no Conv, Linear"):
-        sj_sfn.convert(model, [_x(rng)], progress=False)
+        sj_sfn.convert(model, [_x(rng)], **OPTS)
 
 
 def test_not_a_module_is_named(rng):
     with pytest.raises(TypeError, match=r"model must be an nn.Module, got function"):
-        sj_sfn.convert(lambda x: x, [_x(rng)], progress=False)
+        sj_sfn.convert(lambda x: x, [_x(rng)], **OPTS)
 
 
 def test_sformer_entry_checks_the_same(rng):

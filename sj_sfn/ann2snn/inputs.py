@@ -6,19 +6,31 @@
 - :func:`check_model`: an ``nn.Module`` that is not already converted (no SFN/MTN sites), holds no
   tensor on the ``meta`` device, and has a weight layer (a parameter with two or more dimensions:
   Conv, Linear, attention projections).
+- :func:`faithful_graph`: the traced graph, functionalised (no in-place operation left), checked on
+  the first calibration batch against the model it was traced from: torch.fx can record something
+  else than the model computes (``y += 1`` on a tensor another name still refers to is recorded as
+  ``y = y + 1``; Python control flow on tensor values is frozen at trace time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch import fx
+from torch.utils._pytree import tree_flatten
 
+from ..calibration import batch_inputs
 from ..neuron import MTNode, SFNode
+from .passes import functionalize_inplace
 
-__all__ = ["calibration_loader", "check_model"]
+__all__ = ["calibration_loader", "check_model", "faithful_graph", "TraceMismatchError"]
+
+
+class TraceMismatchError(ValueError):
+    """The traced graph of a model computes something else than the model on a calibration batch."""
 
 
 def calibration_loader(dataloader: Any, owner: str) -> Iterable:
@@ -86,3 +98,66 @@ def check_model(model: Any, owner: str) -> nn.Module:
             f"dimensions in {type(model).__name__}): nothing to convert"
         )
     return model
+
+
+def _probe(dataloader: Iterable) -> torch.Tensor | None:
+    """The first calibration input, or ``None`` for a one-shot iterator (reading it would lose a batch)."""
+    if isinstance(dataloader, Iterator):
+        return None
+    for batch in dataloader:
+        try:
+            x = batch_inputs(batch)
+        except TypeError:
+            return None
+        return x if isinstance(x, torch.Tensor) else None
+    return None
+
+
+def _mismatch(expect: Any, got: Any) -> str | None:
+    """Why ``got`` differs from ``expect`` (``rtol = 1e-4``, ``atol = 1e-5·max(1, max|expect|)``), or ``None``."""
+    flat_e, spec_e = tree_flatten(expect)
+    flat_g, spec_g = tree_flatten(got)
+    if spec_e != spec_g:
+        return f"output structure {spec_g} instead of {spec_e}"
+    for i, (e, g) in enumerate(zip(flat_e, flat_g)):
+        if not isinstance(e, torch.Tensor):
+            continue
+        if not isinstance(g, torch.Tensor) or g.shape != e.shape:
+            return f"output {i} has shape {getattr(g, 'shape', None)} instead of {tuple(e.shape)}"
+        e, g = e.detach().double(), g.detach().double()
+        atol = 1e-5 * max(1.0, float(e.abs().nan_to_num(posinf=0, neginf=0).max()) if e.numel() else 1.0)
+        if not torch.allclose(g, e, rtol=1e-4, atol=atol, equal_nan=True):
+            return f"output {i} differs by up to {float((g - e).abs().nan_to_num(nan=float('inf')).max()):.3g}"
+    return None
+
+
+@torch.no_grad()
+def faithful_graph(reference: nn.Module, fx_model: fx.GraphModule, dataloader: Iterable, device: Any,
+                   owner: str) -> fx.GraphModule:
+    """``fx_model`` with every in-place operation rewritten out of place, checked against ``reference``.
+
+    On the first calibration batch ``x`` (skipped for a one-shot iterator), ``reference(x)``, the traced
+    graph and the functionalised graph must agree (``rtol = 1e-4``, ``atol = 1e-5·max(1, max|out|)``).
+
+    :raises TraceMismatchError: the traced graph computes something else than ``reference``
+    :raises InPlaceError: an in-place operation the graph cannot reproduce (see :func:`functionalize_inplace`)
+    """
+    x = _probe(dataloader)
+    if x is None or not torch.isfinite(x).all():
+        return functionalize_inplace(fx_model)
+    x = x.to(device)
+    expect = reference(x.clone())  # clones: the model may write into its input
+    why = _mismatch(expect, fx_model(x.clone()))
+    if why is not None:
+        raise TraceMismatchError(
+            f"{owner}: torch.fx traced {type(reference).__name__} into a graph that computes something else on the "
+            f"first calibration batch ({why}). Typical causes: `y += v` (or another augmented assignment) on a tensor "
+            "that another name still refers to, which fx records as `y = y + v` (write y = y.add_(v) or avoid the "
+            "alias); Python control flow or constants computed from tensor values, frozen at trace time; randomness "
+            "in eval mode."
+        )
+    fx_model = functionalize_inplace(fx_model)
+    why = _mismatch(expect, fx_model(x.clone()))
+    if why is not None:  # a bug of functionalize_inplace, never the user's
+        raise RuntimeError(f"{owner}: rewriting in-place operations out of place changed the result ({why}); please report")
+    return fx_model

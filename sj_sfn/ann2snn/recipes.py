@@ -36,9 +36,9 @@ from torch import fx
 from ..calibration import SiteObserver, calibrate
 from ..checks import check_offset, check_quantile
 from ..neuron import MTNode, SFNode, set_stateful
-from .inputs import calibration_loader, check_model
+from .inputs import calibration_loader, check_model, faithful_graph
 from .matching import activation_input, match_relu_family, unsupported_activation
-from .passes import adapt_step_mode, functionalize_inplace, fuse_conv_bn
+from .passes import adapt_step_mode, fuse_conv_bn
 from .passes import unique_target as _unique_target
 
 if TYPE_CHECKING:
@@ -156,10 +156,14 @@ class SFNRecipe(FXConversionRecipe):
             raise TypeError(f"channel_dim must be an int, got {self.channel_dim!r}")
 
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
-        return _eval_copy(check_model(ann, type(self).__name__))
+        self._reference = _eval_copy(check_model(ann, type(self).__name__))
+        return self._reference
 
     def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
-        fx_model = functionalize_inplace(fx_model)  # in-place ops first: SFNs are out of place, fusion prunes nodes
+        # in-place ops rewritten out of place first (SFNs are out of place, fusion prunes nodes), and the
+        # graph checked against the model on the first calibration batch
+        fx_model = faithful_graph(self._reference, fx_model, self.dataloader, converter.device, type(self).__name__)
+        self._reference = None
         if self.fuse_bn:
             fx_model = fuse_conv_bn(fx_model)
         return fx_model.to(converter.device)
@@ -293,10 +297,13 @@ class MTNRecipe(RateCodingRecipe):
         check_offset(self.v_init, "v_init")
 
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
-        return _eval_copy(check_model(ann, type(self).__name__))
+        self._reference = _eval_copy(check_model(ann, type(self).__name__))
+        return self._reference
 
     def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
-        return super().after_trace(converter, functionalize_inplace(fx_model))
+        fx_model = faithful_graph(self._reference, fx_model, self.dataloader, converter.device, type(self).__name__)
+        self._reference = None
+        return super().after_trace(converter, fx_model)
 
     def replace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         modules = dict(fx_model.named_modules())
