@@ -15,7 +15,7 @@ register_with_spikingjelly()
 
 _LAZY = {"SFNRecipe": "sj_sfn.ann2snn", "MTNRecipe": "sj_sfn.ann2snn"}
 # Submodules with heavier or optional dependencies (timm, Ax, matplotlib) load on first access.
-_LAZY_MODULES = ("sformer", "tune", "calibration", "data", "zoo", "models")
+_LAZY_MODULES = ("sformer", "tune", "calibration", "data", "zoo", "models", "op_counter")
 
 
 def __getattr__(name: str):

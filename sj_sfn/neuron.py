@@ -92,9 +92,11 @@ class MultiLevelNode(BaseNode):
     SpikingJelly's contract, honoured: ``v_threshold`` (the value of one spike), ``v_reset``
     (``None`` = soft reset ``v ← h − o``, the method's; a float = hard reset: ``v ← v_reset``
     after a step in which the neuron fired), ``detach_reset``, ``step_mode``, ``store_v_seq``
-    (the membrane after every step in ``v_seq``). ``surrogate_function`` is stored (SpikingJelly
-    configs pass one); the fire gradient is straight-through, ``∂o/∂x = 1`` inside the output
-    range, for every surrogate.
+    (the membrane after every step in ``v_seq``), ``surrogate_function``: ``None`` (default) gives
+    the straight-through gradient ``∂o/∂x = 1`` inside the output range; a SpikingJelly surrogate
+    ``sg`` gives the gradient of ``o = Σ_i Δ_i·sg(h − c_i)`` over the site's thresholds ``c_i``
+    (``Δ_i`` the value a crossing adds), the forward value staying the fire rule's exactly (run
+    step by step, ``N`` times the activation memory).
 
     :param stateful: ``True``: the membrane carries over between forwards until
         ``functional.reset_net`` (SpikingJelly's contract). ``False``: every step starts from the
@@ -201,15 +203,23 @@ class MultiLevelNode(BaseNode):
     def _run(self, x_seq: torch.Tensor, v: torch.Tensor, store_v_seq: bool, carry: bool = True) -> F.SeqOutput:
         """``[T, ...]`` steps from ``v``; ``carry=False`` starts every step from ``v`` (stateless).
 
-        Soft reset with the membrane carried runs as one fused call; a hard reset or a stateless
-        sequence runs step by step.
+        Soft reset with the membrane carried runs as one fused call; a hard reset, a stateless
+        sequence or a surrogate gradient runs step by step.
         """
-        if self.v_reset is None and (carry or x_seq.shape[0] == 1):
+        surrogate = (
+            self.surrogate_function is not None and torch.is_grad_enabled()
+            and (x_seq.requires_grad or (isinstance(v, torch.Tensor) and v.requires_grad))
+        )  # fmt: skip
+        if self.v_reset is None and not surrogate and (carry or x_seq.shape[0] == 1):
             return self._dispatch_seq(x_seq, v, store_v_seq)
         spikes, counts, vs = [], [], []
         v_t = v
         for t in range(x_seq.shape[0]):
-            out = self._dispatch_seq(x_seq[t : t + 1], v_t if carry else v, False)
+            v_in = v_t if carry else v
+            if surrogate:
+                out = self._surrogate_step(x_seq[t : t + 1], v_in)
+            else:
+                out = self._dispatch_seq(x_seq[t : t + 1], v_in, False)
             v_next = out.v
             if self.v_reset is not None:
                 v_next = torch.where(out.spike_seq[0] != 0, torch.full_like(v_next, self.v_reset), v_next)
@@ -219,6 +229,27 @@ class MultiLevelNode(BaseNode):
             v_t = v_next
         count_seq = None if counts[0] is None else torch.cat(counts)
         return F.SeqOutput(torch.cat(spikes), v_t, count_seq, torch.stack(vs) if store_v_seq else None)
+
+    def _surrogate_step(self, x_seq: torch.Tensor, v: torch.Tensor) -> F.SeqOutput:
+        r"""One step whose value is the fire rule's and whose gradient is the surrogate's.
+
+        ``o = Σ_i Δ_i · sg(h − c_i)`` over the thresholds ``c_i`` of the site (:meth:`_crossings`;
+        ``Δ_i`` the value one crossing adds), ``sg`` = ``surrogate_function`` (a Heaviside step
+        forward, its surrogate derivative backward); the forward value is the exact output.
+        """
+        exact = self._dispatch_seq(x_seq, v.detach(), False)
+        h = v + x_seq[0]
+        o_sg = torch.zeros_like(h)
+        for sign, (c, d) in ((1.0, self._crossings(h, 1)), (-1.0, self._crossings(h, -1))):
+            if c is not None:
+                o_sg = o_sg + sign * (d * self.surrogate_function(sign * h.unsqueeze(0) - c)).sum(0)
+        spike = exact.spike_seq[0].detach() + (o_sg - o_sg.detach()).to(exact.spike_seq.dtype)
+        v_next = h - (spike.detach() if self.detach_reset else spike)
+        return F.SeqOutput(spike.unsqueeze(0), v_next, exact.count_seq, None)
+
+    def _crossings(self, h: torch.Tensor, sign: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(c, Δ)`` stacked over the levels: the branch of ``sign`` fires level ``i`` when ``sign·h ≥ c_i``."""
+        raise NotImplementedError
 
     def _forward_seq(self, x_seq: torch.Tensor, x0: torch.Tensor, store_v_seq: bool) -> F.SeqOutput:
         v0 = self._memories["v"] if self.stateful else self._initial_v()
@@ -273,11 +304,11 @@ class MTNode(MultiLevelNode):
     :param max_spikes: ``N``, the most spikes one step can emit
     :param v_init: initial (and reset) membrane potential, absolute
     :param v_reset: ``None`` = soft reset (the method's); a float = hard reset to it after firing
-    :param surrogate_function: stored (SpikingJelly configs pass one); the gradient is straight-through
+    :param surrogate_function: ``None``: straight-through gradient; a SpikingJelly surrogate (see :class:`MultiLevelNode`)
     :param stateful: keep the membrane between calls (see :class:`MultiLevelNode`)
 
-    Other parameters as :class:`MultiLevelNode`. The gradient is straight-through:
-    ``∂o/∂x = 1`` where ``0 <= h <= N·θ``, else 0.
+    Other parameters as :class:`MultiLevelNode`. Without a surrogate the gradient is
+    straight-through: ``∂o/∂x = 1`` where ``0 <= h <= N·θ``, else 0.
     """
 
     def __init__(
@@ -327,6 +358,12 @@ class MTNode(MultiLevelNode):
     def _initial_v(self) -> float:
         return self.v_init
 
+    def _crossings(self, h: torch.Tensor, sign: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if sign < 0:
+            return None, None
+        i = torch.arange(1, self.max_spikes + 1, dtype=h.dtype, device=h.device).view(-1, *([1] * h.dim()))
+        return i * self.v_threshold, torch.full_like(i, self.v_threshold)
+
     def _dispatch_seq(self, x_seq: torch.Tensor, v: torch.Tensor, store_v_seq: bool) -> F.SeqOutput:
         return ops.mtn_forward(self, x_seq, v, store_v_seq)
 
@@ -362,7 +399,8 @@ class SFNode(MultiLevelNode):
     and ceiling are buffers; ``N``, ``channel_dim``, ``offset``, ``kind``, ``stateful`` and
     ``v_reset`` travel as the module's extra state, so a default-constructed ``SFNode`` loads any
     saved one (also those saved before ``offset``/``kind``/``stateful`` existed). Other
-    parameters as :class:`MultiLevelNode`. The gradient is straight-through on ``[-N·λθ-, N·λθ+]``.
+    parameters as :class:`MultiLevelNode`. Without a surrogate the gradient is straight-through on
+    ``[-N·λθ-, N·λθ+]``.
     """
 
     _TENSOR_STATE = ("theta_pos", "theta_neg", "lam", "levels", "ceiling")
@@ -583,6 +621,25 @@ class SFNode(MultiLevelNode):
 
     def _initial_v(self) -> float:
         return 0.0  # the threshold offset acts in the fire rule (functional.multi_threshold_fire)
+
+    def _crossings(self, h: torch.Tensor, sign: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        tp, tn = self.broadcast_thresholds(h)
+        step = tp if sign > 0 else tn
+        if step is None:
+            return None, None
+        step = (step * self.lam).to(h.dtype).unsqueeze(0)
+        shape = (-1, *([1] * h.dim()))
+        if self.levels is None:
+            y = torch.arange(1, self.max_spikes + 1, dtype=h.dtype, device=h.device).view(shape)
+        else:
+            y = self.levels.to(device=h.device, dtype=h.dtype).view(shape)
+        inc = torch.diff(y, dim=0, prepend=torch.zeros_like(y[:1]))
+        d = inc * step
+        if sign > 0 and self.ceiling is not None:  # no level above the cap: k+ <= max(1, #{i: y_i <= c/λθ+})
+            u = self.ceiling.to(h.dtype) / step
+            cap = torch.clamp(torch.floor(u) if self.levels is None else (y <= u).sum(0, keepdim=True), min=1)
+            d = torch.where(torch.arange(1, y.shape[0] + 1, device=h.device).view(shape) <= cap, d, torch.zeros_like(d))
+        return (y - self.offset) * step, d
 
     # -- forward ---------------------------------------------------------------------
     def broadcast_thresholds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -416,3 +416,46 @@ def test_set_lambda_by_kind_and_name(rng: torch.Generator) -> None:
     with pytest.raises(KeyError, match="nope"):
         sj_sfn.set_lambda(net, 0.5, names=["nope"])
     assert "kind='input'" in repr(net[3])
+
+
+def _hand_crossings(node) -> list[tuple[int, float, float]]:
+    """(sign, threshold c_i, value Δ_i) of every level of the three nodes below."""
+    if isinstance(node, MTNode):
+        return [(1, i * 0.3, 0.3) for i in range(1, 6)]
+    if node.levels is None:  # λθ+ = 0.15, λθ- = 0.21, offset 0.5
+        return [(1, (i - 0.5) * 0.15, 0.15) for i in range(1, 5)] + [(-1, (i - 0.5) * 0.21, 0.21) for i in range(1, 5)]
+    y = [0.0] + node.levels.tolist()  # λθ = 0.25, ceiling 3: levels up to y_i <= 12
+    top = max(1, sum(v <= 12.0 for v in y[1:]))
+    return [(1, y[i] * 0.25, (y[i] - y[i - 1]) * 0.25) for i in range(1, top + 1)]
+
+
+def test_surrogate_function_gives_the_gradient_and_keeps_the_values(rng: torch.Generator) -> None:
+    """With a SpikingJelly surrogate, o = Σ_i Δ_i·sg(h − c_i): the fire rule's value, the surrogate's gradient."""
+    from spikingjelly.activation_based import surrogate
+
+    alpha = 4.0
+    nodes = [
+        MTNode(0.3, 5, surrogate_function=surrogate.Sigmoid(alpha)),
+        SFNode(0.5, 0.7, lam=0.3, max_spikes=4, offset=0.5, surrogate_function=surrogate.Sigmoid(alpha)),
+        SFNode(1.0, lam=0.25, levels=F.power_levels(6), ceiling=3.0, surrogate_function=surrogate.Sigmoid(alpha)),
+    ]
+    x_seq = torch.randn(3, 4, 6, generator=rng) * 1.5
+    for node in nodes:
+        plain = copy.deepcopy(node)
+        plain.surrogate_function = None
+        x = x_seq.clone().requires_grad_(True)
+        node.step_mode = plain.step_mode = "m"
+        y = node(x)
+        torch.testing.assert_close(y, plain(x_seq), rtol=0, atol=0, msg=repr(node))
+        torch.testing.assert_close(node.v, plain.v)
+        # one step from rest against the formula: ∂o/∂x = Σ_i Δ_i·α·σ(α(±x − c_i))(1 − σ(α(±x − c_i)))
+        functional.reset_net(node)
+        x0 = x_seq[0].clone().requires_grad_(True)
+        node(x0.unsqueeze(0)).sum().backward()
+        expected = torch.zeros_like(x0)
+        for sign, c, d in _hand_crossings(node):
+            s = torch.sigmoid(alpha * (sign * x0.detach() - c))
+            expected += d * alpha * s * (1 - s)
+        torch.testing.assert_close(x0.grad, expected, msg=repr(node))
+        assert not torch.equal(x0.grad, (x0.detach() > -100).float())  # not the straight-through gradient
+        functional.reset_net(node)
