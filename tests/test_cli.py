@@ -375,3 +375,21 @@ def test_classification_scripts_give_one_line_errors(tmp_path, capsys, monkeypat
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1, lines
     assert ("is a file, not a folder" in lines[0]) if script.endswith("train.py") else ("cannot read" in lines[0])
+
+
+def test_offset_and_its_deprecated_alias(tmp_path, capsys, cli_checkpoint):
+    """--offset sets the SFN threshold offset; --v-init is the same option under its old name."""
+    from sj_sfn import sfn_nodes
+
+    for flag, value in (("--offset", 0.25), ("--v-init", 0.0)):
+        out = tmp_path / f"snn{flag}.pth"
+        assert cli.main(["convert", "zoo:digits_cnn", "--checkpoint", cli_checkpoint, "--data", "digits", "--lam", "0.1",
+                         "--calib-samples", "64", flag, str(value), "--out", str(out), "--quiet"]) == 0
+        snn, meta = cli.load_converted(str(out))
+        assert meta["convert_kwargs"]["offset"] == value and "v_init" not in meta["convert_kwargs"]
+        assert {m.offset for _, m in sfn_nodes(snn)} == {value}
+    capsys.readouterr()
+    assert "not allowed with" in _main_error(capsys, ["convert", "zoo:digits_cnn", "--data", "digits", "--out", str(tmp_path / "o.pth"),
+                                                      "--offset", "0.5", "--v-init", "0.5"])
+    assert "a threshold offset in [0, 1)" in _main_error(capsys, ["convert", "zoo:digits_cnn", "--data", "digits",
+                                                                  "--out", str(tmp_path / "o.pth"), "--offset", "1"])

@@ -1,4 +1,4 @@
-"""The torch reference against hand-written formulas (SPEC §1-2)."""
+"""The torch reference against hand-written formulas (docs/method.md: MTN and SFN)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sj_sfn.checks import check_fire_params
 
 
 def _signed_mtn(h: torch.Tensor, tp: torch.Tensor, tn: torch.Tensor, n: int) -> torch.Tensor:
-    """SPEC §2 written out independently: o = +λθ+·clip(floor(h/λθ+),0,N) (h>=0), -λθ-·clip(floor(-h/λθ-),0,N) (h<0)."""
+    """The SFN of docs/method.md written out independently: o = +λθ+·clip(floor(h/λθ+),0,N) (h>=0), -λθ-·clip(floor(-h/λθ-),0,N) (h<0)."""
     pos = tp * torch.clamp(torch.floor(h / tp), 0, n)
     neg = -tn * torch.clamp(torch.floor(-h / tn), 0, n)
     return torch.where(h >= 0, pos, neg)

@@ -284,3 +284,28 @@ def test_checker_accepts_a_clean_package(tmp_path):
 def test_checker_sees_every_import_form(tmp_path, stmt):
     root = _write(tmp_path, {"bad/__init__.py": "", "bad/a.py": f"{stmt}\n", "bad/b.py": "def h():\n    import bad.a\n"})
     assert [p for p in check_house(root, "bad") if "cycle" in p.what]
+
+
+# -- one set of parameter checks -------------------------------------------------------------
+
+
+def test_the_quantile_has_one_rule_everywhere(capsys):
+    """p in (0, 1] for the checks, the observers and the command line (SFormer used to demand p > 0.5)."""
+    from sj_sfn.calibration import SiteObserver
+    from sj_sfn.checks import check_quantile
+    from sj_sfn.cli import build_parser
+
+    for ok in (0.4, 0.5, 0.99, 1, 1.0):
+        assert check_quantile(ok) == float(ok)
+        assert SiteObserver(p=ok).p == float(ok)
+    for bad in (0, 0.0, -0.1, 1.5, float("nan"), True, "0.9"):
+        with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+            check_quantile(bad)
+        with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+            SiteObserver(p=bad)
+    parser = build_parser()
+    convert = ["convert", "m", "--data", "digits", "--out", "o.pth", "--p"]
+    assert parser.parse_args([*convert, "0.4"]).p == 0.4
+    with pytest.raises(SystemExit):
+        parser.parse_args([*convert, "0"])
+    assert "a quantile in (0, 1]" in capsys.readouterr().err

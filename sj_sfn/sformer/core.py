@@ -1,6 +1,6 @@
 """SFormer: one-timestep conversion of timm Vision Transformers (ViT/DeiT/DINOv2-style, EVA/EVA-02).
 
-Sites (SPEC §3), per block: the inputs of ``qkv``, ``proj``, ``fc1`` and ``fc2``; ``q``, ``k``
+Sites (docs/method.md, "Where the sites go: Vision Transformers"), per block: the inputs of ``qkv``, ``proj``, ``fc1`` and ``fc2``; ``q``, ``k``
 and ``v`` before the two attention products; the SoftMax output ``attn``; plus ``head_in``, the
 classifier's input (the head's output stays analog, as does the patch embedding's input,
 the image). Every site but ``attn`` is a signed SFN with
@@ -202,7 +202,7 @@ def convert(
     :param per_channel: per-channel thresholds (last dim) for the token sites instead of one per tensor
     :param v_init: deprecated name of ``offset``
     :param offset: threshold offset in ``[0, 1)`` of every SFN: ``0.5`` (the default, as for CNNs) rounds,
-        ``0.0`` floors (SPEC's default; see the module doc for why SFormer rounds)
+        ``0.0`` floors (the paper's rule; see the module doc for why SFormer rounds)
     :returns: the converted ``nn.Module``; ``snn(x)`` takes the ANN's input and returns its kind of output
     """
     model = check_model(model, "sformer.convert")  # an nn.Module, not converted yet, no meta tensors, a weight layer

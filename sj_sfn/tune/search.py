@@ -1,278 +1,41 @@
-"""Tune the SFN scaling factor λ by Bayesian optimisation with Ax (docs/method.md, "Tuning λ").
+"""The λ search: Ax's ``Client`` over log λ (one dimension per group), one validation pass per trial.
 
 A converted network is calibrated once; a trial only rescales its thresholds
 (:func:`~sj_sfn.neuron.set_lambda`, ``θ_i = λ·θ·y_i``) and makes one pass over the validation
-loader, which yields the metric (top-1 accuracy in percent by default) and the energy ratio
-``E_SNN / E_ANN`` (:func:`~sj_sfn.energy.measure_energy`) together. Objectives:
-
-- ``'accuracy'``: maximise ``metric`` (ties go to the lower energy ratio);
-- ``'tradeoff'``: maximise ``metric − β · energy_ratio``;
-- ``'pareto'``: both objectives; the result holds the non-dominated trials.
-
-The search runs over ``log λ`` in ``bounds`` (Ax ``RangeParameterConfig(scaling='log')``), one
-dimension per λ group. Ax is an optional dependency: ``pip install 'sj-sfn[tune]'``.
+loader, which yields the metric and the energy ratio together (:func:`evaluate_lambda`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import logging
 import math
 import numbers
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .distributed import all_reduce_max, all_reduce_sum, broadcast_object, is_distributed, is_main
-from .energy import E_MAC_PJ, measure_energy
-from .evaluation import all_reduce_report
-from .neuron import SFNode, set_lambda, sfn_nodes
-from .utils import json_safe
+from ..distributed import all_reduce_max, all_reduce_sum, broadcast_object, is_distributed, is_main
+from ..energy import E_MAC_PJ, measure_energy
+from ..evaluation import all_reduce_report
+from ..neuron import SFNode, set_lambda, sfn_nodes
+from .result import Trial, TuneResult, pareto_front
 
-__all__ = ["OBJECTIVES", "Trial", "TuneResult", "tune_lambda", "pareto_front", "evaluate_lambda", "site_groups", "current_lams"]
+__all__ = ["OBJECTIVES", "Metric", "tune_lambda", "evaluate_lambda", "site_groups", "current_lams"]
 
 OBJECTIVES = ("accuracy", "tradeoff", "pareto")
 
 Metric = Callable[[nn.Module, Iterable], float]
 
 
-@dataclass
-class Trial:
-    """One evaluated λ setting.
-
-    ``lam`` is the λ of a one-dimensional search, or the geometric mean of the group λs
-    (weighted by the number of sites per group) when groups are searched separately.
-    ``score`` is what the search maximised (``metric`` or ``metric − β·energy_ratio``).
-    """
-
-    index: int
-    lam: float
-    group_lams: dict[str, float]
-    metric: float
-    energy_ratio: float
-    score: float
-    seconds: float
-    ax_seconds: float
-    status: str = "completed"  # or "failed"
-    reason: str = ""
-
-    @property
-    def accuracy(self) -> float:
-        """Alias of ``metric`` (the default metric is top-1 accuracy in percent)."""
-        return self.metric
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "completed"
-
-
-def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
-    """Completed trials not dominated in (metric ↑, energy ratio ↓), sorted by energy ratio.
-
-    ``a`` dominates ``b`` when ``a.metric >= b.metric`` and ``a.energy <= b.energy`` with at
-    least one strict; of identical points the earliest trial is kept.
-    """
-    done = [t for t in trials if t.ok and math.isfinite(t.energy_ratio)]
-    front: list[Trial] = []
-    for t in done:
-        dominated = False
-        for o in done:
-            if o is t:
-                continue
-            better_eq = o.metric >= t.metric and o.energy_ratio <= t.energy_ratio
-            strict = o.metric > t.metric or o.energy_ratio < t.energy_ratio
-            if better_eq and (strict or o.index < t.index):
-                dominated = True
-                break
-        if not dominated:
-            front.append(t)
-    return sorted(front, key=lambda t: (t.energy_ratio, -t.metric))
-
-
-@dataclass
-class TuneResult:
-    """The outcome of :func:`tune_lambda`.
-
-    :ivar best_lam: chosen λ (geometric mean of ``best_group_lams`` for a grouped search)
-    :ivar best_group_lams: chosen λ per group (``{"lam": λ}`` for a one-dimensional search)
-    :ivar trials: every trial in order, failed ones included (``status='failed'``)
-    :ivar pareto: the non-dominated completed trials (metric ↑, energy ratio ↓)
-    :ivar failed: how many trials failed (non-finite metric or energy)
-    :ivar groups: site names per group (``None`` = every SFN site)
-    """
-
-    best_lam: float
-    best_group_lams: dict[str, float]
-    best_index: int
-    trials: list[Trial]
-    pareto: list[Trial]
-    failed: int
-    objective: str
-    beta: float
-    bounds: tuple[float, float]
-    log_scale: bool
-    seed: int
-    metric_name: str
-    groups: dict[str, list[str] | None]
-    seconds: float
-    stopped_early: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def best(self) -> Trial:
-        """The chosen trial."""
-        return next(t for t in self.trials if t.index == self.best_index)
-
-    @property
-    def eval_seconds(self) -> float:
-        """Time spent evaluating the network, over all trials."""
-        return sum(t.seconds for t in self.trials)
-
-    @property
-    def ax_seconds(self) -> float:
-        """Time spent inside Ax (generating and completing trials), over all trials."""
-        return sum(t.ax_seconds for t in self.trials)
-
-    def apply(self, snn: nn.Module) -> nn.Module:
-        """Set the chosen λ(s) on ``snn`` in place (``set_lambda`` per group); returns ``snn``."""
-        for g, lam in self.best_group_lams.items():
-            set_lambda(snn, lam, names=self.groups.get(g))
-        return snn
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "best_lam": self.best_lam,
-            "best_group_lams": dict(self.best_group_lams),
-            "best_index": self.best_index,
-            "best": asdict(self.best),
-            "objective": self.objective,
-            "beta": self.beta,
-            "bounds": list(self.bounds),
-            "log_scale": self.log_scale,
-            "seed": self.seed,
-            "metric": self.metric_name,
-            "groups": self.groups,
-            "failed": self.failed,
-            "stopped_early": self.stopped_early,
-            "seconds": self.seconds,
-            "eval_seconds": self.eval_seconds,
-            "ax_seconds": self.ax_seconds,
-            "trials": [asdict(t) for t in self.trials],
-            "pareto": [t.index for t in self.pareto],
-            "extra": self.extra,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TuneResult:
-        trials = [Trial(**t) for t in d["trials"]]
-        by_index = {t.index: t for t in trials}
-        return cls(
-            best_lam=d["best_lam"], best_group_lams=dict(d["best_group_lams"]), best_index=d["best_index"], trials=trials,
-            pareto=[by_index[i] for i in d["pareto"]], failed=d["failed"], objective=d["objective"], beta=d["beta"],
-            bounds=tuple(d["bounds"]), log_scale=d["log_scale"], seed=d["seed"], metric_name=d["metric"],
-            groups=dict(d["groups"]), seconds=d["seconds"], stopped_early=d.get("stopped_early", False),
-            extra=dict(d.get("extra", {})),
-        )
-
-    def to_json(self, path: str | os.PathLike) -> str:
-        """Write :meth:`to_dict` as JSON (non-finite numbers become ``null``); returns the path."""
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(json_safe(self.to_dict()), f, indent=2)
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> TuneResult:
-        with open(path) as f:
-            d = json.load(f)
-        for t in d["trials"]:
-            for k in ("metric", "energy_ratio", "score"):
-                if t[k] is None:
-                    t[k] = math.nan
-        return cls.from_dict(d)
-
-    def table(self) -> str:
-        """The trials as a plain-text table, the chosen one marked with ``*``."""
-        names = list(self.best_group_lams)
-        grouped = len(names) > 1 or names != ["lam"]
-        head = ["#", "λ"] + ([f"λ[{n}]" for n in names] if grouped else []) + [self.metric_name, "energy", "score", "s", ""]
-        rows = [head]
-        front = {t.index for t in self.pareto}
-        for t in self.trials:
-            mark = "*" if t.index == self.best_index else ("p" if t.index in front and self.objective == "pareto" else "")
-            rows.append(
-                [str(t.index), f"{t.lam:.4f}"] + ([f"{t.group_lams[n]:.4f}" for n in names] if grouped else [])
-                + [f"{t.metric:.2f}", f"{t.energy_ratio:.4f}", f"{t.score:.3f}", f"{t.seconds:.2f}", mark or t.reason[:30]]
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-    def plot(self, path: str | os.PathLike, sweep: Sequence[Mapping[str, float]] | None = None, title: str | None = None) -> str:
-        """PNG in the style of the paper's Figure 3: metric and energy ratio against λ.
-
-        Left: the metric (left axis) and energy ratio (right axis) of every trial against λ
-        (log axis when searched on a log scale), the chosen point marked; ``sweep`` (a list of
-        ``{"lam", "metric", "energy_ratio"}``, e.g. a grid) is drawn as lines. Right: metric
-        against energy ratio with the Pareto front. Returns the path.
-        """
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        done = sorted((t for t in self.trials if t.ok), key=lambda t: t.lam)
-        fig, (ax1, ax3) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.5, 1]})
-        ax2 = ax1.twinx()
-        c_acc, c_en = "tab:blue", "tab:red"
-        if sweep:
-            s = sorted(sweep, key=lambda r: r["lam"])
-            ax1.plot([r["lam"] for r in s], [r["metric"] for r in s], "-", color=c_acc, alpha=0.45, lw=1.5, label=f"{self.metric_name} (grid)")
-            ax2.plot([r["lam"] for r in s], [r["energy_ratio"] for r in s], "-", color=c_en, alpha=0.45, lw=1.5, label="energy ratio (grid)")
-        ax1.plot([t.lam for t in done], [t.metric for t in done], "o", color=c_acc, ms=5, label=f"{self.metric_name} (trials)")
-        ax2.plot([t.lam for t in done], [t.energy_ratio for t in done], "s", color=c_en, ms=4, label="energy ratio (trials)")
-        b = self.best
-        ax1.plot([b.lam], [b.metric], "*", color="k", ms=16, zorder=5, label=f"chosen λ={b.lam:.3g}")
-        ax1.axvline(b.lam, color="k", ls=":", lw=1)
-        if self.log_scale:
-            ax1.set_xscale("log")
-        ax1.set_xlabel("λ" if list(self.best_group_lams) == ["lam"] else "λ (geometric mean over groups)")
-        ax1.set_ylabel(self.metric_name, color=c_acc)
-        ax2.set_ylabel("energy ratio E_SNN / E_ANN", color=c_en)
-        h1, l1 = ax1.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax1.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
-        ax1.set_title(title or f"λ search ({self.objective}, {len(self.trials)} trials)")
-        ax3.plot([t.energy_ratio for t in done], [t.metric for t in done], "o", color="0.6", ms=5, label="trials")
-        fr = self.pareto
-        ax3.plot([t.energy_ratio for t in fr], [t.metric for t in fr], "o-", color="tab:green", ms=6, label="Pareto front")
-        ax3.plot([b.energy_ratio], [b.metric], "*", color="k", ms=16, zorder=5, label="chosen")
-        ax3.set_xlabel("energy ratio")
-        ax3.set_ylabel(self.metric_name)
-        ax3.legend(fontsize=7, loc="best")
-        ax3.set_title("accuracy vs energy")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
-
-
-# -- groups ------------------------------------------------------------------------------
-
-
 def _site_kinds(snn: nn.Module) -> dict[str, str]:
     """SFN site name → kind for an SFormer (``sj_sfn.sformer.site_modules``); empty for other models."""
-    from .sformer import site_modules
+    from ..sformer import site_modules
 
     return {name: kind for name, kind, m in site_modules(snn) if isinstance(m, SFNode)}
 
