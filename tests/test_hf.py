@@ -98,7 +98,7 @@ def test_fine_resolution_matches_ann(arch: str) -> None:
     kinds = {k for _, k, _ in sformer.site_modules(snn)}
     assert {"qkv_in", "q", "k", "v", "attn", "proj_in", "fc1_in", "fc2_in"} <= kinds
     # coarse default resolution: it runs, and differs from the ANN (the sites do quantise)
-    coarse = sj_sfn.convert(model, calib, progress=False)
+    coarse = hf.convert(model, calib, progress=False)
     with torch.no_grad():
         err_coarse = _rel_err(_main_output(coarse(**test)), _main_output(ref), test["attention_mask"])
     assert err_coarse > err
@@ -123,7 +123,7 @@ def test_generate_parity(arch: str) -> None:
     ref = model.generate(prompt, **kw)
     assert torch.equal(snn.generate(prompt, **kw), ref)
     # at the default (coarse) resolution the KV cache changes nothing: cached k/v fire as in a full forward
-    coarse = sj_sfn.convert(model, _batches(4), progress=False)
+    coarse = hf.convert(model, _batches(4), progress=False)
     assert torch.equal(coarse.generate(prompt, use_cache=True, **kw), coarse.generate(prompt, use_cache=False, **kw))
 
 
@@ -154,8 +154,8 @@ def test_padding_excluded_from_calibration(arch: str) -> None:
     batches = _batches(8, n=1)
     other = [{"input_ids": b["input_ids"].masked_fill(b["attention_mask"] == 0, 5), "attention_mask": b["attention_mask"]}
              for b in batches]
-    a = _thresholds(sj_sfn.convert(model, batches, progress=False))
-    b = _thresholds(sj_sfn.convert(model, other, progress=False))
+    a = _thresholds(hf.convert(model, batches, progress=False))
+    b = _thresholds(hf.convert(model, other, progress=False))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"padding changed the threshold of {name}"
@@ -165,7 +165,7 @@ def test_padding_excluded_reference_quantile() -> None:
     """BERT's first qkv_in site sees the embeddings' output: θ± are its quantiles over the real tokens."""
     model = _model("bert")
     batch = _batches(9, n=1)[0]
-    snn = sj_sfn.convert(model, [batch], progress=False, p=0.99)
+    snn = hf.convert(model, [batch], progress=False, p=0.99)
     with torch.no_grad():
         emb = model.embeddings(input_ids=batch["input_ids"])
     real = emb[batch["attention_mask"].bool()].flatten()
@@ -188,7 +188,7 @@ def _linear_macs(model: nn.Module, tokens: int) -> float:
 @pytest.mark.parametrize("arch", ["bert", "qwen2", "gpt2"])
 def test_energy_with_dict_batches(arch: str) -> None:
     model = _model(arch)
-    snn = sj_sfn.convert(model, _batches(10), progress=False)
+    snn = hf.convert(model, _batches(10), progress=False)
     batches = _batches(11, n=1)
     rep = measure_energy(snn, batches, ann=model)
     b, length = batches[0]["input_ids"].shape

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..calibration import CalibrationError, SiteObserver, observers
-from ..checks import check_max_spikes, check_positive_float
+from ..checks import check_max_spikes, check_positive_float, check_quantile
 from ..neuron import SFNode
 from ..sformer.core import site_modules
 from .sites import ATTN_IMPLEMENTATION, SpikingAttention, add_input_site, register_attention, track_padding
@@ -279,8 +279,7 @@ def convert(
     lam = check_positive_float(lam, "lam (λ)")
     max_spikes = check_max_spikes(max_spikes)
     softmax_max_spikes = max_spikes if softmax_max_spikes is None else check_max_spikes(softmax_max_spikes)
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.5 < float(p) <= 1.0:
-        raise ValueError(f"p must be a quantile in (0.5, 1], got {p!r}")
+    p = check_quantile(p)
     cap_mode = _check_cap(softmax_cap)
     if softmax_theta not in ("cap", "quantile"):
         raise ValueError(f"softmax_theta must be 'cap' or 'quantile', got {softmax_theta!r}")
