@@ -22,11 +22,12 @@ def _worker(rank: int, world: int, init_file: str, payload: dict, out_dir: str) 
 
     import sj_sfn
     from sj_sfn import sformer
-    from sj_sfn.cli import UserError, load_data
+    from sj_sfn.data import load_data
     from sj_sfn.distributed import shard_loader
     from sj_sfn.energy import measure_energy
     from sj_sfn.evaluation import all_reduce_report, distributed_accuracy
     from sj_sfn.tune import tune_lambda
+    from sj_sfn.utils import UserError
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -131,7 +132,7 @@ def test_two_process_calibration_evaluation_and_tuning_equal_single_process(cnn_
         for mine, ref in zip(r["report"]["per_layer"], single_report["per_layer"], strict=True):
             _assert_layer_close(mine, ref)
     # the CLI's splits: the two shards together are the single-process loader, whole batches each
-    from sj_sfn.cli import load_data
+    from sj_sfn.data import load_data
 
     single_data = load_data("digits", batch_size=50)
     for split in ("calib", "val", "test"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sj_sfn import zoo
-from sj_sfn.cli import UserError
+from sj_sfn.utils import UserError
 
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "classification" / "train.py"
 
