@@ -150,8 +150,30 @@ class _ViewBeforeWrite(nn.Module):
         return self.fc(v)
 
 
-def test_a_view_taken_before_the_write_is_taken_again(rng):
-    _check(_ViewBeforeWrite(), rng)
+class _ViewBetweenWrites(nn.Module):
+    """Two writes into ``y`` with a view taken between them: the view must see both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 64, 5)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y.sub_(0.2)
+        v = y.view(y.shape[0], -1)
+        y.relu_()
+        return self.fc(v)
+
+
+@pytest.mark.parametrize("model", [_ViewBeforeWrite, _ViewBetweenWrites])
+def test_a_view_taken_before_the_write_is_taken_again(rng, model):
+    _check(model(), rng)
+    gm = functionalize_inplace(fx.symbolic_trace(model().eval()))
+    x = torch.randn(2, 3, 8, 8, generator=rng)
+    ann = model().eval()
+    gm.load_state_dict(ann.state_dict())
+    torch.testing.assert_close(gm(x.clone()), ann(x.clone()), rtol=1e-6, atol=1e-6)
 
 
 class _WriteThroughView(nn.Module):

@@ -31,6 +31,8 @@ from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import (
 from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
+from .matching import ELEMENTWISE_ACTIVATIONS
+
 __all__ = [
     "InPlaceError",
     "functionalize_inplace",
@@ -387,10 +389,10 @@ def functionalize_inplace(fx_model: fx.GraphModule) -> fx.GraphModule:
         for k in group:
             current[k] = new
         after = n
-        for k in replay:
-            source = parent[k][1]
+        for k in replay:  # the view op again, on the source's value now (its first argument)
             with graph.inserting_after(after):
-                after = graph.node_copy(k, lambda a, source=source: current.get(a, a) if a is source else a)
+                after = graph.node_copy(k)
+            after.args = (current.get(parent[k][1], parent[k][1]), *after.args[1:])
             current[k] = after
             replayed.append(after)
         parent[n] = ("same", v)
@@ -542,7 +544,7 @@ def adapt_step_mode(fx_model: fx.GraphModule, context: str) -> fx.GraphModule:
             trial,
             context=context,
             wrap_module_types=_RATE_CODING_STATELESS_MODULE_TYPES,
-            safe_module_types=(),
+            safe_module_types=ELEMENTWISE_ACTIVATIONS,  # floating-point activations between sites: any shape
             safe_call_functions=(F.dropout,),
         )
     except (ValueError, TypeError) as e:
