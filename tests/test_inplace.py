@@ -166,7 +166,22 @@ class _ViewBetweenWrites(nn.Module):
         return self.fc(v)
 
 
-@pytest.mark.parametrize("model", [_ViewBeforeWrite, _ViewBetweenWrites])
+class _ViewChainBeforeWrite(nn.Module):
+    """A view of a view taken before the write: the whole chain is taken again (found by tests/test_properties.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 64, 5)
+
+    def forward(self, x):
+        y = self.c1(x)
+        v = y.transpose(1, -1).transpose(1, -1)
+        y.relu_()
+        return self.fc((v + y).flatten(1))
+
+
+@pytest.mark.parametrize("model", [_ViewBeforeWrite, _ViewBetweenWrites, _ViewChainBeforeWrite])
 def test_a_view_taken_before_the_write_is_taken_again(rng, model):
     _check(model(), rng)
     gm = functionalize_inplace(fx.symbolic_trace(model().eval()))

@@ -3,8 +3,8 @@
 The networks come from a grammar: a stem convolution and activation, then a random program of
 convolutions (with or without BatchNorm, some modules shared by two calls), ReLU-family
 activations in every spelling (modules, functional, tensor methods; in-place and out-of-place),
-residual additions of saved values (a value saved and later rectified in place is the same tensor:
-aliasing), in-place arithmetic (``h.add_(s)``, ``h.mul_(c)``), max/average/adaptive pooling,
+residual additions of saved values (a value, or a view of it, saved and later rectified in place
+sees the write: aliasing), in-place arithmetic (``h.add_(s)``, ``h.mul_(c)``), max/average/adaptive pooling,
 flatten in four spellings, linear layers, and a final linear head.
 
 Each network is converted with ``sj_sfn.convert(net, [x], lam=1/4096, max_spikes=4096, p=1)``: every
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import sj_sfn
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import seed as hypothesis_seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -100,6 +100,12 @@ _POOL_MODULES: dict[str, Callable[[], nn.Module]] = {
     "nn.AdaptiveAvgPool2d": lambda: nn.AdaptiveAvgPool2d(2),
     "nn.AdaptiveMaxPool2d": lambda: nn.AdaptiveMaxPool2d(1),
 }
+# views of h with h's shape: saved, they see every later in-place write into h
+_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "h[:]": lambda h: h[:],
+    ".view(shape)": lambda h: h.view(h.shape),
+    ".transpose.transpose": lambda h: h.transpose(1, -1).transpose(1, -1),
+}
 _FLATTENS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     ".flatten(1)": lambda h: h.flatten(1),
     "torch.flatten": lambda h: torch.flatten(h, 1),
@@ -114,7 +120,7 @@ class GrammarNet(nn.Module):
     Steps: ``("mod", key)`` runs the module ``mods[key]`` (a convolution, a linear layer, an activation or
     pooling module; a key may appear twice: a shared module), ``("act", name)``/``("pool", name)``/
     ``("flatten", name)`` a functional form, ``("save", None)`` keeps ``h`` itself (the same tensor) for
-    later, ``("add", i)`` ``h = h + saved[i]``, ``("add_", i)`` ``h.add_(saved[i])``, ``("mul_", c)`` ``h.mul_(c)``.
+    later, ``("save_view", name)`` a view of it, ``("add", i)`` ``h = h + saved[i]``, ``("add_", i)`` ``h.add_(saved[i])``, ``("mul_", c)`` ``h.mul_(c)``.
     """
 
     def __init__(self, program: list[tuple[str, object]], mods: dict[str, nn.Module]) -> None:
@@ -136,6 +142,8 @@ class GrammarNet(nn.Module):
                 h = _FLATTENS[arg](h)
             elif op == "save":
                 saved.append(h)
+            elif op == "save_view":
+                saved.append(_VIEWS[arg](h))
             elif op == "add":
                 h = h + saved[arg]
             elif op == "add_":
@@ -192,7 +200,7 @@ def networks(draw) -> tuple[GrammarNet, torch.Tensor, list]:
     shape = (c, 8, 8)
     activation()
     for _ in range(draw(st.integers(1, 7))):
-        choices = ["act", "save", "mul_"]
+        choices = ["act", "save", "save_view", "mul_"]
         if len(shape) == 3:
             choices += ["conv", "conv", "pool", "flatten"]
         else:
@@ -204,6 +212,9 @@ def networks(draw) -> tuple[GrammarNet, torch.Tensor, list]:
             activation()
         elif kind == "save":
             program.append(("save", None))
+            saved.append(shape)
+        elif kind == "save_view":
+            program.append(("save_view", draw(st.sampled_from(sorted(_VIEWS)))))
             saved.append(shape)
         elif kind == "mul_":
             program.append(("mul_", draw(st.sampled_from([0.5, 2.0]))))
@@ -262,10 +273,34 @@ def _assert_matches(net: nn.Module, x: torch.Tensor, program: list) -> None:
     assert err <= bound, f"max |snn - ann| = {err:.3g} > {bound:.3g} for program {program}"
 
 
+def _case(program: list[tuple[str, object]], mods: dict[str, nn.Module], seed: int) -> tuple[GrammarNet, torch.Tensor, list]:
+    """A hand-written grammar network (for the examples every run includes)."""
+    g = torch.Generator().manual_seed(seed)
+    net = GrammarNet(program, mods).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1 * torch.randn(p.shape, generator=g))
+    return net, torch.randn(4, 3, 8, 8, generator=g), program
+
+
+# a view saved before an in-place ReLU and added after it; a value saved, scaled in place and added
+_VIEW_THEN_WRITE = _case(
+    [("mod", "conv0"), ("save_view", ".transpose.transpose"), ("act", ".relu_()"), ("mod", "conv1"), ("add", 0),
+     ("act", "F.relu"), ("mod", "flatten2"), ("mod", "head3")],
+    {"conv0": nn.Conv2d(3, 6, 3, padding=1), "conv1": nn.Conv2d(6, 6, 1), "flatten2": nn.Flatten(),
+     "head3": nn.Linear(6 * 64, 5)}, 1)
+_SAVE_THEN_SCALE = _case(
+    [("mod", "conv0"), ("mod", "act1"), ("save", None), ("mul_", 2.0), ("save_view", "h[:]"), ("mod", "act1"),
+     ("add_", 0), ("add", 1), ("flatten", ".view"), ("mod", "head2")],
+    {"conv0": nn.Conv2d(3, 4, 3, padding=1), "act1": nn.ReLU6(inplace=True), "head2": nn.Linear(4 * 64, 5)}, 2)
+
+
 @pytest.mark.filterwarnings("ignore:SFNRecipe. the converted network runs single-step only")
 @_seeded
 @_SETTINGS
 @given(networks())
+@example(_VIEW_THEN_WRITE)
+@example(_SAVE_THEN_SCALE)
 def test_random_networks_match_their_ann_at_fine_resolution(case):
     net, x, program = case
     _assert_matches(net, x, program)

@@ -369,8 +369,11 @@ def functionalize_inplace(fx_model: fx.GraphModule) -> fx.GraphModule:
             how, src = parent.get(k, ("base", None))
             if src in derivable and how in ("same", "view"):
                 derivable.add(k)
-                if later_data_uses(k, i):
-                    replay.append(k)
+                if later_data_uses(k, i):  # replayed with the views it is taken from (a chain)
+                    chain = [k]
+                    while parent[chain[-1]][1] not in group and parent[chain[-1]][1] not in replay:
+                        chain.append(parent[chain[-1]][1])
+                    replay.extend(reversed(chain))
             elif later_data_uses(k, i):
                 relation = ("is a view of" if k in ancestors else
                             "may share memory with" if how == "maybe" else "shares memory with")
@@ -389,7 +392,7 @@ def functionalize_inplace(fx_model: fx.GraphModule) -> fx.GraphModule:
         for k in group:
             current[k] = new
         after = n
-        for k in replay:  # the view op again, on the source's value now (its first argument)
+        for k in sorted(set(replay), key=order.__getitem__):  # the view op again, on its source's value now
             with graph.inserting_after(after):
                 after = graph.node_copy(k)
             after.args = (current.get(parent[k][1], parent[k][1]), *after.args[1:])
