@@ -15,10 +15,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .calibration.budget import allocate_thresholds, check_budget
 from .checks import check_offset
-from .neuron import set_stateful
+from .neuron import set_lambda, set_stateful
 
-__all__ = ["convert", "is_transformer"]
+__all__ = ["convert", "is_transformer", "DEFAULT_ENERGY_BUDGET"]
+
+#: The energy ratio ``E_SNN/E_ANN`` that ``sj_sfn.convert`` calibrates to by default.
+DEFAULT_ENERGY_BUDGET = 0.35
 
 _TRANSFORMER_CLASSES = {"VisionTransformer", "Eva", "VisionTransformerDistilled", "Beit", "DeiT"}
 
@@ -58,6 +62,8 @@ def convert(
     per_channel: bool = False,
     offset: float | None = None,
     keep_state: bool = False,
+    calibration: str | None = None,
+    energy_budget: float = DEFAULT_ENERGY_BUDGET,
     v_init: float | None = None,
     num_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -83,6 +89,11 @@ def convert(
     :param keep_state: ``False`` (default): every SFN starts from rest on every call, so the same input
         gives the same output without ``functional.reset_net``; ``True``: SpikingJelly's stateful nodes
         (multi-step use, Theorem 2; see docs/spikingjelly.md)
+    :param calibration: how thresholds are chosen. ``'budget'`` (the default when ``lam`` is not given):
+        every site's step is allocated to minimise the predicted output error at the energy ratio
+        ``energy_budget`` (:func:`sj_sfn.calibration.allocate_thresholds`; ``λ = 1`` = as allocated).
+        ``'quantile'`` (the default when ``lam`` is given): the paper's ``θ = p``-quantile, step ``λθ``
+    :param energy_budget: the target ``E_SNN / E_ANN`` of ``calibration='budget'``
     :param v_init: deprecated name of ``offset``
     :param num_batches: calibrate on at most this many batches
     :param device: conversion device (default: the model's)
@@ -97,8 +108,20 @@ def convert(
     if v_init is not None:
         warnings.warn("convert(v_init=...) is deprecated: the threshold offset is called offset", DeprecationWarning, stacklevel=2)
         offset = check_offset(v_init, "v_init") if offset is None else offset
+    if calibration is None:
+        calibration = "quantile" if lam is not None else "budget"
+    if calibration not in ("budget", "quantile"):
+        raise ValueError(f"calibration must be 'budget' or 'quantile', got {calibration!r}")
+    if calibration == "budget":
+        check_budget(energy_budget)
+        lam = 1.0 if lam is None else lam
     optional = {k: v for k, v in (("lam", lam), ("offset", offset)) if v is not None}
-    if is_transformer(model):
+    if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        from .hf import convert as hf_convert  # Hugging Face models: sj_sfn.hf (the "hf" extra)
+
+        snn = hf_convert(model, dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
+                         device=device, progress=progress, **optional, **kwargs)
+    elif is_transformer(model):
         fn = _sformer_convert()
         snn = fn(model, dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
                  device=device, progress=progress, **optional, **kwargs)
@@ -109,6 +132,12 @@ def convert(
 
         recipe = SFNRecipe(dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
                            progress=progress, keep_state=keep_state, **optional, **kwargs)
-        return Converter(recipe, device=device).convert(model)
+        snn = Converter(recipe, device=device).convert(model)
     set_stateful(snn, keep_state)  # Transformers: the SFormer/HF sites follow keep_state too
+    if calibration == "budget":
+        allocation = allocate_thresholds(snn, dataloader, energy_budget, num_batches=num_batches, device=device,
+                                         progress=progress)
+        if lam != 1.0:
+            set_lambda(snn, lam)
+        snn.sfn_allocation = allocation
     return snn

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-__all__ = ["ActivationMatch", "match_relu_family", "unsupported_activation", "activation_input"]
+__all__ = ["ELEMENTWISE_ACTIVATIONS", "ActivationMatch", "match_relu_family", "unsupported_activation", "activation_input"]
 
 
 class ActivationMatch(NamedTuple):
@@ -38,6 +38,8 @@ _UNSUPPORTED_MODULES = (
     nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
     nn.GLU, nn.Threshold, nn.Hardshrink, nn.Softshrink,
 )
+#: Element-wise activations that stay floating point between SFN sites (they apply to ``[T, B, ...]`` as they are).
+ELEMENTWISE_ACTIVATIONS = tuple(m for m in _UNSUPPORTED_MODULES if m is not nn.GLU) + (nn.Hardtanh,)
 _UNSUPPORTED_FUNCTIONS = {
     F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.selu, torch.selu,
     F.celu, F.prelu, F.rrelu, F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.softsign, F.logsigmoid,

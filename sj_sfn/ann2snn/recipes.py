@@ -40,6 +40,7 @@ from .inputs import calibration_loader, check_model, faithful_graph
 from .matching import activation_input, match_relu_family, unsupported_activation
 from .passes import adapt_step_mode, fuse_conv_bn
 from .passes import unique_target as _unique_target
+from .placement import analog_weight_inputs
 
 if TYPE_CHECKING:
     from spikingjelly.activation_based.ann2snn.converter import FXConverter
@@ -99,6 +100,10 @@ class SFNRecipe(FXConversionRecipe):
     :param max_samples: per-batch subsample size of the quantile estimate
     :param backend: neuron backend (``'torch'`` or ``'cupy'``)
     :param progress: show a progress bar while calibrating
+    :param spike_inputs: the placement rule for every architecture: a signed SFN in front of every
+        weight layer whose input is not already spiking (after a residual addition, an average pool,
+        a normalisation, or a non-ReLU activation, which then stays floating point); ``False``
+        keeps the paper's CNN placement (ReLU-family sites only; any other activation is an error)
     :param keep_state: ``False`` (default): every site starts from rest on every call (same input, same
         output, no ``reset_net`` needed); ``True``: SpikingJelly's stateful nodes (multi-step use)
     :param v_init: deprecated name of ``offset``
@@ -119,6 +124,7 @@ class SFNRecipe(FXConversionRecipe):
         max_samples: int = 1 << 17,
         backend: str = "torch",
         progress: bool = True,
+        spike_inputs: bool = True,
         keep_state: bool = False,
         v_init: float | None = None,
     ) -> None:
@@ -126,6 +132,7 @@ class SFNRecipe(FXConversionRecipe):
             warnings.warn("SFNRecipe(v_init=...) is deprecated: the threshold offset is called offset", DeprecationWarning, stacklevel=2)
             offset = check_offset(v_init, "v_init")
         self.dataloader = dataloader
+        self.spike_inputs = spike_inputs
         self.lam = lam
         self.max_spikes = max_spikes
         self.p = p
@@ -140,6 +147,7 @@ class SFNRecipe(FXConversionRecipe):
         self.backend = backend
         self.progress = progress
         self._sites: list[tuple[str, str, str | None, str, float | None]] = []
+        self._input_sites: list[str] = []
 
     # -- hooks -------------------------------------------------------------------------
     def validate(self, converter: FXConverter) -> None:
@@ -176,7 +184,7 @@ class SFNRecipe(FXConversionRecipe):
             match = match_relu_family(node, modules)
             if match is None:
                 bad = unsupported_activation(node, modules)
-                if bad is not None:
+                if bad is not None and not self.spike_inputs:
                     raise ValueError(
                         f"SFNRecipe cannot convert the activation {bad}: only the ReLU family (ReLU, ReLU6, "
                         "Hardtanh(0, c), clamp(min=0[, max=c])) maps to positive-only SFN sites. Replace it by "
@@ -194,10 +202,26 @@ class SFNRecipe(FXConversionRecipe):
             with fx_model.graph.inserting_after(node):
                 fx_model.graph.call_module(obs_target, args=(node,))
             self._sites.append((node.name, obs_target, node.target if node.op == "call_module" else None, match.kind, match.ceiling))
-        if not self._sites:
+        self._input_sites = []
+        if self.spike_inputs:
+            relu_nodes = {n for n in fx_model.graph.nodes if n.name in {s[0] for s in self._sites}}
+            for value, users in analog_weight_inputs(fx_model.graph, modules, relu_nodes):
+                target = _unique_target(fx_model, f"sfn_input_{value.name}")
+                obs = SiteObserver(
+                    p=float(self.p), signed=True, channel_dim=self.channel_dim if self.per_channel else None,
+                    max_samples=self.max_samples, name=f"{value.name} (input of {users[0].name})",
+                )
+                fx_model.add_submodule(target, obs)
+                with fx_model.graph.inserting_after(value):
+                    site = fx_model.graph.call_module(target, args=(value,))
+                for user in users:
+                    user.replace_input_with(value, site)
+                self._input_sites.append(target)
+        if not self._sites and not self._input_sites:
             raise ValueError(
-                "SFNRecipe found no ReLU-family activation (nn.ReLU, F.relu, torch.relu, .relu(), nn.ReLU6, F.relu6, "
-                "nn.Hardtanh(0, c), clamp(min=0)) in the traced model: nothing to convert"
+                "SFNRecipe found no SFN site in the traced model: no ReLU-family activation (nn.ReLU, F.relu, torch.relu, "
+                ".relu(), nn.ReLU6, F.relu6, nn.Hardtanh(0, c), clamp(min=0)) and no weight layer (Conv, Linear) "
+                "fed by another weight layer: nothing to convert"
             )
         self._module_uses = uses
         fx_model.graph.lint()
@@ -208,6 +232,16 @@ class SFNRecipe(FXConversionRecipe):
         calibrate(fx_model, self.dataloader, num_batches=self.num_batches, device=converter.device,
                   progress=self.progress, desc="SFN calibration")
         return fx_model
+
+    def make_input_node(self, stats: dict[str, Any]) -> SFNode:
+        """The signed SFN in front of a weight layer whose input is not spiking: ``θ± `` from the quantiles."""
+        per_channel = self.per_channel and stats["pos"].numel() > 1
+        pos, neg = (stats[k] if per_channel else stats[k].reshape(()) for k in ("pos", "neg"))
+        return SFNode(
+            theta_pos=pos, theta_neg=neg, lam=float(self.lam), max_spikes=int(self.max_spikes),
+            channel_dim=self.channel_dim if per_channel else None, offset=float(self.offset), levels=self.levels,
+            backend=self.backend, kind="input",
+        )
 
     def make_node(self, stats: dict[str, Any], ceiling: float | None, kind: str = "") -> SFNode:
         """The SFN for one site of the given ``kind`` (``"relu"``, ``"relu6"``, ...): ``θ = min(q_p, ceiling)``."""
@@ -242,6 +276,11 @@ class SFNRecipe(FXConversionRecipe):
                 new = fx_model.graph.call_module(target, args=(activation_input(act),))
             act.replace_all_uses_with(new)
             fx_model.graph.erase_node(act)
+        for target in self._input_sites:  # signed sites at weight-layer inputs: the observer's slot becomes the SFN
+            stats = fx_model.get_submodule(target).statistics()
+            sfn = self.make_input_node(stats).to(converter.device)
+            parent, _, leaf = target.rpartition(".")
+            setattr(fx_model.get_submodule(parent) if parent else fx_model, leaf, sfn)
         fx_model.graph.lint()
         fx_model.delete_all_unused_submodules()
         fx_model.recompile()

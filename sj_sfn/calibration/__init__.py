@@ -1,5 +1,6 @@
 """Calibration: per-site activation statistics (observers) and threshold / level selection."""
 
+from .budget import Allocation, allocate_thresholds
 from .observers import CalibrationError, SiteObserver, batch_inputs, calibrate, observers
 
-__all__ = ["SiteObserver", "observers", "calibrate", "batch_inputs", "CalibrationError"]
+__all__ = ["SiteObserver", "observers", "calibrate", "batch_inputs", "CalibrationError", "allocate_thresholds", "Allocation"]

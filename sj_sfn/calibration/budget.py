@@ -1,0 +1,605 @@
+r"""Energy-budget threshold allocation: every SFN site's step chosen to minimise the output error.
+
+A fixed ``p``-quantile times one global ``λ`` gives every site the same *relative* resolution,
+whatever the site costs and however much its error matters. On real pretrained networks that
+is neither faithful nor cheap: a depthwise convolution's input is cheap to spike finely (fan-out
+9) and a 1×1 expansion's is not (fan-out in the hundreds); one layer's error is amplified to the
+logits, another's is not. This module chooses the step ``Δ_s`` (the first threshold ``λθ`` of
+site ``s``; per channel where that pays) by a rate–distortion allocation on calibration data:
+
+.. math::
+
+    \min_{\{\Delta_s\}} \sum_s \sum_c n_c\,S_{s,c}\,\mathrm{MSE}_{s,c}(\Delta_s)
+    \quad\text{s.t.}\quad E_\text{analog} + e_{AC}\sum_s f_s \sum_c n_c\,\bar k_{s,c}(\Delta_s)
+    \le \beta\,E_\text{ANN}
+
+- ``MSE_{s,c}(Δ)``: the mean squared difference between the SFN output at step ``Δ`` (the site's
+  own fire rule: offset, ``N`` levels, ceiling) and the ANN activation it replaces, over the
+  calibration activations of channel ``c``; ``k̄_{s,c}(Δ)`` the mean spike count;
+  ``n_c`` the elements of channel ``c`` per sample;
+- ``S_{s,c} = E[(J_s^\top v)^2]``: how much unit noise at the site moves the network output,
+  relative to the output's norm (Hutchinson estimate with Rademacher ``v / ‖z‖`` per sample, one
+  backward pass per probe gives every site at once), so the objective predicts
+  ``Σ_i ‖z_snn,i − z_ann,i‖² / ‖z_ann,i‖²`` to first order;
+- ``f_s``: the fan-out of the site's consumers (ACs per unit spike); ``e_AC = 0.9`` pJ,
+  ``E_ANN`` = 4.6 pJ per MAC of every weight layer, ``E_analog`` = the MACs of the weight layers
+  whose input stays analog (the image into the first layer).
+
+The Lagrangian ``Σ D_s(Δ) + μ C_s(Δ)`` separates per site (per channel), so each site picks its
+step from a grid, and ``μ`` is bisected until the predicted energy meets the budget ``β``. A site
+is given per-channel steps when that lowers its Lagrangian by more than ``per_channel_gain``
+(channels whose scales differ by orders of magnitude). The chosen step becomes the site's
+threshold ``θ`` with ``λ = 1``: "1 = as calibrated", and ``set_lambda`` still rescales every
+site at once.
+
+Sites with custom (non-uniform) levels keep their thresholds: their energy is counted as fixed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..neuron import SFNode
+from .observers import CalibrationError, batch_inputs
+
+__all__ = ["allocate_thresholds", "check_budget", "quantization_table", "Allocation", "SiteAllocation", "E_AC_PJ", "E_MAC_PJ"]
+
+#: Energy per accumulate and per multiply-accumulate, 45 nm (Horowitz, ISSCC 2014), pJ.
+E_AC_PJ, E_MAC_PJ = 0.9, 4.6
+
+_PASSTHROUGH = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten,
+                nn.Dropout, nn.Identity, nn.Unflatten)
+# product operands inside attention: (partner site kind, dimension of the partner counted per element)
+_PRODUCT_PARTNER = {"q": "k", "k": "q", "v": "attn", "attn": "v"}
+
+
+@dataclass
+class SiteAllocation:
+    """The step chosen for one site and what it is predicted to cost and contribute."""
+
+    name: str
+    kind: str
+    signed: bool
+    per_channel: bool
+    step: float  # the mean step over channels for per-channel sites
+    fanout: float
+    mean_count: float  # spikes per element
+    error: float  # predicted contribution to the mean squared relative output error
+    energy_share: float  # of the ANN's energy
+
+
+@dataclass
+class Allocation:
+    """Result of :func:`allocate_thresholds`."""
+
+    energy_budget: float
+    predicted_ratio: float
+    predicted_rel_error: float
+    analog_share: float
+    sites: list[SiteAllocation] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def weight_layer_types() -> tuple[type, ...]:
+    """Module types whose input is a weight layer's input (a site's consumer)."""
+    types: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except Exception:  # transformers is optional
+        pass
+    return tuple(types)
+
+
+def _fanout(m: nn.Module) -> float:
+    """Output elements each input element reaches (ACs per unit spike), interior positions."""
+    if isinstance(m, nn.Linear):
+        return float(m.out_features)
+    if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        k = math.prod(m.kernel_size)
+        s = math.prod(m.stride)
+        return m.out_channels / m.groups * k / s
+    return float(m.weight.shape[1])  # transformers Conv1D: weight [in, out]
+
+
+def _macs(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> float:
+    """Multiply-accumulates of one call, per sample (dim 0 is the batch)."""
+    b = max(1, x.shape[0])
+    if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return out.numel() / b * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    return out.numel() / b * x.shape[-1]
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _Probe(nn.Module):
+    """Stands in for an SFN site during allocation: computes the ANN activation, records its input.
+
+    In the sensitivity pass a zero leaf is added to the output, so its ``.grad`` is the
+    vector-Jacobian product of the network output with respect to this site's activation.
+    """
+
+    def __init__(self, node: SFNode, name: str, per_batch: int):
+        super().__init__()
+        self.node, self.name, self.per_batch = node, name, per_batch
+        self.rows: list[torch.Tensor] = []
+        self.sens_sum: torch.Tensor | None = None
+        self.sens_n = 0
+        self.numel_per_sample = 0.0
+        self.cdim: int | None = None
+        self.shape: tuple[int, ...] = ()
+        self.out: torch.Tensor | None = None
+        self.record = True
+        self.grad_mode = False
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        if self.node.signed:
+            return x
+        y = x.clamp_min(0)
+        return y if self.node.ceiling is None else y.clamp_max(float(self.node.ceiling))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.activation(x)
+        if self.record:
+            self._record(x.detach())
+        if self.grad_mode:  # y + 0 with a leaf 0: its gradient is ∂out/∂y through everything downstream
+            self.out = torch.zeros_like(y, requires_grad=True)
+            y = y + self.out
+        return y
+
+    @torch.no_grad()
+    def _record(self, x: torch.Tensor) -> None:
+        if self.cdim is None:
+            self.cdim = _site_channel_dim(x, getattr(self.node, "kind", ""))
+            self.shape = tuple(x.shape)
+        c = x.shape[self.cdim]
+        rows = x.movedim(self.cdim, 0).reshape(c, -1).float()
+        self.numel_per_sample = x.numel() / max(1, x.shape[0])
+        m, keep = rows.shape[1], max(16, self.per_batch // c)
+        if m > keep:
+            g = torch.Generator(device=rows.device).manual_seed(len(self.rows) * 7919 + 17)
+            rows = rows[:, torch.randint(0, m, (keep,), generator=g, device=rows.device)]
+        self.rows.append(rows.cpu())
+
+    def add_sensitivity(self) -> None:
+        g = self.out.grad if self.out is not None else None
+        if g is None:
+            return
+        c = g.shape[self.cdim]
+        s = g.detach().movedim(self.cdim, 0).reshape(c, -1).double().pow(2).mean(1).cpu()
+        self.sens_sum = s if self.sens_sum is None else self.sens_sum + s
+        self.sens_n += 1
+
+
+_TOKEN_KINDS = ("qkv_in", "proj_in", "fc1_in", "fc2_in", "head_in", "q", "k", "v", "attn", "linear_in", "token")
+
+
+def _site_channel_dim(x: torch.Tensor, kind: str) -> int:
+    """The channel dimension of a site's input: 1 for conv feature maps, the last for tokens and vectors."""
+    if x.dim() >= 4 and kind not in _TOKEN_KINDS or x.dim() == 3 and not (kind in _TOKEN_KINDS or kind.endswith("_in")):
+        return 1
+    return x.dim() - 1
+
+
+def _call(model: nn.Module, batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict) and "input_ids" in batch:
+        return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    x = batch_inputs(batch)
+    if not torch.is_tensor(x):
+        raise TypeError(f"calibration batch input must be a tensor, got {type(x).__name__}")
+    return model(x.to(device))
+
+
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors a model returned (logits, hidden states, feature maps)."""
+    if torch.is_tensor(out):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):  # also transformers' ModelOutput
+        first = next((v for v in out.values() if torch.is_tensor(v) and v.is_floating_point()), None)
+        return [first] if first is not None else []
+    if isinstance(out, list | tuple):
+        return [t for o in out for t in _output_tensors(o)]
+    return []
+
+
+def quantization_table(
+    x: torch.Tensor, target: torch.Tensor, steps: torch.Tensor, node: SFNode, mean_error: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel and step: mean squared error to ``target`` and mean |count| of the site's fire rule.
+
+    ``x``: ``[C, M]`` site inputs; ``steps``: ``[G]`` (or ``[G, C, 1]``, per channel); returns two ``[G, C]``
+    tensors (with ``mean_error=True`` the first is the signed mean error instead of the squared one).
+    ``k = clip(⌊x/Δ + r⌋, 0, N)`` (capped at ``max(1, ⌊c/Δ⌋)`` under a ceiling ``c``), and the same on
+    ``-x`` for signed sites.
+    """
+    n, r = int(node.max_spikes), float(node.offset)
+    ceiling = None if node.ceiling is None else float(node.ceiling)
+    errs, cnts = [], []
+    for d in steps:
+        d = d.reshape(-1, 1) if d.dim() else d
+        kp = torch.clamp(torch.floor(x / d + r), 0, n)
+        if ceiling is not None:
+            kp = torch.minimum(kp, torch.clamp(torch.floor(ceiling / d), min=1))
+        out = kp * d
+        cnt = kp
+        if node.signed:
+            kn = torch.clamp(torch.floor(-x / d + r), 0, n)
+            out = out - kn * d
+            cnt = cnt + kn
+        errs.append((out - target).mean(1) if mean_error else (out - target).pow(2).mean(1))
+        cnts.append(cnt.mean(1))
+    return torch.stack(errs), torch.stack(cnts)
+
+
+@dataclass
+class _SiteTable:
+    name: str
+    node: SFNode
+    probe: _Probe
+    cdim: int
+    steps: torch.Tensor  # [G]
+    dist: torch.Tensor  # [G, C]  predicted error contribution per sample
+    count: torch.Tensor  # [G, C]  spikes per sample
+    fanout: float
+    per_channel: bool = False
+
+
+def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int) -> list[_SiteTable]:
+    tables = []
+    for name, pr in probes.items():
+        if not pr.rows or pr.sens_n == 0:
+            continue
+        x = torch.cat(pr.rows, dim=1)  # [C, M]
+        target = pr.activation(x)
+        scale = target.pow(2).mean().sqrt().item()
+        if not math.isfinite(scale) or scale <= 0:
+            scale = max(x.abs().max().item(), 1e-6)
+        steps = scale * torch.pow(2.0, torch.arange(-grid, grid // 3 + 1, dtype=torch.float32) / 4)
+        mse, cnt = quantization_table(x, target, steps, pr.node)
+        c = x.shape[0]
+        n_c = pr.numel_per_sample / c
+        sens = (pr.sens_sum / pr.sens_n).float()
+        tables.append(_SiteTable(name, pr.node, pr, pr.cdim, steps, n_c * sens * mse, n_c * cnt, fanouts[name]))
+    return tables
+
+
+def _choose(t: _SiteTable, mu: float, per_channel: bool) -> tuple[torch.Tensor, float, float, float]:
+    """Step index per channel (or one for all), the site's distortion, cost and Lagrangian at ``μ``."""
+    cost = E_AC_PJ * t.fanout * t.count
+    lag = t.dist + mu * cost
+    if per_channel:
+        j = lag.argmin(0)  # [C]
+        idx = torch.arange(lag.shape[1])
+        d, e = t.dist[j, idx].sum().item(), cost[j, idx].sum().item()
+        return j, d, e, d + mu * e
+    j = lag.sum(1).argmin()
+    d, e = t.dist[j].sum().item(), cost[j].sum().item()
+    return j.expand(t.dist.shape[1]), d, e, d + mu * e
+
+
+def _solve(tables: list[_SiteTable], budget_pj: float) -> float:
+    """The smallest ``μ`` whose allocation meets the spiking energy budget (bisection in log μ)."""
+
+    def energy(mu: float) -> float:
+        return sum(_choose(t, mu, t.per_channel)[2] for t in tables)
+
+    lo, hi = -40.0, 40.0
+    if energy(math.exp(hi)) > budget_pj:
+        return math.exp(hi)
+    if energy(math.exp(lo)) <= budget_pj:
+        return math.exp(lo)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if energy(math.exp(mid)) > budget_pj:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(hi)
+
+
+@torch.no_grad()
+def _mean_error(x: torch.Tensor, target: torch.Tensor, node: SFNode) -> torch.Tensor:
+    """``E[SFN(x) − act(x)]`` per channel (rows of ``x``) at the node's current thresholds."""
+    theta = node.theta_pos.float().cpu() * float(node.lam)
+    steps = theta.reshape(1, -1, 1) if theta.numel() > 1 else theta.reshape(1)
+    return quantization_table(x, target, steps, node, mean_error=True)[0][0]
+
+
+@torch.no_grad()
+def _fold_input_error(layer: nn.Module, err: torch.Tensor) -> None:
+    """``b ← b − W·e`` for a per-input-channel error ``e`` of a Linear / Conv / transformers Conv1D input."""
+    w = layer.weight.detach()
+    if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        g = layer.groups
+        wsum = w.flatten(2).sum(2)  # [O, C/g]
+        e = err.to(w).reshape(g, -1)  # [g, C/g]
+        shift = (wsum.reshape(g, -1, wsum.shape[1]) * e[:, None, :]).sum(-1).reshape(-1)
+    elif isinstance(layer, nn.Linear):
+        shift = w @ err.to(w)
+    else:  # transformers Conv1D: weight [in, out]
+        shift = err.to(w) @ w
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros_like(shift))
+    layer.bias.sub_(shift)
+
+
+def _product_pairs(probes: dict[str, _Probe], fanouts: dict[str, float]) -> list[tuple[str, str, float, float]]:
+    r"""Attention operands (sites ``…sfn_q/k/v/attn`` that feed no weight layer): ``(site, partner, m, ann_macs)``.
+
+    Every unit spike of ``q[i, d]`` meets ``Σ_j |k_k[j, d]| ≈ L_k·k̄_k`` spikes of ``k`` (one AC each), so its
+    fan-out is ``m·k̄_partner`` with ``m = L_k`` (``q``), ``L_q·H_q/H_k`` (``k``), ``D_v`` (``attn``) and
+    ``L_q·H_q/H_v`` (``v``). ``ann_macs = H·L_q·L_k·D`` per sample for each of the two products.
+    """
+    out = []
+    for name, pr in probes.items():
+        prefix, sep, kind = name.rpartition("sfn_")
+        if not sep or kind not in _PRODUCT_PARTNER or fanouts.get(name, 0) > 0 or not pr.shape:
+            continue
+        partner = probes.get(f"{prefix}sfn_{_PRODUCT_PARTNER[kind]}")
+        if partner is None or not partner.shape or len(pr.shape) < 3:
+            continue
+        a, b = pr.shape, partner.shape
+        heads = a[-3] if len(a) >= 4 else 1
+        if kind == "q":
+            m, macs = b[-2], heads * a[-2] * b[-2] * a[-1]
+        elif kind == "k":
+            m, macs = probes[f"{prefix}sfn_q"].shape[-2] * max(1, b[-3] // max(1, heads)) if len(b) >= 4 else b[-2], 0.0
+        elif kind == "attn":
+            m, macs = b[-1], heads * a[-2] * a[-1] * b[-1]
+        else:  # v
+            m, macs = b[-2] * max(1, b[-3] // max(1, heads)) if len(b) >= 4 else b[-2], 0.0
+        out.append((name, f"{prefix}sfn_{_PRODUCT_PARTNER[kind]}", float(m), float(macs)))
+    return out
+
+
+def _update_product_fanouts(tables: dict[str, _SiteTable], products: list[tuple[str, str, float, float]], mu: float) -> None:
+    """Fan-out of each attention operand = ``m ×`` its partner's spikes per element at the current ``μ``."""
+    for name, partner, m, _ in products:
+        t, tp = tables.get(name), tables.get(partner)
+        if t is None or tp is None:
+            continue
+        j, _, _, _ = _choose(tp, mu, tp.per_channel)
+        per_element = tp.count[j, torch.arange(tp.count.shape[1])].sum().item() / max(1.0, tp.probe.numel_per_sample)
+        t.fanout = max(m * per_element, 1e-3)
+
+
+def check_budget(energy_budget: Any) -> float:
+    """``energy_budget`` as a float, or a ``ValueError`` naming it."""
+    if isinstance(energy_budget, bool) or not isinstance(energy_budget, int | float) or not math.isfinite(energy_budget) \
+            or energy_budget <= 0:
+        raise ValueError(f"energy_budget (E_SNN/E_ANN) must be a finite number > 0, got {energy_budget!r}")
+    return float(energy_budget)
+
+
+def _set_parent(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def allocate_thresholds(
+    snn: nn.Module,
+    loader: Iterable,
+    energy_budget: float = 0.35,
+    *,
+    num_batches: int | None = None,
+    per_channel: bool | str = "auto",
+    per_channel_gain: float = 0.1,
+    probes: int = 2,
+    samples_per_batch: int = 1 << 16,
+    grid: int = 40,
+    bias_correction: bool = True,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> Allocation:
+    """Set every uniform-level SFN site's step for the energy budget ``β = E_SNN/E_ANN`` (see the module doc).
+
+    :param snn: a converted network (its :class:`~sj_sfn.SFNode` sites are re-thresholded in place)
+    :param loader: calibration batches (tensors, ``(x, y)`` pairs, or dicts for Hugging Face models)
+    :param energy_budget: the target energy ratio ``β``
+    :param per_channel: ``'auto'`` (per site, when it lowers the Lagrangian by more than
+        ``per_channel_gain``), ``True`` or ``False``
+    :param probes: Rademacher probes per batch for the sensitivities
+    :param samples_per_batch: activations kept per site and batch for the error tables
+    :param grid: candidate steps per site: ``rms·2^{j/4}``, ``j ∈ [-grid, grid/3]``
+    :param bias_correction: fold the mean quantisation error of each site, per channel, into the bias
+        of the weight layers that read it: ``b ← b − W·E[SFN(x) − act(x)]`` (the error of rounding is
+        not zero-mean: values under half a step all become 0). Valid for the allocated thresholds; a
+        later ``set_lambda`` leaves the correction as it was
+    :returns: an :class:`Allocation` (predicted energy ratio and relative output error, per-site steps)
+    :raises ValueError: for a budget below the energy of the layers whose input stays analog
+    """
+    energy_budget = check_budget(energy_budget)
+    if per_channel not in (True, False, "auto"):
+        raise ValueError(f"per_channel must be True, False or 'auto', got {per_channel!r}")
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be an integer >= 1 or None, got {num_batches!r}")
+    sites = [(n, m) for n, m in snn.named_modules() if isinstance(m, SFNode) and m.levels is None]
+    if not sites:
+        raise ValueError("the model has no SFNode sites with uniform levels: convert it first (sj_sfn.convert)")
+    if device is None:
+        p = next(iter(snn.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    was_training = snn.training
+    snn.eval()
+    probes_by_name = {n: _Probe(m, n, max(16, samples_per_batch)) for n, m in sites}
+    for n, pr in probes_by_name.items():
+        _set_parent(snn, n, pr)
+    weight_types = weight_layer_types()
+    site_of: dict[int, str] = {}  # storage of a site output (or a spike-preserving view of it) -> site
+    consumers: dict[str, dict[str, float]] = {}  # site -> {consumer: fan-out}
+    macs: dict[str, float] = {}
+    analog: dict[str, float] = {}
+    hooks = []
+
+    direct: set[tuple[str, str]] = set()  # (site, consumer) pairs where the consumer reads the site's values as they are
+    site_out: dict[str, int] = {}
+
+    def probe_hook(name):
+        def hook(m, inp, out):
+            site_of[_storage(out)] = name
+            site_out[name] = _storage(out)
+        return hook
+
+    def pass_hook(m, inp, out):
+        if inp and torch.is_tensor(inp[0]) and torch.is_tensor(out) and _storage(inp[0]) in site_of:
+            site_of[_storage(out)] = site_of[_storage(inp[0])]
+
+    def layer_hook(name):
+        def hook(m, inp, out):
+            x = inp[0]
+            macs[name] = _macs(m, x, out)
+            src = site_of.get(_storage(x))
+            if src is None:
+                analog[name] = macs[name]
+            else:
+                consumers.setdefault(src, {})[name] = _fanout(m)
+                if site_out.get(src) == _storage(x):
+                    direct.add((src, name))
+        return hook
+
+    try:
+        for n, pr in probes_by_name.items():
+            hooks.append(pr.register_forward_hook(probe_hook(n)))
+        for n, m in snn.named_modules():
+            if isinstance(m, weight_types):
+                hooks.append(m.register_forward_hook(layer_hook(n)))
+            elif isinstance(m, _PASSTHROUGH):
+                hooks.append(m.register_forward_hook(pass_hook))
+        gen = torch.Generator().manual_seed(seed)
+        seen = 0
+        total = num_batches
+        if total is None:
+            try:
+                total = len(loader)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+        for batch in tqdm(loader, total=total, desc="allocating thresholds", disable=not progress, leave=False):
+            for pr in probes_by_name.values():
+                pr.record, pr.grad_mode = True, True
+            with torch.enable_grad():
+                outs = _output_tensors(_call(snn, batch, device))
+                if not outs:
+                    raise CalibrationError("the model returned no floating-point tensor to measure fidelity on")
+                for t in outs:
+                    if not torch.isfinite(t).all():
+                        raise CalibrationError(f"non-finite model output on calibration batch {seen}")
+                for i in range(probes):
+                    grads = []
+                    for t in outs:
+                        b = t.shape[0]
+                        norm = t.detach().reshape(b, -1).norm(dim=1).clamp_min(1e-12)
+                        v = (torch.randint(0, 2, t.shape, generator=gen).to(t) * 2 - 1)
+                        grads.append(v / norm.reshape((b,) + (1,) * (t.dim() - 1)))
+                    for pr in probes_by_name.values():
+                        if pr.out is not None:
+                            pr.out.grad = None
+                    torch.autograd.backward(outs, grads, retain_graph=i + 1 < probes)
+                    for pr in probes_by_name.values():
+                        pr.add_sensitivity()
+            for pr in probes_by_name.values():
+                pr.out = None
+            seen += 1
+            if num_batches is not None and seen >= num_batches:
+                break
+        if seen == 0:
+            raise CalibrationError("the calibration loader is empty: give it at least one batch")
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, m in sites:
+            _set_parent(snn, n, m)
+        snn.train(was_training)
+
+    fanouts = {n: sum(consumers.get(n, {}).values()) for n in probes_by_name}
+    products = _product_pairs(probes_by_name, fanouts)
+    for name, _partner, _dim, ann_macs in products:
+        fanouts[name] = 1.0  # set from the partner's spike count below
+        macs[f"{name} (product)"] = ann_macs
+    unmatched = [n for n in probes_by_name if fanouts[n] == 0]
+    known = [f for n, f in fanouts.items() if f > 0 and n not in {p[0] for p in products}]
+    for n in unmatched:
+        fanouts[n] = sum(known) / len(known) if known else 1.0
+    e_ann = E_MAC_PJ * sum(macs.values())
+    e_analog = E_MAC_PJ * sum(analog.values())
+    tables = _tables(probes_by_name, fanouts, grid)
+    if not tables:
+        raise CalibrationError("no SFN site received data during allocation")
+    budget_pj = energy_budget * e_ann - e_analog
+    if budget_pj <= 0:
+        raise ValueError(
+            f"energy_budget {energy_budget:g} is below the share of the layers whose input stays analog "
+            f"({e_analog / e_ann:.3f} of the ANN's energy): raise the budget"
+        )
+    for t in tables:
+        t.per_channel = per_channel is True
+    by_name = {t.name: t for t in tables}
+    mu = _solve(tables, budget_pj)
+    for _ in range(3 if products else 0):  # product operands: ACs per spike = partner's spikes it meets
+        _update_product_fanouts(by_name, products, mu)
+        mu = _solve(tables, budget_pj)
+    if per_channel == "auto":
+        for t in tables:
+            _, _, _, j_pt = _choose(t, mu, False)
+            _, _, _, j_pc = _choose(t, mu, True)
+            t.per_channel = j_pc < (1.0 - per_channel_gain) * j_pt and t.dist.shape[1] > 1
+        mu = _solve(tables, budget_pj)
+        for _ in range(2 if products else 0):
+            _update_product_fanouts(by_name, products, mu)
+            mu = _solve(tables, budget_pj)
+    result = Allocation(energy_budget=energy_budget, predicted_ratio=0.0, predicted_rel_error=0.0,
+                        analog_share=e_analog / e_ann)
+    total_e, total_d = e_analog, 0.0
+    for t in tables:
+        j, d, e, _ = _choose(t, mu, t.per_channel)
+        step = t.steps[j]  # [C]
+        node = t.node
+        with torch.no_grad():
+            dev = node.lam.device
+            if t.per_channel:
+                theta = step.to(dev)
+                node.channel_dim = -1 if t.cdim == len(t.probe.shape) - 1 else t.cdim
+            else:
+                theta = step[0].reshape(()).to(dev)
+                node.channel_dim = None
+            node.theta_pos = theta.clone()
+            if node.signed:
+                node.theta_neg = theta.clone()
+            node.lam.fill_(1.0)
+        count = t.count[j, torch.arange(t.count.shape[1])].sum().item()
+        total_e += e
+        total_d += d
+        result.sites.append(SiteAllocation(
+            name=t.name, kind=node.kind if hasattr(node, "kind") else "", signed=node.signed, per_channel=t.per_channel,
+            step=float(step.mean()), fanout=t.fanout, mean_count=count / max(1.0, t.probe.numel_per_sample),
+            error=d, energy_share=e / e_ann,
+        ))
+    if bias_correction:
+        modules = dict(snn.named_modules())
+        for t in tables:
+            fixes = [modules[c] for c in consumers.get(t.name, {}) if (t.name, c) in direct]
+            if fixes:
+                x = torch.cat(t.probe.rows, dim=1)
+                err = _mean_error(x, t.probe.activation(x), t.node)
+                for layer in fixes:
+                    _fold_input_error(layer, err)
+    result.predicted_ratio = total_e / e_ann
+    result.predicted_rel_error = math.sqrt(max(total_d, 0.0))
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} site(s) feed no weight layer directly; their fan-out was estimated: "
+                      f"{unmatched[:4]}", stacklevel=2)
+    return result
