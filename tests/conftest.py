@@ -1,6 +1,6 @@
 """Shared pytest setup: fixtures modules, thread count, GPU skipping, and the seed of every random draw.
 
-The suite runs with a fixed seed (printed in the header); ``SJ_SFN_SEED=random`` draws a new seed per
+The suite runs with a fixed seed (printed when pytest starts); ``SJ_SFN_SEED=random`` draws a new seed per
 test for stress runs, ``SJ_SFN_SEED=<int>`` picks one. A failing test's report names its seed (docs/install.md).
 """
 
@@ -21,7 +21,6 @@ sys.path.insert(0, str(_here))
 # Every tests/fixtures_*.py module is a plugin of session-scoped fixtures (trained models, data).
 pytest_plugins = sorted(p.stem for p in _here.glob("fixtures_*.py"))
 
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
