@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, init_file: str, payload: dict, out_dir: str) 
     try:
         ds = TensorDataset(payload["x"], payload["y"])
         loader = shard_loader(DataLoader(ds, batch_size=payload["bs"], shuffle=False))
-        cnn = sj_sfn.convert(payload["cnn"], loader, progress=False)
+        cnn = sj_sfn.convert(payload["cnn"], loader, lam=0.05, progress=False)  # the quantile rule, all-reduced
         vit = sformer.convert(payload["vit"], loader, progress=False)
         acc, n = distributed_accuracy(cnn, loader)
         report = all_reduce_report(measure_energy(cnn, loader, ann=payload["cnn"]))
@@ -106,7 +106,7 @@ def test_two_process_calibration_evaluation_and_tuning_equal_single_process(cnn_
     x, y = x[:700], y[:700]  # 7 batches of 100: rank 0 gets 4, rank 1 gets 3
     payload = {"x": x, "y": y, "bs": 100, "cnn": cnn_digits_model, "vit": vit_digits_model}
     loader = DataLoader(TensorDataset(x, y), batch_size=100, shuffle=False)
-    single_cnn = sj_sfn.convert(cnn_digits_model, loader, progress=False)
+    single_cnn = sj_sfn.convert(cnn_digits_model, loader, lam=0.05, progress=False)
     single_vit = sformer.convert(vit_digits_model, loader, progress=False)
     single_acc = zoo.accuracy(single_cnn, loader)
     single_report = measure_energy(single_cnn, loader, ann=cnn_digits_model).to_dict()

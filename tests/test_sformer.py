@@ -139,7 +139,7 @@ def test_convert_leaves_the_ann_alone(vit_digits_model, vit_digits_calib):
 def test_sj_sfn_convert_routes_vits_here(vit_digits_model, vit_digits_calib, vit_digits_snn, cnn_digits_splits):
     import sj_sfn
 
-    snn = sj_sfn.convert(vit_digits_model, vit_digits_calib, num_batches=4, progress=False)
+    snn = sj_sfn.convert(vit_digits_model, vit_digits_calib, num_batches=4, calibration="quantile", progress=False)
     assert sum(isinstance(m, SFormerAttention) for m in snn.modules()) == len(vit_digits_model.blocks)
     x = next(iter(cnn_digits_splits.loader("test", 64)))[0]
     with torch.no_grad():  # same defaults (λ=0.25, N=32, p=0.99, rounding) as the fixture's sformer.convert

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-__all__ = ["is_weight_node", "spike_source", "analog_weight_inputs", "WEIGHT_MODULES"]
+__all__ = ["is_weight_node", "spike_source", "analog_weight_inputs", "feeds_weight_layer", "WEIGHT_MODULES"]
 
 WEIGHT_MODULES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                                     nn.ConvTranspose3d, nn.Bilinear)
@@ -100,3 +100,23 @@ def analog_weight_inputs(graph: fx.Graph, modules: dict[str, nn.Module], site_no
             if node not in users:
                 users.append(node)
     return list(found.items())
+
+
+def feeds_weight_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s values reach a weight layer's input, directly or through spike-preserving reshapes.
+
+    A ReLU whose output only feeds an average pool, a normalisation or an addition is not a site: the
+    signed site in front of the next weight layer quantises what that layer reads.
+    """
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if n in _activation_operands(user, modules):
+                return True
+            if _is_passthrough(user, modules) and user.args and user.args[0] is n:
+                todo.append(user)
+    return False

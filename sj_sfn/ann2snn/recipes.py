@@ -40,7 +40,7 @@ from .inputs import calibration_loader, check_model, faithful_graph
 from .matching import activation_input, match_relu_family, unsupported_activation
 from .passes import adapt_step_mode, fuse_conv_bn
 from .passes import unique_target as _unique_target
-from .placement import analog_weight_inputs
+from .placement import analog_weight_inputs, feeds_weight_layer
 
 if TYPE_CHECKING:
     from spikingjelly.activation_based.ann2snn.converter import FXConverter
@@ -191,6 +191,8 @@ class SFNRecipe(FXConversionRecipe):
                         "nn.ReLU/nn.ReLU6 and fine-tune, or convert Transformers with sj_sfn.sformer.convert."
                     )
                 continue
+            if self.spike_inputs and not feeds_weight_layer(node, modules):
+                continue  # its values reach no weight layer: the activation stays as it is
             if node.op == "call_module":
                 uses[node.target] = uses.get(node.target, 0) + 1
             obs_target = _unique_target(fx_model, f"sfn_observer_{node.name}")

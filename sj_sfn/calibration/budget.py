@@ -102,14 +102,26 @@ def weight_layer_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def _fanout(m: nn.Module) -> float:
-    """Output elements each input element reaches (ACs per unit spike), interior positions."""
+@torch.no_grad()
+def _fanout(m: nn.Module, x: torch.Tensor) -> float:
+    """Output elements an input element reaches, averaged over the input (ACs per unit spike).
+
+    For a convolution: the (output position, kernel tap) pairs that land on the input, borders,
+    strides and dilation included (a convolution of ones), times ``C_out / groups``, per input position.
+    """
     if isinstance(m, nn.Linear):
         return float(m.out_features)
     if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-        k = math.prod(m.kernel_size)
-        s = math.prod(m.stride)
-        return m.out_channels / m.groups * k / s
+        d = len(m.kernel_size)
+        spatial = tuple(x.shape[-d:])
+        if isinstance(m.padding, str) or getattr(m, "padding_mode", "zeros") != "zeros":
+            taps = math.prod(m.kernel_size) / math.prod(m.stride)  # interior estimate
+        else:
+            conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[d - 1]
+            ones = torch.ones((1, 1, *spatial))
+            hits = conv(ones, torch.ones((1, 1, *m.kernel_size)), stride=m.stride, padding=m.padding, dilation=m.dilation)
+            taps = hits.sum().item() / math.prod(spatial)
+        return m.out_channels / m.groups * taps
     return float(m.weight.shape[1])  # transformers Conv1D: weight [in, out]
 
 
@@ -189,6 +201,8 @@ _TOKEN_KINDS = ("qkv_in", "proj_in", "fc1_in", "fc2_in", "head_in", "q", "k", "v
 
 def _site_channel_dim(x: torch.Tensor, kind: str) -> int:
     """The channel dimension of a site's input: 1 for conv feature maps, the last for tokens and vectors."""
+    if kind == "attn":  # [B, H, L, S] attention probabilities: the heads (L and S vary with the input)
+        return 1 if x.dim() == 4 else x.dim() - 1
     if x.dim() >= 4 and kind not in _TOKEN_KINDS or x.dim() == 3 and not (kind in _TOKEN_KINDS or kind.endswith("_in")):
         return 1
     return x.dim() - 1
@@ -255,6 +269,7 @@ class _SiteTable:
     count: torch.Tensor  # [G, C]  spikes per sample
     fanout: float
     per_channel: bool = False
+    budget_weight: float = 1.0  # 1/2 for both operands of a spike×spike product: its ACs are counted once
 
 
 def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int) -> list[_SiteTable]:
@@ -284,10 +299,10 @@ def _choose(t: _SiteTable, mu: float, per_channel: bool) -> tuple[torch.Tensor, 
         j = lag.argmin(0)  # [C]
         idx = torch.arange(lag.shape[1])
         d, e = t.dist[j, idx].sum().item(), cost[j, idx].sum().item()
-        return j, d, e, d + mu * e
+        return j, d, e * t.budget_weight, d + mu * e
     j = lag.sum(1).argmin()
     d, e = t.dist[j].sum().item(), cost[j].sum().item()
-    return j.expand(t.dist.shape[1]), d, e, d + mu * e
+    return j.expand(t.dist.shape[1]), d, e * t.budget_weight, d + mu * e
 
 
 def _solve(tables: list[_SiteTable], budget_pj: float) -> float:
@@ -308,6 +323,18 @@ def _solve(tables: list[_SiteTable], budget_pj: float) -> float:
         else:
             hi = mid
     return math.exp(hi)
+
+
+def _broadcast_from_rank0(snn: nn.Module) -> None:
+    """Under ``torchrun``: every process takes rank 0's allocation (thresholds, per-channel layouts, corrected
+    biases), so all ranks hold the same network; rank 0 allocated on its own shard of the calibration data."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    state = [snn.state_dict() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(state, src=0)
+    snn.load_state_dict(state[0])
 
 
 @torch.no_grad()
@@ -449,15 +476,25 @@ def allocate_thresholds(
     direct: set[tuple[str, str]] = set()  # (site, consumer) pairs where the consumer reads the site's values as they are
     site_out: dict[str, int] = {}
 
+    alive: list[torch.Tensor] = []  # site outputs of the current forward: their storage is never reused meanwhile
+
     def probe_hook(name):
         def hook(m, inp, out):
             site_of[_storage(out)] = name
             site_out[name] = _storage(out)
+            alive.append(out)
         return hook
+
+    scale: dict[int, float] = {}  # storage -> (spikes reaching it) / (spikes of the site), e.g. < 1 after a max-pool
 
     def pass_hook(m, inp, out):
         if inp and torch.is_tensor(inp[0]) and torch.is_tensor(out) and _storage(inp[0]) in site_of:
-            site_of[_storage(out)] = site_of[_storage(inp[0])]
+            src = _storage(inp[0])
+            site_of[_storage(out)] = site_of[src]
+            with torch.no_grad():
+                ratio = out.detach().abs().sum().item() / max(inp[0].detach().abs().sum().item(), 1e-30)
+            scale[_storage(out)] = scale.get(src, 1.0) * (ratio if out.numel() != inp[0].numel() else 1.0)
+            alive.append(out)
 
     def layer_hook(name):
         def hook(m, inp, out):
@@ -467,7 +504,8 @@ def allocate_thresholds(
             if src is None:
                 analog[name] = macs[name]
             else:
-                consumers.setdefault(src, {})[name] = _fanout(m)
+                if name not in consumers.get(src, {}):
+                    consumers.setdefault(src, {})[name] = _fanout(m, x) * scale.get(_storage(x), 1.0)
                 if site_out.get(src) == _storage(x):
                     direct.add((src, name))
         return hook
@@ -489,6 +527,9 @@ def allocate_thresholds(
             except TypeError:
                 total = None
         for batch in tqdm(loader, total=total, desc="allocating thresholds", disable=not progress, leave=False):
+            site_of.clear()
+            alive.clear()
+            scale.clear()
             for pr in probes_by_name.values():
                 pr.record, pr.grad_mode = True, True
             with torch.enable_grad():
@@ -513,6 +554,8 @@ def allocate_thresholds(
                         pr.add_sensitivity()
             for pr in probes_by_name.values():
                 pr.out = None
+            site_of.clear()
+            alive.clear()
             seen += 1
             if num_batches is not None and seen >= num_batches:
                 break
@@ -530,10 +573,7 @@ def allocate_thresholds(
     for name, _partner, _dim, ann_macs in products:
         fanouts[name] = 1.0  # set from the partner's spike count below
         macs[f"{name} (product)"] = ann_macs
-    unmatched = [n for n in probes_by_name if fanouts[n] == 0]
-    known = [f for n, f in fanouts.items() if f > 0 and n not in {p[0] for p in products}]
-    for n in unmatched:
-        fanouts[n] = sum(known) / len(known) if known else 1.0
+    unmatched = [n for n in probes_by_name if fanouts[n] == 0]  # feed no weight layer: no ACs, finest useful step
     e_ann = E_MAC_PJ * sum(macs.values())
     e_analog = E_MAC_PJ * sum(analog.values())
     tables = _tables(probes_by_name, fanouts, grid)
@@ -548,6 +588,9 @@ def allocate_thresholds(
     for t in tables:
         t.per_channel = per_channel is True
     by_name = {t.name: t for t in tables}
+    for name, partner, _, _ in products:
+        if name in by_name and partner in by_name:
+            by_name[name].budget_weight = 0.5
     mu = _solve(tables, budget_pj)
     for _ in range(3 if products else 0):  # product operands: ACs per spike = partner's spikes it meets
         _update_product_fanouts(by_name, products, mu)
@@ -597,9 +640,10 @@ def allocate_thresholds(
                 err = _mean_error(x, t.probe.activation(x), t.node)
                 for layer in fixes:
                     _fold_input_error(layer, err)
+    _broadcast_from_rank0(snn)
     result.predicted_ratio = total_e / e_ann
     result.predicted_rel_error = math.sqrt(max(total_d, 0.0))
     if unmatched:
-        warnings.warn(f"{len(unmatched)} site(s) feed no weight layer directly; their fan-out was estimated: "
-                      f"{unmatched[:4]}", stacklevel=2)
+        warnings.warn(f"{len(unmatched)} SFN site(s) feed no weight layer that allocation could see (their spikes cost "
+                      f"no ACs here): {unmatched[:4]}", stacklevel=2)
     return result
