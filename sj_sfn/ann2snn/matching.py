@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-__all__ = ["ELEMENTWISE_ACTIVATIONS", "ActivationMatch", "match_relu_family", "unsupported_activation", "activation_input"]
+__all__ = ["ELEMENTWISE_ACTIVATIONS", "ELEMENTWISE_FUNCTIONS", "ActivationMatch", "match_relu_family", "unsupported_activation", "activation_input"]
 
 
 class ActivationMatch(NamedTuple):
@@ -38,14 +38,17 @@ _UNSUPPORTED_MODULES = (
     nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
     nn.GLU, nn.Threshold, nn.Hardshrink, nn.Softshrink,
 )
-#: Element-wise activations that stay floating point between SFN sites (they apply to ``[T, B, ...]`` as they are).
-ELEMENTWISE_ACTIVATIONS = tuple(m for m in _UNSUPPORTED_MODULES if m is not nn.GLU) + (nn.Hardtanh,)
 _UNSUPPORTED_FUNCTIONS = {
     F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.selu, torch.selu,
     F.celu, F.prelu, F.rrelu, F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.softsign, F.logsigmoid,
     F.glu, F.threshold, F.hardshrink, F.softshrink, F.tanhshrink,
 }
 _UNSUPPORTED_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "exp"}
+#: Element-wise activations that stay floating point between SFN sites (they apply to ``[T, B, ...]`` as they are).
+ELEMENTWISE_ACTIVATIONS = tuple(m for m in _UNSUPPORTED_MODULES if m is not nn.GLU) + (nn.Hardtanh, nn.ReLU, nn.ReLU6)
+#: Their functional forms, and the ReLU family's (a ReLU whose values reach no weight layer stays a ReLU).
+ELEMENTWISE_FUNCTIONS = tuple(f for f in _UNSUPPORTED_FUNCTIONS if f is not F.glu) + tuple(
+    _RELU_FUNCTIONS | _RELU6_FUNCTIONS | _CLAMP_FUNCTIONS | _CLAMP_MIN_FUNCTIONS | _HARDTANH_FUNCTIONS)
 
 
 def _number(v: Any) -> float | None:

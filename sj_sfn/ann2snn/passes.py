@@ -31,7 +31,7 @@ from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import (
 from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
-from .matching import ELEMENTWISE_ACTIVATIONS
+from .matching import ELEMENTWISE_ACTIVATIONS, ELEMENTWISE_FUNCTIONS
 
 __all__ = [
     "InPlaceError",
@@ -548,7 +548,7 @@ def adapt_step_mode(fx_model: fx.GraphModule, context: str) -> fx.GraphModule:
             context=context,
             wrap_module_types=_RATE_CODING_STATELESS_MODULE_TYPES,
             safe_module_types=ELEMENTWISE_ACTIVATIONS,  # floating-point activations between sites: any shape
-            safe_call_functions=(F.dropout,),
+            safe_call_functions=(F.dropout, *ELEMENTWISE_FUNCTIONS),
         )
     except (ValueError, TypeError) as e:
         warnings.warn(

@@ -103,7 +103,8 @@ def analog_weight_inputs(graph: fx.Graph, modules: dict[str, nn.Module], site_no
 
 
 def feeds_weight_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node``'s values reach a weight layer's input, directly or through spike-preserving reshapes.
+    """Whether ``node``'s values reach a weight layer's input (or the graph's output, which a detector's neck may
+    read), directly or through spike-preserving reshapes.
 
     A ReLU whose output only feeds an average pool, a normalisation or an addition is not a site: the
     signed site in front of the next weight layer quantises what that layer reads.
@@ -115,7 +116,7 @@ def feeds_weight_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             if user in seen:
                 continue
             seen.add(user)
-            if n in _activation_operands(user, modules):
+            if n in _activation_operands(user, modules) or user.op == "output":  # outside, a weight layer may read it
                 return True
             if _is_passthrough(user, modules) and user.args and user.args[0] is n:
                 todo.append(user)

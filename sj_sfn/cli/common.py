@@ -108,7 +108,8 @@ def add_tune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective", choices=("accuracy", "tradeoff", "pareto"), default="accuracy",
                    help="maximise accuracy, accuracy − β·energy ratio, or both (Pareto front)")
     g.add_argument("--beta", type=non_negative_float, default=10.0, help="β of the tradeoff objective (accuracy points per unit of energy ratio)")
-    g.add_argument("--bounds", type=lam, nargs=2, default=(0.05, 1.0), metavar=("LOW", "HIGH"), help="λ range (log scale)")
+    g.add_argument("--bounds", type=lam, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="λ range (log scale); default 0.25 4 for energy-budget thresholds (λ = 1), else 0.05 1")
     g.add_argument("--groups", type=groups, default=None,
                    help="separate λ per group: 'kind' (SFormer site kinds) or 'NAME=PAT,PAT;NAME=PAT' (fnmatch patterns or kinds)")
     g.add_argument("--timeout", type=positive_float, default=None, help="start no new trial after this many seconds")
@@ -211,12 +212,12 @@ def tune(args: argparse.Namespace, snn: nn.Module, val_loader: Iterable, ann: nn
     """:func:`sj_sfn.tune.tune_lambda` with the command line's options; bad options are one line."""
     from ..tune import tune_lambda
 
-    low, high = args.bounds
-    if not low < high:
-        raise UserError(f"--bounds LOW HIGH needs LOW < HIGH, got {low} {high}")
+    if args.bounds is not None and not args.bounds[0] < args.bounds[1]:
+        raise UserError(f"--bounds LOW HIGH needs LOW < HIGH, got {args.bounds[0]} {args.bounds[1]}")
     try:
         return tune_lambda(
-            snn, val_loader, objective=args.objective, beta=args.beta, trials=args.trials, bounds=(low, high),
+            snn, val_loader, objective=args.objective, beta=args.beta, trials=args.trials,
+            bounds=None if args.bounds is None else tuple(args.bounds),
             groups=args.groups, seed=args.seed, timeout=args.timeout, ann=ann, progress=not args.quiet, device=device,
         )
     except (ValueError, TypeError) as e:  # bad options (e.g. a group pattern that matches no site)

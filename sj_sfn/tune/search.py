@@ -240,6 +240,17 @@ def _choose_best(trials: Sequence[Trial], objective: str, front: Sequence[Trial]
     return max(done, key=lambda t: (t.score, t.metric, -t.energy_ratio if math.isfinite(t.energy_ratio) else -math.inf, -t.index))
 
 
+#: λ ranges: around "as calibrated" for energy-budget thresholds, the paper's range for quantile thresholds.
+BUDGET_BOUNDS, QUANTILE_BOUNDS = (0.25, 4.0), (0.05, 1.0)
+
+
+def default_bounds(snn: nn.Module) -> tuple[float, float]:
+    """The λ search range for ``snn``: ``(0.25, 4)`` when every site runs at ``λ = 1`` (thresholds allocated for an
+    energy budget, ``sj_sfn.convert``'s default: λ scales the allocated steps), else ``(0.05, 1)`` (quantile thresholds)."""
+    lams = [float(m.lam) for _, m in sfn_nodes(snn)]
+    return BUDGET_BOUNDS if lams and all(abs(v - 1.0) < 1e-9 for v in lams) else QUANTILE_BOUNDS
+
+
 def tune_lambda(
     snn: nn.Module,
     val_loader: Iterable,
@@ -247,7 +258,7 @@ def tune_lambda(
     objective: str = "accuracy",
     beta: float = 10.0,
     trials: int = 20,
-    bounds: tuple[float, float] = (0.05, 1.0),
+    bounds: tuple[float, float] | None = None,
     log_scale: bool = True,
     groups: str | Mapping[str, str | Sequence[str]] | None = None,
     seed: int = 0,
@@ -273,7 +284,7 @@ def tune_lambda(
     :param objective: ``'accuracy'``, ``'tradeoff'`` or ``'pareto'``
     :param beta: weight of the energy ratio in ``'tradeoff'`` (metric units per unit of ratio)
     :param trials: number of trials (Sobol initialisation, then Gaussian-process BO)
-    :param bounds: ``(low, high)`` of λ, ``0 < low < high``
+    :param bounds: ``(low, high)`` of λ, ``0 < low < high``; ``None``: :func:`default_bounds` of ``snn``
     :param log_scale: search ``log λ`` (default) rather than λ
     :param groups: ``None`` (one λ), ``'kind'`` (SFormer site kinds) or ``{group: site patterns}``
     :param seed: seeds Ax: the same seed and data give the same trials
@@ -296,7 +307,7 @@ def tune_lambda(
     if isinstance(trials, bool) or not isinstance(trials, numbers.Integral) or trials < 1:
         raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
     trials = int(trials)
-    low, high = _check_bounds(bounds)
+    low, high = _check_bounds(default_bounds(snn) if bounds is None else bounds)
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     if timeout is not None and (not isinstance(timeout, numbers.Real) or not timeout > 0):
