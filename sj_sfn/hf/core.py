@@ -29,10 +29,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..calibration import CalibrationError, SiteObserver, observers
+from ..calibration import CalibrationError, observers
 from ..checks import check_max_spikes, check_positive_float, check_quantile
 from ..neuron import SFNode
-from ..sformer.core import site_modules
+from ..sformer.core import place_calibrated_sites, site_observers
 from .sites import ATTN_IMPLEMENTATION, SpikingAttention, add_input_site, register_attention, track_padding
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "is_hf_model", "is_converted", "prepare", "convert", "batch_kwargs", "run_batches"]
@@ -237,15 +237,6 @@ def run_batches(
 # -- conversion ------------------------------------------------------------------------------
 
 
-def _node_kw(offset: float, kind: str) -> dict[str, Any]:
-    """SFNode keywords for the threshold offset (``offset``, formerly ``v_init``) and the site kind (where supported)."""
-    params = inspect.signature(SFNode.__init__).parameters
-    out: dict[str, Any] = {"offset" if "offset" in params else "v_init": offset}
-    if "kind" in params:
-        out["kind"] = kind
-    return out
-
-
 @torch.no_grad()
 def convert(
     model: nn.Module,
@@ -289,39 +280,11 @@ def convert(
         raise ValueError(f"give the threshold offset once: offset={offset!r}, v_init={v_init!r}")
     r = 0.5 if offset is None and v_init is None else (offset if offset is not None else v_init)
 
-    def observer(kind: str, name: str) -> nn.Module:
-        if kind == "attn":
-            obs = SiteObserver(p=float(p), signed=False, name=name)
-            if isinstance(cap_mode, float):
-                return nn.Sequential(obs, SiteObserver(p=cap_mode, signed=False, name=name + "(cap)"))
-            return obs
-        return SiteObserver(p=float(p), signed=True, channel_dim=-1 if per_channel else None, name=name)
-
-    snn = prepare(model, observer, spike_head=spike_head, inplace=False)
+    snn = prepare(model, site_observers(p, cap_mode, per_channel), spike_head=spike_head, inplace=False)
     snn.eval()
     if device is not None:
         snn.to(device)
     run_batches(snn, loader, num_batches=num_batches, device=device, progress=progress, desc="calibrating (HF)")
-    for name, kind, site in site_modules(snn):
-        if kind == "attn":
-            obs = site[0] if isinstance(site, nn.Sequential) else site
-            stats = obs.statistics()
-            if cap_mode == "max":
-                cap = float(stats["max"].max())
-            elif cap_mode == "one":
-                cap = 1.0
-            else:
-                cap = float(site[1].statistics()["pos"].max())
-            cap = min(max(cap, 1e-6), 1.0)
-            # (1 - 1e-6): floor(cap / (λθ)) must be N_a, not N_a - 1 by rounding
-            theta = cap / (lam * softmax_max_spikes) * (1 - 1e-6) if softmax_theta == "cap" else float(stats["pos"].max())
-            node = SFNode(theta_pos=theta, lam=lam, max_spikes=softmax_max_spikes, ceiling=cap, **_node_kw(r, kind))
-        else:
-            stats = site.statistics()
-            node = SFNode.from_statistics(
-                stats, lam=lam, max_spikes=max_spikes, signed=True, channel_dim=-1 if per_channel else None, **_node_kw(r, kind)
-            )
-        parent_name, _, attr = name.rpartition(".")
-        parent = snn.get_submodule(parent_name) if parent_name else snn
-        setattr(parent, attr, node.to(stats["pos"].device if device is None else device))
+    place_calibrated_sites(snn, lam=lam, max_spikes=max_spikes, softmax_max_spikes=softmax_max_spikes, cap_mode=cap_mode,
+                           softmax_theta=softmax_theta, per_channel=per_channel, offset=r, device=device)
     return snn

@@ -58,6 +58,8 @@ __all__ = [
     "set_lambda",
     "set_max_spikes",
     "is_sformer",
+    "site_observers",
+    "place_calibrated_sites",
 ]
 
 _SITE_RE = re.compile(r"(?:^|\.)sfn_([a-z0-9_]+)$")
@@ -174,6 +176,59 @@ def _check_cap(softmax_cap: Any) -> str | float:
     return float(softmax_cap)
 
 
+def site_observers(p: float, cap_mode: str | float, per_channel: bool) -> Callable[[str, str], nn.Module]:
+    """The ``site_factory`` of calibration: a signed :class:`SiteObserver` per site (per channel: the last dim); the
+    SoftMax site (``attn``) positive-only, with a second observer for a quantile cap."""
+
+    def observer(kind: str, name: str) -> nn.Module:
+        if kind == "attn":
+            obs = SiteObserver(p=float(p), signed=False, name=name)
+            if isinstance(cap_mode, float):
+                return nn.Sequential(obs, SiteObserver(p=cap_mode, signed=False, name=name + "(cap)"))
+            return obs
+        return SiteObserver(p=float(p), signed=True, channel_dim=-1 if per_channel else None, name=name)
+
+    return observer
+
+
+@torch.no_grad()
+def place_calibrated_sites(
+    snn: nn.Module,
+    *,
+    lam: float,
+    max_spikes: int,
+    softmax_max_spikes: int,
+    cap_mode: str | float,
+    softmax_theta: str,
+    per_channel: bool,
+    offset: float,
+    device: torch.device | str | None = None,
+) -> None:
+    """Replace every calibrated observer of :func:`site_observers` by its SFN (see the module doc for the SoftMax cap)."""
+    for name, kind, site in site_modules(snn):
+        if kind == "attn":
+            obs = site[0] if isinstance(site, nn.Sequential) else site
+            stats = obs.statistics()
+            if cap_mode == "max":
+                cap = float(stats["max"].max())
+            elif cap_mode == "one":
+                cap = 1.0
+            else:
+                cap = float(site[1].statistics()["pos"].max())
+            cap = min(max(cap, 1e-6), 1.0)
+            # (1 - 1e-6): floor(cap / (λθ)) must be N_a, not N_a - 1 by rounding
+            theta = cap / (lam * softmax_max_spikes) * (1 - 1e-6) if softmax_theta == "cap" else float(stats["pos"].max())
+            node = SFNode(theta_pos=theta, lam=lam, max_spikes=softmax_max_spikes, ceiling=cap, offset=offset, kind=kind)
+        else:
+            stats = site.statistics()
+            node = SFNode.from_statistics(
+                stats, lam=lam, max_spikes=max_spikes, signed=True, offset=offset, kind=kind,
+                channel_dim=-1 if per_channel else None,
+            )
+        parent_name, _, attr = name.rpartition(".")
+        setattr(snn.get_submodule(parent_name) if parent_name else snn, attr, node.to(stats["pos"].device if device is None else device))
+
+
 @torch.no_grad()
 def convert(
     model: nn.Module,
@@ -220,41 +275,13 @@ def convert(
     if not isinstance(per_channel, bool):
         raise TypeError("per_channel must be a bool")
 
-    def observer(kind: str, name: str) -> nn.Module:
-        if kind == "attn":
-            obs = SiteObserver(p=float(p), signed=False, name=name)
-            if isinstance(cap_mode, float):
-                return nn.Sequential(obs, SiteObserver(p=cap_mode, signed=False, name=name + "(cap)"))
-            return obs
-        return SiteObserver(p=float(p), signed=True, channel_dim=-1 if per_channel else None, name=name)
-
-    snn = prepare(model, observer, spike_head=spike_head, inplace=False)
+    snn = prepare(model, site_observers(p, cap_mode, per_channel), spike_head=spike_head, inplace=False)
     snn.eval()
     if device is not None:
         snn.to(device)
     calibrate(snn, loader, num_batches=num_batches, device=device, progress=progress, desc="calibrating SFormer")
-    for name, kind, site in site_modules(snn):
-        if kind == "attn":
-            obs = site[0] if isinstance(site, nn.Sequential) else site
-            stats = obs.statistics()
-            if cap_mode == "max":
-                cap = float(stats["max"].max())
-            elif cap_mode == "one":
-                cap = 1.0
-            else:
-                cap = float(site[1].statistics()["pos"].max())
-            cap = min(max(cap, 1e-6), 1.0)
-            # (1 - 1e-6): floor(cap / (λθ)) must be N_a, not N_a - 1 by rounding
-            theta = cap / (lam * softmax_max_spikes) * (1 - 1e-6) if softmax_theta == "cap" else float(stats["pos"].max())
-            node = SFNode(theta_pos=theta, lam=lam, max_spikes=softmax_max_spikes, ceiling=cap, offset=offset, kind=kind)
-        else:
-            stats = site.statistics()
-            node = SFNode.from_statistics(
-                stats, lam=lam, max_spikes=max_spikes, signed=True, offset=offset, kind=kind,
-                channel_dim=-1 if per_channel else None,
-            )
-        parent_name, _, attr = name.rpartition(".")
-        setattr(snn.get_submodule(parent_name) if parent_name else snn, attr, node.to(stats["pos"].device if device is None else device))
+    place_calibrated_sites(snn, lam=lam, max_spikes=max_spikes, softmax_max_spikes=softmax_max_spikes, cap_mode=cap_mode,
+                           softmax_theta=softmax_theta, per_channel=per_channel, offset=offset, device=device)
     return snn
 
 
