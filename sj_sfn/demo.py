@@ -161,8 +161,8 @@ def run_demo(args) -> int:
             snn = convert(ann, calib, max_spikes=32, p=0.99, progress=not args.quiet)
         t_conv = time.perf_counter() - t1
         _log(args, f"[{name}] converted in {t_conv:.1f} s; tuning λ with {args.trials} Ax trials on the validation split")
-        # accuracy minus 10 points per unit of energy ratio: on 180 validation images, accuracy alone picks noise
-        res = tune_lambda(snn, val, objective="tradeoff", beta=10.0, ann=ann, trials=args.trials, seed=args.seed,
+        # accuracy minus 3 points per unit of energy ratio: on 180 validation images, accuracy alone picks noise
+        res = tune_lambda(snn, val, objective="tradeoff", beta=3.0, ann=ann, trials=args.trials, seed=args.seed,
                           progress=not args.quiet)
         res.apply(snn)
         plot = res.plot(os.path.join(args.out, f"lambda_{name}.png"), title=f"{args.dataset} {name}: λ search")
