@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -200,13 +201,16 @@ def calibrate(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "calibrating",
+    call: Callable[[nn.Module, Any, torch.device], Any] | None = None,
 ) -> int:
     """Run ``loader`` through ``model`` (eval mode) so its observers see the data.
 
     Returns the number of batches seen. Raises :class:`CalibrationError` for an empty loader
     or non-finite inputs. Under an initialised ``torch.distributed`` group every observer is
     all-reduced afterwards (each process passes its own shard of the batches) and the count
-    returned is the total over processes.
+    returned is the total over processes. ``call(model, batch, device)`` runs one batch (default:
+    ``model(x)`` with ``x`` from :func:`batch_inputs`, checked finite; Hugging Face models pass
+    ``model(**batch)``).
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
@@ -224,10 +228,13 @@ def calibrate(
     seen = 0
     try:
         for batch in tqdm(loader, total=total, desc=desc, disable=not progress, leave=False):
-            x = batch_inputs(batch)
-            if not torch.isfinite(x).all():
-                raise CalibrationError(f"calibration batch {seen} contains NaN or Inf inputs")
-            model(x.to(device))
+            if call is not None:
+                call(model, batch, device)
+            else:
+                x = batch_inputs(batch)
+                if not torch.isfinite(x).all():
+                    raise CalibrationError(f"calibration batch {seen} contains NaN or Inf inputs")
+                model(x.to(device))
             seen += 1
             if num_batches is not None and seen >= num_batches:
                 break

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..calibration import CalibrationError, observers
+from ..calibration import calibrate
 from ..checks import check_max_spikes, check_positive_float, check_quantile
 from ..neuron import SFNode
 from ..sformer.core import place_calibrated_sites, site_observers
@@ -204,34 +204,12 @@ def run_batches(
     Under an initialised ``torch.distributed`` group every observer is all-reduced afterwards
     and the count returned is the total over processes (as :func:`sj_sfn.calibration.calibrate`).
     """
-    from tqdm.auto import tqdm
-
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
-    was_training = model.training
-    model.eval()
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    seen = 0
-    try:
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            model(**batch_kwargs(batch, device), **extra)
-            seen += 1
-            if num_batches is not None and seen >= num_batches:
-                break
-    finally:
-        model.train(was_training)
-    from ..distributed import all_reduce_sum, is_distributed
 
-    if is_distributed():
-        for _, obs in observers(model):
-            obs.all_reduce()
-        seen = int(all_reduce_sum([float(seen)])[0])
-    if seen == 0:
-        raise CalibrationError("the calibration loader is empty: give it at least one batch")
-    return seen
+    def call(m: nn.Module, batch: Any, dev: torch.device) -> Any:
+        return m(**batch_kwargs(batch, dev), **extra)
+
+    return calibrate(model, loader, num_batches=num_batches, device=device, progress=progress, desc=desc, call=call)
 
 
 # -- conversion ------------------------------------------------------------------------------
