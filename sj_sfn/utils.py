@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["UserError", "batch_inputs", "json_safe", "atomic_write", "write_json"]
+__all__ = ["UserError", "batch_inputs", "json_safe", "atomic_write", "write_json", "model_device", "batches_total"]
 
 class UserError(ValueError):
     """A mistake in what the user named (a file, a folder, a model, an option); the command line reports it in one line, exit code 2."""
@@ -77,3 +77,20 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> str
     with atomic_write(path) as f:
         json.dump(json_safe(obj), f, indent=indent)
     return path
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def batches_total(loader: Any, num_batches: int | None) -> int | None:
+    """How many batches a pass over ``loader`` will take, for a progress bar: ``num_batches``, else ``len(loader)``
+    when the loader has one, else ``None``."""
+    if num_batches is not None:
+        return num_batches
+    try:
+        return len(loader)
+    except TypeError:
+        return None

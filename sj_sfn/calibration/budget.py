@@ -48,7 +48,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..neuron import SFNode
-from .observers import CalibrationError, batch_inputs
+from ..utils import batch_inputs, batches_total, model_device
+from .observers import CalibrationError
 
 __all__ = ["allocate_thresholds", "check_budget", "quantization_table", "Allocation", "SiteAllocation", "E_AC_PJ", "E_MAC_PJ"]
 
@@ -175,7 +176,7 @@ class _Probe(nn.Module):
     @torch.no_grad()
     def _record(self, x: torch.Tensor) -> None:
         if self.cdim is None:
-            self.cdim = _site_channel_dim(x, getattr(self.node, "kind", ""))
+            self.cdim = _site_channel_dim(x, self.node.kind)
             self.shape = tuple(x.shape)
         c = x.shape[self.cdim]
         rows = x.movedim(self.cdim, 0).reshape(c, -1).float()
@@ -196,7 +197,7 @@ class _Probe(nn.Module):
         self.sens_n += 1
 
 
-_TOKEN_KINDS = ("qkv_in", "proj_in", "fc1_in", "fc2_in", "head_in", "q", "k", "v", "attn", "linear_in", "token")
+_TOKEN_KINDS = ("qkv_in", "proj_in", "fc1_in", "fc2_in", "head_in", "q", "k", "v", "attn")
 
 
 def _site_channel_dim(x: torch.Tensor, kind: str) -> int:
@@ -457,10 +458,7 @@ def allocate_thresholds(
     sites = [(n, m) for n, m in snn.named_modules() if isinstance(m, SFNode) and m.levels is None]
     if not sites:
         raise ValueError("the model has no SFNode sites with uniform levels: convert it first (sj_sfn.convert)")
-    if device is None:
-        p = next(iter(snn.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = model_device(snn) if device is None else torch.device(device)
     was_training = snn.training
     snn.eval()
     probes_by_name = {n: _Probe(m, n, max(16, samples_per_batch)) for n, m in sites}
@@ -520,13 +518,8 @@ def allocate_thresholds(
                 hooks.append(m.register_forward_hook(pass_hook))
         gen = torch.Generator().manual_seed(seed)
         seen = 0
-        total = num_batches
-        if total is None:
-            try:
-                total = len(loader)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
-        for batch in tqdm(loader, total=total, desc="allocating thresholds", disable=not progress, leave=False):
+        for batch in tqdm(loader, total=batches_total(loader, num_batches), desc="allocating thresholds",
+                          disable=not progress, leave=False):
             site_of.clear()
             alive.clear()
             scale.clear()
@@ -627,7 +620,7 @@ def allocate_thresholds(
         total_e += e
         total_d += d
         result.sites.append(SiteAllocation(
-            name=t.name, kind=node.kind if hasattr(node, "kind") else "", signed=node.signed, per_channel=t.per_channel,
+            name=t.name, kind=node.kind, signed=node.signed, per_channel=t.per_channel,
             step=float(step.mean()), fanout=t.fanout, mean_count=count / max(1.0, t.probe.numel_per_sample),
             error=d, energy_share=e / e_ann,
         ))

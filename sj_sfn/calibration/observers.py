@@ -23,7 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..checks import check_quantile
-from ..utils import batch_inputs
+from ..utils import batch_inputs, batches_total, model_device
 
 __all__ = ["SiteObserver", "observers", "calibrate", "batch_inputs", "CalibrationError"]
 
@@ -217,17 +217,10 @@ def calibrate(
     was_training = model.training
     model.eval()
     if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    total = num_batches
-    if total is None:
-        try:
-            total = len(loader)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
+        device = model_device(model)
     seen = 0
     try:
-        for batch in tqdm(loader, total=total, desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(loader, total=batches_total(loader, num_batches), desc=desc, disable=not progress, leave=False):
             if call is not None:
                 call(model, batch, device)
             else:
