@@ -165,6 +165,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(spearmanr(sa.numpy(), sb.numpy()).statistic)
 
 
+def predicted(snn) -> dict:
+    """The energy-budget allocation's own predictions (energy ratio, relative output error), if it ran."""
+    alloc = getattr(snn, "sfn_allocation", None)
+    return {} if alloc is None else {"predicted_ratio": alloc.predicted_ratio, "predicted_rel_err": alloc.predicted_rel_error}
+
+
 def run_mobilenet(args, configs) -> list[dict]:
     net = mobilenet_v2()
     ph = photos()
@@ -182,10 +188,8 @@ def run_mobilenet(args, configs) -> list[dict]:
         t_conv = time.time() - t0
         fid = classifier_fidelity(snn, ev, ref, args.batch)
         e = measure_energy(snn, energy_loader, ann=net, progress=False)
-        row = {"model": "mobilenet_v2", "config": name, **kw, **fid, "energy_ratio": e.ratio, "convert_s": t_conv}
-        alloc = getattr(snn, "sfn_allocation", None)
-        if alloc is not None:
-            row["predicted_ratio"], row["predicted_rel_err"] = alloc.predicted_ratio, alloc.predicted_rel_error
+        row = {"model": "mobilenet_v2", "config": name, **kw, **fid, "energy_ratio": e.ratio, "convert_s": t_conv,
+               **predicted(snn)}
         rows.append(row)
         print(f"  {name:28s} agree {fid['agreement']:.3f}  rel.err {fid['rel_err']:.4f}  KL {fid['kl']:.4f}  "
               f"energy {e.ratio:.3f}  ({t_conv:.0f} s)", flush=True)
@@ -218,10 +222,7 @@ def run_minilm(args, configs) -> list[dict]:
         cos = (out * ref).sum(-1)
         e = measure_energy(snn, ev_b[:4], ann=bert, progress=False)
         row = {"model": "minilm", "config": name, **kw, "cos_mean": cos.mean().item(), "cos_min": cos.min().item(),
-               "spearman": spearman(ref, out), "energy_ratio": e.ratio, "convert_s": t_conv}
-        alloc = getattr(snn, "sfn_allocation", None)
-        if alloc is not None:
-            row["predicted_ratio"], row["predicted_rel_err"] = alloc.predicted_ratio, alloc.predicted_rel_error
+               "spearman": spearman(ref, out), "energy_ratio": e.ratio, "convert_s": t_conv, **predicted(snn)}
         rows.append(row)
         print(f"  {name:28s} cos {row['cos_mean']:.4f} (min {row['cos_min']:.4f})  spearman {row['spearman']:.4f}  "
               f"energy {e.ratio:.3f}  ({t_conv:.0f} s)", flush=True)
