@@ -46,7 +46,8 @@ from ..ann2snn.inputs import calibration_loader, check_model
 from ..calibration import SiteObserver, calibrate
 from ..checks import check_max_spikes, check_offset, check_positive_float, check_quantile
 from ..neuron import SFNode
-from .modules import SITE_KINDS, HeadSite, SFormerAttention, SFormerMlp, attention_types, mlp_types
+from . import variants as _variants  # noqa: F401  (registers the attention variants)
+from .modules import SITE_KINDS, HeadSite, SFormerAttention, SFormerMlp, attention_types, mlp_types, wrapper_for
 
 __all__ = [
     "SITE_KINDS",
@@ -60,6 +61,8 @@ __all__ = [
     "is_sformer",
     "site_observers",
     "place_calibrated_sites",
+    "attention_modules",
+    "UnreachedSite",
 ]
 
 _SITE_RE = re.compile(r"(?:^|\.)sfn_([a-z0-9_]+)$")
@@ -67,16 +70,34 @@ _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
 def _unsupported(model: nn.Module) -> list[str]:
-    """Names and classes of attention-like modules that SFormer cannot convert."""
+    """Names and classes of attention-like modules that SFormer cannot convert (with the reason, when known)."""
     supported = attention_types()
     bad = []
     for name, m in model.named_modules():
-        if isinstance(m, supported + (SFormerAttention,)):
-            continue
         cls = type(m)
-        if isinstance(m, nn.MultiheadAttention) or "Attention" in cls.__name__ or hasattr(m, "fused_attn"):
-            bad.append(f"{name or '<root>'} ({cls.__module__}.{cls.__qualname__})")
+        where = f"{name or '<root>'} ({cls.__module__}.{cls.__qualname__})"
+        if isinstance(m, supported + (SFormerAttention,)):
+            wrapper = wrapper_for(m)
+            why = getattr(wrapper, "refusal", lambda _m: None)(m) if wrapper is not None else None
+            if why is not None:
+                bad.append(f"{where}: {why}")
+            continue
+        if isinstance(m, nn.MultiheadAttention) or _attention_like(cls.__name__) or hasattr(m, "fused_attn"):
+            bad.append(where)
     return bad
+
+
+def _attention_like(class_name: str) -> bool:
+    """``Attention``, ``Attn`` (CaiT), ``XCA`` or ``MSA`` in a class name, outside its block/layer containers."""
+    if any(w in class_name for w in ("Block", "Layer", "Stage")):
+        return False
+    return any(w in class_name for w in ("Attention", "Attn", "XCA", "MSA"))
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """Names of the attention modules of ``model`` that SFormer converts (empty: no Transformer for SFormer)."""
+    supported = attention_types()
+    return [name for name, m in model.named_modules() if isinstance(m, supported)]
 
 
 def is_sformer(model: nn.Module) -> bool:
@@ -106,28 +127,29 @@ def prepare(
     if bad:
         raise TypeError(
             "SFormer cannot convert these attention modules: " + ", ".join(bad)
-            + ". Supported: timm Attention, AttentionRope and EvaAttention inside VisionTransformer/Eva blocks"
+            + ". Supported: timm Attention, AttentionRope and EvaAttention (ViT/DeiT/EVA), Swin WindowAttention, BEiT, "
+            "LeViT, XCiT (XCA, ClassAttn), CaiT (ClassAttn, TalkingHeadAttn) and torch nn.MultiheadAttention"
         )
     if site_factory is None:
         site_factory = _default_site
     if not inplace:
         model = copy.deepcopy(model)
-    att, mlp = attention_types(), mlp_types()
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, att + mlp)]
-    if not any(isinstance(m, att) for _, m in targets):
+    mlp = mlp_types()
+    targets = [(n, m, wrapper_for(m)) for n, m in model.named_modules()]
+    targets = [(n, m, w if w is not None else SFormerMlp) for n, m, w in targets if w is not None or isinstance(m, mlp)]
+    if not any(w is not SFormerMlp for *_, w in targets):
         raise TypeError(
-            f"no timm attention module found in {type(model).__name__}: sformer converts timm "
-            "VisionTransformer / Eva models (use sj_sfn.convert for CNNs)"
+            f"no timm attention module (or other attention SFormer converts) found in {type(model).__name__}: sformer converts timm "
+            "ViT/DeiT/EVA, Swin, BEiT, LeViT, XCiT, CaiT and models with nn.MultiheadAttention (use sj_sfn.convert for CNNs)"
         )
-    for name, m in targets:
+    for name, m, wrapper in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
 
         def factory(kind: str, _prefix: str = name) -> nn.Module:
             return site_factory(kind, f"{_prefix}.sfn_{kind}")
 
-        new = SFormerAttention(m, factory) if isinstance(m, att) else SFormerMlp(m, factory)
-        setattr(parent, attr, new)
+        setattr(parent, attr, wrapper(m, factory))
     if spike_head and isinstance(getattr(model, "head", None), nn.Linear) and hasattr(model, "head_drop"):
         model.head_drop = HeadSite(model.head_drop, site_factory("head_in", "head_drop.sfn_head_in"))
     return model
@@ -176,6 +198,23 @@ def _check_cap(softmax_cap: Any) -> str | float:
     return float(softmax_cap)
 
 
+class UnreachedSite(nn.Module):
+    """An optional site that no calibration batch reached (a cross-attention input of a self-attention call)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.site_name = name
+
+    def extra_repr(self) -> str:
+        return self.site_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            f"site {self.site_name} saw no calibration data (calibration only ran the module as a self-attention); "
+            "convert again with calibration batches that reach it"
+        )
+
+
 def site_observers(p: float, cap_mode: str | float, per_channel: bool) -> Callable[[str, str], nn.Module]:
     """The ``site_factory`` of calibration: a signed :class:`SiteObserver` per site (per channel: the last dim); the
     SoftMax site (``attn``) positive-only, with a second observer for a quantile cap."""
@@ -206,6 +245,11 @@ def place_calibrated_sites(
 ) -> None:
     """Replace every calibrated observer of :func:`site_observers` by its SFN (see the module doc for the SoftMax cap)."""
     for name, kind, site in site_modules(snn):
+        parent_name, _, attr = name.rpartition(".")
+        parent = snn.get_submodule(parent_name) if parent_name else snn
+        if kind in getattr(parent, "OPTIONAL_SITES", ()) and isinstance(site, SiteObserver) and site.num_batches.item() == 0:
+            setattr(parent, attr, UnreachedSite(name))
+            continue
         if kind == "attn":
             obs = site[0] if isinstance(site, nn.Sequential) else site
             stats = obs.statistics()
@@ -225,8 +269,7 @@ def place_calibrated_sites(
                 stats, lam=lam, max_spikes=max_spikes, signed=True, offset=offset, kind=kind,
                 channel_dim=-1 if per_channel else None,
             )
-        parent_name, _, attr = name.rpartition(".")
-        setattr(snn.get_submodule(parent_name) if parent_name else snn, attr, node.to(stats["pos"].device if device is None else device))
+        setattr(parent, attr, node.to(stats["pos"].device if device is None else device))
 
 
 @torch.no_grad()

@@ -28,21 +28,63 @@ from ..neuron import SFNode
 
 __all__ = [
     "SITE_KINDS", "FIRE_PATHS", "SFormerAttention", "SFormerMlp", "HeadSite", "attention_types", "mlp_types", "fire",
-    "set_fire_path",
+    "set_fire_path", "register_variant", "wrapper_for", "adopt_parameters", "base_attention_types",
 ]
 
-#: every site kind, in the order a token meets them inside a block (``head_in`` feeds the classifier)
-SITE_KINDS = ("qkv_in", "q", "k", "v", "attn", "proj_in", "fc1_in", "fc2_in", "head_in")
+#: every site kind, in the order a token meets them inside a block (``head_in`` feeds the classifier).
+#: ``kv_in``/``v_in``: the key/value inputs of a cross-attention (``nn.MultiheadAttention``);
+#: ``logits_in``/``attn_mix``: the talking-heads mixes before and after the SoftMax (CaiT)
+SITE_KINDS = ("qkv_in", "kv_in", "v_in", "q", "k", "v", "logits_in", "attn", "attn_mix", "proj_in", "fc1_in", "fc2_in",
+              "head_in")
 
 SiteFactory = Callable[[str], nn.Module]
 
+# attention variants (sj_sfn.sformer.variants): (loader of the source classes, wrapper class)
+_VARIANTS: list[tuple[Callable[[], tuple[type, ...]], type]] = []
 
-def attention_types() -> tuple[type, ...]:
-    """timm attention classes that :class:`SFormerAttention` replaces."""
+
+def base_attention_types() -> tuple[type, ...]:
+    """timm attention classes that :class:`SFormerAttention` itself replaces."""
     from timm.layers.attention import Attention, AttentionRope
     from timm.models.eva import EvaAttention
 
     return (Attention, AttentionRope, EvaAttention)
+
+
+def register_variant(source_types: Callable[[], tuple[type, ...]], wrapper: type) -> None:
+    """Register ``wrapper`` (an :class:`SFormerAttention` subclass) for the classes ``source_types()`` returns.
+
+    ``source_types`` is called lazily and may raise ``ImportError`` (an optional package that is
+    not installed: its classes cannot occur in a model).
+    """
+    if not (isinstance(wrapper, type) and issubclass(wrapper, SFormerAttention)):
+        raise TypeError(f"an attention variant must subclass SFormerAttention, got {wrapper!r}")
+    _VARIANTS.append((source_types, wrapper))
+
+
+def _variant_types() -> list[tuple[tuple[type, ...], type]]:
+    out = []
+    for loader, wrapper in _VARIANTS:
+        try:
+            out.append((tuple(loader()), wrapper))
+        except ImportError:
+            continue
+    return out
+
+
+def attention_types() -> tuple[type, ...]:
+    """Every attention class SFormer converts: timm's Attention/AttentionRope/EvaAttention and the registered variants."""
+    return base_attention_types() + tuple(t for types, _ in _variant_types() for t in types)
+
+
+def wrapper_for(module: nn.Module) -> type | None:
+    """The SFormer class that replaces ``module`` (``None`` if it is no attention SFormer converts)."""
+    if isinstance(module, SFormerAttention):
+        return None
+    for types, wrapper in _variant_types():
+        if isinstance(module, types):
+            return wrapper
+    return SFormerAttention if isinstance(module, base_attention_types()) else None
 
 
 def mlp_types() -> tuple[type, ...]:
@@ -115,7 +157,7 @@ def fire(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return site(x)
 
 
-def _adopt(dst: nn.Module, src: nn.Module) -> None:
+def adopt_parameters(dst: nn.Module, src: nn.Module) -> None:
     """Move ``src``'s parameters, buffers (with their persistence) and children onto ``dst``."""
     for name, p in src._parameters.items():
         dst.register_parameter(name, p)
@@ -135,10 +177,14 @@ class SFormerAttention(nn.Module):
     """
 
     SITES = ("qkv_in", "q", "k", "v", "attn", "proj_in")
+    #: the two spike×spike products counted by :meth:`energy_ops`: ``(name, left site, right site)``
+    PRODUCTS = (("qk", "q", "k"), ("av", "attn", "v"))
+    #: sites a forward may leave unused (a cross-attention input): left uncalibrated when no batch reached them
+    OPTIONAL_SITES: tuple[str, ...] = ()
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
         super().__init__()
-        if not isinstance(src, attention_types()):
+        if not isinstance(src, base_attention_types()):
             raise TypeError(
                 f"unsupported attention module {type(src).__module__}.{type(src).__qualname__}: SFormer converts "
                 "timm's Attention, AttentionRope and EvaAttention"
@@ -151,7 +197,7 @@ class SFormerAttention(nn.Module):
         self.scale = float(src.scale)
         self.num_prefix_tokens = int(getattr(src, "num_prefix_tokens", 0))
         self.rotate_half = bool(getattr(src, "rotate_half", False))
-        _adopt(self, src)
+        adopt_parameters(self, src)
         for attr in ("qkv", "q_proj", "k_proj", "v_proj", "gate", "q_bias", "k_bias", "v_bias"):
             if not hasattr(self, attr):
                 setattr(self, attr, None)
@@ -230,15 +276,13 @@ class SFormerAttention(nn.Module):
         power-of-two level counts 1 in place of ``|k|`` (each pair costs the other operand's
         ``|k|`` ACs), any other level makes each of its pairs one MAC (``macs``).
         """
-        counts = {kind: _site_costs(getattr(self, f"sfn_{kind}")) for kind in ("q", "k", "v", "attn")}
+        kinds = {kind for _, a, b in self.PRODUCTS for kind in (a, b)}
+        counts = {kind: _site_costs(getattr(self, f"sfn_{kind}")) for kind in kinds}
         groups = self.num_heads // self.num_kv_heads
         for kind in ("k", "v"):
             if counts[kind] is not None and groups > 1:
                 counts[kind] = tuple(None if t is None else t.repeat_interleave(groups, dim=1) for t in counts[kind])
-        return [
-            _product_ops("qk", counts["q"], counts["k"], "qk"),
-            _product_ops("av", counts["attn"], counts["v"], "av"),
-        ]
+        return [_product_ops(name, counts[a], counts[b], name) for name, a, b in self.PRODUCTS]
 
 
 def _site_costs(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
@@ -301,7 +345,7 @@ class SFormerMlp(nn.Module):
         self.variant = "swiglu" if isinstance(src, SwiGLU) else "glu" if isinstance(src, GluMlp) else "mlp"
         self.chunk_dim = int(getattr(src, "chunk_dim", -1))
         self.gate_last = bool(getattr(src, "gate_last", True))
-        _adopt(self, src)
+        adopt_parameters(self, src)
         linears = ("fc1_g", "fc1_x", "fc2") if self.variant == "swiglu" else ("fc1", "fc2")
         for name in linears:
             if not isinstance(getattr(self, name), nn.Linear):
