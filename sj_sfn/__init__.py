@@ -6,6 +6,7 @@ from . import energy, functional
 from .conversion import convert
 from .neuron import MTNode, MultiLevelNode, SFNode, register_with_spikingjelly, set_lambda, set_stateful, sfn_nodes
 from .ops import implementation
+from .report import report
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -32,4 +33,4 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["MTNode", "SFNode", "SFNRecipe", "MTNRecipe", "convert", "energy", "functional", "implementation", "set_lambda", "set_stateful", "sfn_nodes", "MultiLevelNode", "__version__"]
+__all__ = ["MTNode", "SFNode", "SFNRecipe", "MTNRecipe", "convert", "energy", "functional", "implementation", "report", "set_lambda", "set_stateful", "sfn_nodes", "MultiLevelNode", "__version__"]

@@ -1,25 +1,34 @@
 """``sj_sfn.convert`` (defined here, in ``sj_sfn.conversion``): the one entry point from a trained ANN to a one-timestep SNN.
 
 CNN-like models (ReLU family) go through :class:`~sj_sfn.ann2snn.SFNRecipe` and SpikingJelly's
-FX ``Converter``; Transformers (timm ``VisionTransformer``/``Eva``, or any model holding
-``nn.MultiheadAttention`` or a timm ``Attention``) go to :func:`sj_sfn.sformer.convert`.
+FX ``Converter``; a model ``torch.fx`` cannot trace (data-dependent control flow) falls back to
+module-level placement (:mod:`sj_sfn.ann2snn.module_placement`: a site on the input of every
+weight layer, no graph needed). Transformers (timm ``VisionTransformer``/``Eva``, or any model
+holding ``nn.MultiheadAttention`` or a timm ``Attention``) go to :func:`sj_sfn.sformer.convert`,
+and the weight layers outside its attention/MLP blocks (a MobileViT's convolutions) then get
+input sites by module-level placement. ``snn.sfn_conversion_path`` says which path ran
+(``'fx'``, ``'module'``, ``'sformer'``, ``'sformer+module'``, ``'hf'``).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from .calibration.budget import allocate_thresholds, check_budget
-from .checks import check_offset
+from .checks import check_max_spikes, check_offset, check_positive_float, check_quantile
 from .neuron import set_lambda, set_stateful
 
-__all__ = ["convert", "is_transformer", "DEFAULT_ENERGY_BUDGET"]
+if TYPE_CHECKING:
+    from .ann2snn.module_placement import ModulePlacement
+
+__all__ = ["convert", "is_transformer", "DEFAULT_ENERGY_BUDGET", "untraceable"]
 
 #: The energy ratio ``E_SNN/E_ANN`` that ``sj_sfn.convert`` calibrates to by default.
 DEFAULT_ENERGY_BUDGET = 0.35
@@ -68,6 +77,7 @@ def convert(
     num_batches: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    placement: str = "auto",
     **kwargs: Any,
 ) -> nn.Module:
     r"""Convert a trained ANN into a one-timestep SNN (the caller's model is not modified).
@@ -98,6 +108,10 @@ def convert(
     :param num_batches: calibrate on at most this many batches
     :param device: conversion device (default: the model's)
     :param progress: progress bar while calibrating
+    :param placement: CNN-like models: ``'auto'`` (the FX recipe; module-level placement when ``torch.fx`` cannot
+        trace the model, with a warning), ``'fx'`` (no fallback) or ``'module'`` (module-level placement:
+        a site on the input of every weight layer, found with forward hooks; see
+        :mod:`sj_sfn.ann2snn.module_placement`). Transformers take ``'auto'`` only
     :param kwargs: passed on to :class:`~sj_sfn.ann2snn.SFNRecipe` or :func:`sj_sfn.sformer.convert`
     :returns: an ``nn.Module``; ``snn(x)`` takes the ANN's input and returns its kind of output
     """
@@ -112,27 +126,47 @@ def convert(
         calibration = "quantile" if lam is not None else "budget"
     if calibration not in ("budget", "quantile"):
         raise ValueError(f"calibration must be 'budget' or 'quantile', got {calibration!r}")
+    if placement not in ("auto", "fx", "module"):
+        raise ValueError(f"placement must be 'auto', 'fx' or 'module', got {placement!r}")
     if calibration == "budget":
         check_budget(energy_budget)
         lam = 1.0 if lam is None else lam
     optional = {k: v for k, v in (("lam", lam), ("offset", offset)) if v is not None}
+    common = {"max_spikes": max_spikes, "p": p, "per_channel": per_channel, "num_batches": num_batches, "progress": progress}
     if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__):
         from .hf import convert as hf_convert  # Hugging Face models: sj_sfn.hf (the "hf" extra)
 
-        snn = hf_convert(model, dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
-                         device=device, progress=progress, **optional, **kwargs)
+        snn = hf_convert(model, dataloader, device=device, **common, **optional, **kwargs)
+        path = "hf"
+    elif placement != "auto" and is_transformer(model):
+        raise ValueError(f"placement={placement!r} applies to CNN-like models; Transformers convert with placement='auto'")
     elif is_transformer(model):
         fn = _sformer_convert()
-        snn = fn(model, dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
-                 device=device, progress=progress, **optional, **kwargs)
+        snn = fn(model, dataloader, device=device, **common, **optional, **kwargs)
+        path = "sformer"
+        placed = _hybrid_sites(snn, dataloader, device=device, spike_head=kwargs.get("spike_head", True),
+                               offset=optional.get("offset", 0.5), **common)
+        if placed.sites:
+            path = "sformer+module"
+        snn.sfn_placement = placed
     else:
-        from spikingjelly.activation_based.ann2snn import Converter
-
-        from .ann2snn import SFNRecipe
-
-        recipe = SFNRecipe(dataloader, max_spikes=max_spikes, p=p, per_channel=per_channel, num_batches=num_batches,
-                           progress=progress, keep_state=keep_state, **optional, **kwargs)
-        snn = Converter(recipe, device=device).convert(model)
+        reason = None if placement == "fx" else "placement='module'" if placement == "module" else untraceable(model)
+        if reason is None:
+            try:
+                snn = _fx_convert(model, dataloader, device, keep_state, common, optional, kwargs)
+            except _trace_failures() as e:
+                raise type(e)(f"{e}; sj_sfn.convert(..., placement='module') converts without a graph") from e
+            path = "fx"
+        else:
+            if placement == "auto":
+                warnings.warn(
+                    f"sj_sfn.convert: torch.fx cannot trace {type(model).__name__} ({reason}); converting with "
+                    "module-level placement (a site on the input of every weight layer; functional weight calls stay "
+                    "analog, see sj_sfn.report)", stacklevel=2,
+                )
+            snn = _module_convert(model, dataloader, device=device, **common, **optional, **kwargs)
+            path = "module"
+    snn.sfn_conversion_path = path
     set_stateful(snn, keep_state)  # Transformers: the SFormer/HF sites follow keep_state too
     if calibration == "budget":
         allocation = allocate_thresholds(snn, dataloader, energy_budget, num_batches=num_batches, device=device,
@@ -141,3 +175,74 @@ def convert(
             set_lambda(snn, lam)
         snn.sfn_allocation = allocation
     return snn
+
+
+def untraceable(model: nn.Module) -> str | None:
+    """Why ``torch.fx`` cannot trace ``model`` (the first line of the tracer's error), or ``None`` when it can."""
+    from torch import fx
+
+    try:
+        fx.Tracer().trace(model)
+    except Exception as e:  # any failure of symbolic tracing: control flow on proxies, unsupported calls
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+def _trace_failures() -> tuple[type, ...]:
+    from .ann2snn.inputs import TraceMismatchError
+    from .ann2snn.passes import InPlaceError
+
+    return TraceMismatchError, InPlaceError
+
+
+def _fx_convert(model: nn.Module, dataloader: Iterable, device: Any, keep_state: bool, common: dict, optional: dict,
+                kwargs: dict) -> nn.Module:
+    from spikingjelly.activation_based.ann2snn import Converter
+
+    from .ann2snn import SFNRecipe
+
+    recipe = SFNRecipe(dataloader, keep_state=keep_state, **common, **optional, **kwargs)
+    return Converter(recipe, device=device).convert(model)
+
+
+_MODULE_OPTIONS = {"backend"}
+
+
+def _module_convert(model: nn.Module, dataloader: Iterable, *, device: Any, max_spikes: int, p: float, per_channel: bool,
+                    num_batches: int | None, progress: bool, lam: float | None = None, offset: float | None = None,
+                    **kwargs: Any) -> nn.Module:
+    """Module-level placement on a copy of ``model`` (the CNN defaults: λ = 0.05, rounding)."""
+    from .ann2snn.module_placement import place_input_sites
+    from .ann2snn.recipes import CNN_DEFAULT_LAM, CNN_DEFAULT_V_INIT
+
+    unsupported = sorted(set(kwargs) - _MODULE_OPTIONS)
+    if unsupported:
+        raise ValueError(f"module-level placement does not take {unsupported} (SFNRecipe options of the FX path)")
+    lam = check_positive_float(CNN_DEFAULT_LAM if lam is None else lam, "lam (λ)")
+    offset = check_offset(CNN_DEFAULT_V_INIT if offset is None else offset)
+    snn = copy.deepcopy(model).eval()
+    if device is not None:
+        snn.to(device)
+    placed = place_input_sites(snn, dataloader, lam=lam, max_spikes=check_max_spikes(max_spikes), p=check_quantile(p),
+                               per_channel=per_channel, offset=offset, num_batches=num_batches, device=device,
+                               progress=progress, **kwargs)
+    if not placed.sites:
+        raise ValueError(f"module-level placement found no weight layer of {type(model).__name__} whose input is not the "
+                         "model input: nothing to convert")
+    snn.sfn_placement = placed
+    return snn
+
+
+def _hybrid_sites(snn: nn.Module, dataloader: Iterable, *, device: Any, spike_head: bool, offset: float, max_spikes: int,
+                  p: float, per_channel: bool, num_batches: int | None, progress: bool) -> ModulePlacement:
+    """Input sites on the weight layers a Transformer converter left analog outside its own blocks (not the image's)."""
+    from .ann2snn.module_placement import place_input_sites
+    from .neuron import sfn_nodes
+
+    converted = [n for n, m in snn.named_modules() if type(m).__module__.startswith("sj_sfn.") and n]
+    head = snn.get_classifier() if not spike_head and callable(getattr(snn, "get_classifier", None)) else None
+    exclude = {n for n, m in snn.named_modules() if m is head or any(n.startswith(c + ".") for c in converted)}
+    lams = [float(m.lam.reshape(-1)[0]) for _, m in sfn_nodes(snn)]
+    return place_input_sites(snn, dataloader, lam=lams[0] if lams else 1.0, max_spikes=max_spikes, p=p,
+                             per_channel=per_channel, offset=offset, exclude=exclude, num_batches=num_batches,
+                             device=device, progress=progress)

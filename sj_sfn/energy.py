@@ -372,9 +372,18 @@ class _Recorder:
         return hook
 
 
+def _reset_neurons(model: nn.Module) -> None:
+    """Reset the state of every SpikingJelly ``MemoryModule`` (``reset_net`` would also call the ``reset`` of other
+    modules, such as timm's ``ClassifierHead.reset(num_classes)``, which needs arguments)."""
+    from spikingjelly.activation_based.base import MemoryModule
+
+    for m in model.modules():
+        if isinstance(m, MemoryModule):
+            m.reset()
+
+
 def _run(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int | None, device, progress: bool,
          recorder: _Recorder, desc: str) -> int:
-    from spikingjelly.activation_based import functional as sjf
     from spikingjelly.activation_based.op_counter import DispatchCounterMode
     from tqdm.auto import tqdm
 
@@ -387,7 +396,7 @@ def _run(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int |
             x = x.to(device)
             if kwargs is not None:
                 kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        sjf.reset_net(model)
+        _reset_neurons(model)
         for t in range(time_steps):
             recorder.step = t
             recorder.new_forward(x)
@@ -399,7 +408,7 @@ def _run(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int |
         seen += 1
         if num_batches is not None and seen >= num_batches:
             break
-    sjf.reset_net(model)
+    _reset_neurons(model)
     if samples == 0:
         raise ValueError("the loader is empty: measure_energy needs at least one batch")
     return samples

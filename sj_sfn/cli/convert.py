@@ -13,6 +13,7 @@ from ..data import BUNDLED_DATA, data_config, data_info, load_data
 from ..distributed import init_from_env, is_main
 from ..evaluation import evaluate
 from ..io import save_converted
+from ..report import report
 from ..tune import current_lams
 from ..version import __version__
 from ..zoo import build_model
@@ -105,11 +106,17 @@ def run(args: argparse.Namespace) -> int:
     }
     summary = {"out": os.path.abspath(args.out), "model": args.model, "lam": ck.get("lam"), "max_spikes": args.max_spikes,
                "p": args.p, "convert_seconds": t_conv, "sites": len(meta["lams"]), "tuned": args.tune}
+    # what was converted and what stays analog, measured on one calibration batch
+    rep = report(snn, ann, d.calib, num_batches=1, device=device)
+    common.log(args, str(rep))
+    summary["conversion_path"] = rep.path
+    summary["report"] = rep.to_dict()
     if is_main():
         save_converted(args.out, snn.cpu() if device else snn, meta)
     if args.eval:
         summary.update(evaluate(snn.to(device) if device else snn, d.test, ann, device))
     common.write_json_main(args.json, summary)
     if is_main():
-        print(json.dumps({k: v for k, v in summary.items() if k != "firing_rates"}, indent=None if args.quiet else 2))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("firing_rates", "report")},
+                         indent=None if args.quiet else 2))
     return 0
