@@ -14,8 +14,10 @@ One step of a multi-threshold neuron with soft reset (charge, fire, reset)::
 ``θ±`` are the *scaled* thresholds (``λ·θ`` for an SFN), ``N`` the maximum number of spikes
 per sign, ``r ∈ [0, 1)`` a threshold offset (``r = 0.5`` turns floor into round-to-nearest;
 it is the same as starting the membrane at ``r·θ``). With non-uniform ``levels``
-``y_1 < ... < y_N`` the count is the number of levels crossed,
-``k = #{i : y_i <= h/θ+ + r}``, and the output is ``θ+ · y_k`` (``y_0 = 0``).
+``y_1 < ... < y_N`` the count is the number of level edges crossed,
+``k = #{i : e_i <= h/θ+}`` with ``e_i = y_i - r·(y_i - y_{i-1})`` (``y_0 = 0``; ``r = 0.5`` puts every
+edge half-way between two levels: round to the nearest level), and the output is ``θ+ · y_k``.
+For ``y_i = i`` the edges are ``i - r``, the evenly spaced rule above.
 
 The membrane and the comparison are computed in float32 (or float64 for float64 inputs);
 outputs are cast back to the input dtype. The gradient is straight-through on the neuron's
@@ -53,6 +55,9 @@ __all__ = [
     "sfn_multi_step",
     "sfn_multi_step_unchecked",
     "power_levels",
+    "float_levels",
+    "level_edges",
+    "level_terms",
     "check_levels",
     "broadcast_threshold",
 ]
@@ -114,6 +119,47 @@ def power_levels(max_spikes: int, gamma: float = 2.0) -> torch.Tensor:
     return (max_spikes * (i / max_spikes) ** gamma).to(torch.float32)
 
 
+def float_levels(mantissa_bits: int, octaves: int) -> torch.Tensor:
+    """Floating-point-like levels: ``y = (1 + j/2^m)·2^e`` for ``e = 0..octaves-1``, ``j = 0..2^m-1``.
+
+    ``m = 0`` gives powers of two (``1, 2, 4, ...``): every level is one graded spike, a shift and an
+    add in the layer it feeds; with ``m`` mantissa bits a level is the sum of at most ``m + 1`` powers
+    of two (:func:`level_terms`). ``2^m · octaves`` levels, the smallest ``1``, the largest
+    ``(2 - 2^{-m})·2^{octaves-1}``: constant relative resolution over ``octaves`` octaves.
+    """
+    if isinstance(mantissa_bits, bool) or not isinstance(mantissa_bits, int) or not 0 <= mantissa_bits <= 4:
+        raise ValueError(f"mantissa_bits must be an integer in [0, 4], got {mantissa_bits!r}")
+    if isinstance(octaves, bool) or not isinstance(octaves, int) or octaves < 1:
+        raise ValueError(f"octaves must be an integer >= 1, got {octaves!r}")
+    m = 1 << mantissa_bits
+    e = torch.arange(octaves, dtype=torch.float64).repeat_interleave(m)
+    j = torch.arange(m, dtype=torch.float64).repeat(octaves)
+    return ((1 + j / m) * torch.pow(2.0, e)).to(torch.float32)
+
+
+def level_edges(levels: torch.Tensor, offset: float) -> torch.Tensor:
+    """Where each level starts: ``e_i = y_i - r·(y_i - y_{i-1})`` (``y_0 = 0``), in float32."""
+    y = levels.to(torch.float32)
+    gap = torch.diff(y, prepend=y.new_zeros(1))
+    return y - gap * float(offset)
+
+
+def level_terms(levels: torch.Tensor, max_terms: int = 4) -> torch.Tensor:
+    """Powers of two whose sum is each level (1 for ``2^e``, 2 for ``1.5·2^e``, ...); 0 where more than ``max_terms``.
+
+    A level of ``t`` terms is ``t`` graded spikes (each a shift and an add in the consumer); 0 marks a
+    level that is no short sum of powers of two (it costs a multiply).
+    """
+    mantissa, _ = torch.frexp(levels.to(torch.float64))
+    bits = torch.round(mantissa * 2.0**53).to(torch.int64)  # the 53-bit mantissa as an integer
+    terms = torch.zeros_like(bits)
+    for _ in range(max_terms + 1):
+        nz = bits != 0
+        terms = terms + nz.to(torch.int64)
+        bits = torch.where(nz, bits & (bits - 1), bits)  # clear the lowest set bit
+    return torch.where(terms > max_terms, torch.zeros_like(terms), terms).to(torch.int32)
+
+
 def broadcast_threshold(theta: torch.Tensor, x: torch.Tensor, channel_dim: int | None, name: str = "threshold") -> torch.Tensor:
     """Shape a scalar or per-channel threshold so that it broadcasts against ``x``.
 
@@ -142,7 +188,11 @@ def broadcast_threshold(theta: torch.Tensor, x: torch.Tensor, channel_dim: int |
 
 
 def _branch_count(u: torch.Tensor, max_spikes: int, levels: torch.Tensor | None) -> torch.Tensor:
-    """Number of thresholds crossed by the normalised potential ``u`` (float, in [0, N])."""
+    """Number of thresholds crossed by the normalised potential ``u`` (float, in [0, N]).
+
+    Uniform levels: ``clip(floor(u), 0, N)`` (``u`` includes the offset). Custom levels: ``levels``
+    are the edges ``e_i`` to compare ``u`` with (:func:`level_edges`, or the levels themselves for a cap).
+    """
     if levels is None:
         return torch.clamp(torch.floor(u), 0, max_spikes)
     k = torch.searchsorted(levels.to(u.dtype).contiguous(), u.contiguous(), right=True).to(u.dtype)
@@ -172,11 +222,13 @@ def multi_threshold_fire(
 
     ``k+ = clip(floor(h/θ+ + r), 0, N)``, ``k- = clip(floor(-h/θ- + r), 0, N)``,
     ``o = θ+·y(k+) - θ-·y(k-)``; the signed count is ``k+ - k-`` (at most one is non-zero
-    for ``r < 1``). ``ceiling`` caps the positive output: ``k+ <= max(1, floor(ceiling/θ+))``
-    (a ReLU6 or ``clamp(max=c)`` site).
+    for ``r < 1``). Custom levels: ``k+ = #{i : e_i <= h/θ+}`` (:func:`level_edges`).
+    ``ceiling`` caps the positive output: ``k+ <= max(1, floor(ceiling/θ+))``, or the number of
+    levels ``<= ceiling/θ+`` (a ReLU6 or ``clamp(max=c)`` site).
     """
-    u_pos = h / theta_pos + offset
-    k_pos = _branch_count(u_pos, max_spikes, levels)
+    edges = None if levels is None else level_edges(levels, offset).to(h.device)
+    u_pos = h / theta_pos + offset if levels is None else h / theta_pos
+    k_pos = _branch_count(u_pos, max_spikes, edges)
     if ceiling is not None:
         cap = torch.clamp(torch.floor(torch.as_tensor(ceiling, dtype=h.dtype, device=h.device) / theta_pos), min=1)
         if levels is not None:
@@ -186,7 +238,8 @@ def multi_threshold_fire(
     spike = theta_pos * _level_value(k_pos, levels)
     count = k_pos
     if theta_neg is not None:
-        k_neg = _branch_count(-h / theta_neg + offset, max_spikes, levels)
+        u_neg = -h / theta_neg + offset if levels is None else -h / theta_neg
+        k_neg = _branch_count(u_neg, max_spikes, edges)
         spike = spike - theta_neg * _level_value(k_neg, levels)
         count = k_pos - k_neg
     return FireOutput(spike, count)

@@ -524,18 +524,18 @@ class SFNode(MultiLevelNode):
     def level_costs(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What one output element with signed count ``k`` costs per fan-out: ``(ACs, MACs)`` (the paper's Sec. 3).
 
-        Evenly spaced levels: ``(|k|, None)``. Custom levels ``y``: one graded spike per non-zero
-        output, ``(1[k≠0, y_|k| a power of two], 1[k≠0, y_|k| not a power of two])`` (a shift and an
-        add, or a multiply).
+        Evenly spaced levels: ``(|k|, None)``. Custom levels ``y``: a level that is a sum of ``t`` powers
+        of two is ``t`` graded spikes, ``(t, 0)`` (a shift and an add each; ``t = 1`` for ``2^e``); any
+        other level is one graded spike that costs a multiply, ``(0, 1)`` (:func:`functional.level_terms`).
         """
         if self.levels is None:
             return counts.abs(), None
-        mantissa, _ = torch.frexp(self.levels.to(torch.float64))
-        pow2 = torch.cat([torch.zeros(1, dtype=torch.bool, device=mantissa.device), mantissa == 0.5])
+        terms = F.level_terms(self.levels).to(device=counts.device)
+        terms = torch.cat([terms.new_zeros(1), terms])
         idx = counts.abs().long().clamp(max=self.levels.numel())
-        fired = idx != 0
-        p2 = pow2.to(idx.device)[idx]
-        return (fired & p2).to(torch.int8), (fired & ~p2).to(torch.int8)
+        t = terms[idx]
+        mac = (idx != 0) & (t == 0)
+        return t.to(torch.int8), mac.to(torch.int8)
 
     def set_lambda(self, lam: float) -> None:
         """Rescale every threshold of this site: ``λ ← lam`` (no recalibration)."""
@@ -639,7 +639,8 @@ class SFNode(MultiLevelNode):
             u = self.ceiling.to(h.dtype) / step
             cap = torch.clamp(torch.floor(u) if self.levels is None else (y <= u).sum(0, keepdim=True), min=1)
             d = torch.where(torch.arange(1, y.shape[0] + 1, device=h.device).view(shape) <= cap, d, torch.zeros_like(d))
-        return (y - self.offset) * step, d
+        edges = y - self.offset if self.levels is None else F.level_edges(self.levels, self.offset).to(h).view(shape)
+        return edges * step, d
 
     # -- forward ---------------------------------------------------------------------
     def broadcast_thresholds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -344,15 +344,18 @@ def test_a_layer_missing_on_one_side_is_an_error(rng):
         measure_energy(snn, [x], ann=ann)
 
 
-LEVELS = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0, 8.0])  # 1, 2, 4, 8 are powers of two; 3 and 6 are not
+LEVELS = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 9.7])
+# graded spikes per level, by hand: 2^e is one, 3 = 2 + 1 and 6 = 4 + 2 are two; 9.7 is no short sum (a multiply)
+_TERMS = {0.0: 0, 1.0: 1, 2.0: 1, 3.0: 2, 4.0: 1, 6.0: 2, 8.0: 1}
 
 
 def _graded(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per element: (1 if the level y_|k| is a power of two, 1 if it is another level)."""
+    """Per element: (ACs = graded spikes of the level y_|k|, 1 if the level costs a multiply)."""
     idx = k.abs().long()
     y = torch.cat([torch.zeros(1), LEVELS])[idx]
-    pow2 = torch.tensor([v in (1.0, 2.0, 4.0, 8.0) for v in y.flatten().tolist()]).view(y.shape)
-    return ((idx > 0) & pow2).double(), ((idx > 0) & ~pow2).double()
+    terms = torch.tensor([float(_TERMS.get(v, 0)) for v in y.flatten().tolist()]).view(y.shape).double()
+    mac = torch.tensor([v not in _TERMS for v in y.flatten().tolist()]).view(y.shape).double()
+    return terms, mac
 
 
 def test_graded_levels_into_a_linear_and_a_conv(rng):
@@ -363,7 +366,7 @@ def test_graded_levels_into_a_linear_and_a_conv(rng):
     r = measure_energy(nn.Sequential(site, lin), [x])
     site(x)
     ac, mac = _graded(site.last_counts)
-    assert ac.sum() > 0 and mac.sum() > 0
+    assert ac.sum() > 0 and mac.sum() > 0 and (ac == 2).any()
     assert r.sops == pytest.approx(ac.sum().item() * 7 / 6)
     assert r.macs == pytest.approx(mac.sum().item() * 7 / 6)
     assert r.events == pytest.approx((site.last_counts != 0).sum().item() * 7 / 6)

@@ -47,11 +47,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..functional import float_levels, level_edges, level_terms
 from ..neuron import SFNode
 from ..utils import batch_inputs, batches_total, model_device
 from .observers import CalibrationError
 
-__all__ = ["allocate_thresholds", "check_budget", "quantization_table", "Allocation", "SiteAllocation", "E_AC_PJ", "E_MAC_PJ"]
+__all__ = ["allocate_thresholds", "check_budget", "quantization_table", "level_set", "LEVEL_SETS", "DEFAULT_LEVEL_SETS", "Allocation", "SiteAllocation",
+           "E_AC_PJ", "E_MAC_PJ"]
 
 #: Energy per accumulate and per multiply-accumulate, 45 nm (Horowitz, ISSCC 2014), pJ.
 E_AC_PJ, E_MAC_PJ = 0.9, 4.6
@@ -71,6 +73,7 @@ class SiteAllocation:
     signed: bool
     per_channel: bool
     step: float  # the mean step over channels for per-channel sites
+    levels: str  # the level set chosen: 'uniform', 'log2', 'float1', 'float2' or 'custom'
     fanout: float
     mean_count: float  # spikes per element
     error: float  # predicted contribution to the mean squared relative output error
@@ -157,6 +160,8 @@ class _Probe(nn.Module):
         self.out: torch.Tensor | None = None
         self.record = True
         self.grad_mode = False
+        self.initial_levels = node.levels is not None  # custom levels given before allocation
+        self.n_uniform = int(node.max_spikes)
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         if self.node.signed:
@@ -231,29 +236,54 @@ def _output_tensors(out: Any) -> list[torch.Tensor]:
 
 
 def quantization_table(
-    x: torch.Tensor, target: torch.Tensor, steps: torch.Tensor, node: SFNode, mean_error: bool = False
+    x: torch.Tensor,
+    target: torch.Tensor,
+    steps: torch.Tensor,
+    node: SFNode,
+    mean_error: bool = False,
+    levels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel and step: mean squared error to ``target`` and mean |count| of the site's fire rule.
+    """Per channel and step: mean squared error to ``target`` and mean cost of the site's fire rule.
 
     ``x``: ``[C, M]`` site inputs; ``steps``: ``[G]`` (or ``[G, C, 1]``, per channel); returns two ``[G, C]``
     tensors (with ``mean_error=True`` the first is the signed mean error instead of the squared one).
-    ``k = clip(⌊x/Δ + r⌋, 0, N)`` (capped at ``max(1, ⌊c/Δ⌋)`` under a ceiling ``c``), and the same on
-    ``-x`` for signed sites.
+    Evenly spaced levels (``levels=None``): ``k = clip(⌊x/Δ + r⌋, 0, N)`` (capped at ``max(1, ⌊c/Δ⌋)``
+    under a ceiling ``c``), and the same on ``-x`` for signed sites; the cost is ``|k|`` unit spikes.
+    Custom levels ``y``: ``k = #{i : e_i ≤ x/Δ}`` with the edges ``e_i = y_i − r·(y_i − y_{i−1})``, output
+    ``Δ·y_k``, cost the graded spikes of ``y_k`` (:func:`sj_sfn.functional.level_terms`).
     """
-    n, r = int(node.max_spikes), float(node.offset)
+    r = float(node.offset)
+    n = int(node.max_spikes) if levels is None else levels.numel()
     ceiling = None if node.ceiling is None else float(node.ceiling)
+    if levels is not None:
+        lv = torch.cat([levels.new_zeros(1), levels.float()])
+        edges = level_edges(levels, r).contiguous()
+        terms = level_terms(levels).float()
+        if (terms == 0).any():
+            raise ValueError("allocation needs levels that are short sums of powers of two (functional.level_terms)")
+        cost_of = torch.cat([terms.new_zeros(1), terms])
     errs, cnts = [], []
     for d in steps:
         d = d.reshape(-1, 1) if d.dim() else d
-        kp = torch.clamp(torch.floor(x / d + r), 0, n)
-        if ceiling is not None:
-            kp = torch.minimum(kp, torch.clamp(torch.floor(ceiling / d), min=1))
-        out = kp * d
-        cnt = kp
+        if levels is None:
+            kp = torch.clamp(torch.floor(x / d + r), 0, n)
+            if ceiling is not None:
+                kp = torch.minimum(kp, torch.clamp(torch.floor(ceiling / d), min=1))
+            out, cnt = kp * d, kp
+        else:
+            kp = torch.searchsorted(edges, (x / d).contiguous(), right=True)
+            if ceiling is not None:
+                cap = torch.searchsorted(levels.float().contiguous(), torch.as_tensor(ceiling / d).reshape(-1, 1).contiguous(),
+                                         right=True).clamp(min=1)
+                kp = torch.minimum(kp, cap)
+            out, cnt = lv[kp] * d, cost_of[kp]
         if node.signed:
-            kn = torch.clamp(torch.floor(-x / d + r), 0, n)
-            out = out - kn * d
-            cnt = cnt + kn
+            if levels is None:
+                kn = torch.clamp(torch.floor(-x / d + r), 0, n)
+                out, cnt = out - kn * d, cnt + kn
+            else:
+                kn = torch.searchsorted(edges, (-x / d).contiguous(), right=True)
+                out, cnt = out - lv[kn] * d, cnt + cost_of[kn]
         errs.append((out - target).mean(1) if mean_error else (out - target).pow(2).mean(1))
         cnts.append(cnt.mean(1))
     return torch.stack(errs), torch.stack(cnts)
@@ -265,15 +295,40 @@ class _SiteTable:
     node: SFNode
     probe: _Probe
     cdim: int
-    steps: torch.Tensor  # [G]
-    dist: torch.Tensor  # [G, C]  predicted error contribution per sample
-    count: torch.Tensor  # [G, C]  spikes per sample
+    steps: list[torch.Tensor]  # per level set: [G]
+    dist: list[torch.Tensor]  # per level set: [G, C]  predicted error contribution per sample
+    count: list[torch.Tensor]  # per level set: [G, C]  ACs per fan-out (spikes) per sample
     fanout: float
+    levels: list[torch.Tensor | None] = field(default_factory=list)  # per level set; None = evenly spaced
     per_channel: bool = False
     budget_weight: float = 1.0  # 1/2 for both operands of a spike×spike product: its ACs are counted once
 
 
-def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int) -> list[_SiteTable]:
+#: Level sets that :func:`allocate_thresholds` may choose per site (``levels=`` names them).
+LEVEL_SETS = ("uniform", "log2", "float1", "float2")
+#: What each site chooses from by default: measured on MobileNetV2 and MiniLM (docs/calibration.md), ``log2`` and
+#: ``float1`` were (almost) never chosen when offered and only slowed the allocation.
+DEFAULT_LEVEL_SETS = ("uniform", "float2")
+
+
+def level_set(name: str, max_spikes: int) -> torch.Tensor | None:
+    """The normalised levels of a named set with at most ``max_spikes`` levels (``None`` = evenly spaced).
+
+    ``log2``: ``2^e`` (one graded spike each); ``float1`` / ``float2``: ``(1 + j/2^m)·2^e`` with 1 / 2
+    mantissa bits (at most 2 / 3 graded spikes); at most 16 octaves, ``2^m·octaves ≤ N``.
+    """
+    if name == "uniform":
+        return None
+    bits = {"log2": 0, "float1": 1, "float2": 2}.get(name)
+    if bits is None:
+        raise ValueError(f"unknown level set {name!r}; choose from {LEVEL_SETS}")
+    octaves = min(16, max_spikes >> bits)
+    if octaves < 2:
+        raise ValueError(f"level set {name!r} needs N >= {2 << bits} levels, the site has {max_spikes}")
+    return float_levels(bits, octaves)
+
+
+def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int, level_sets: tuple[str, ...]) -> list[_SiteTable]:
     tables = []
     for name, pr in probes.items():
         if not pr.rows or pr.sens_n == 0:
@@ -283,34 +338,64 @@ def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int) -> 
         scale = target.pow(2).mean().sqrt().item()
         if not math.isfinite(scale) or scale <= 0:
             scale = max(x.abs().max().item(), 1e-6)
-        steps = scale * torch.pow(2.0, torch.arange(-grid, grid // 3 + 1, dtype=torch.float32) / 4)
-        mse, cnt = quantization_table(x, target, steps, pr.node)
         c = x.shape[0]
         n_c = pr.numel_per_sample / c
         sens = (pr.sens_sum / pr.sens_n).float()
-        tables.append(_SiteTable(name, pr.node, pr, pr.cdim, steps, n_c * sens * mse, n_c * cnt, fanouts[name]))
+        if pr.node.levels is not None and pr.initial_levels:  # levels the user gave: keep them, choose the step
+            sets: list[torch.Tensor | None] = [pr.node.levels.detach().cpu().float()]
+        else:
+            sets = [level_set(ls, pr.n_uniform) for ls in level_sets if ls == "uniform" or pr.n_uniform >= 4 << LEVEL_SETS.index(ls)]
+        t = _SiteTable(name, pr.node, pr, pr.cdim, [], [], [], fanouts[name])
+        mag = target.abs()
+        ch_rms = mag.pow(2).mean(1).sqrt()
+        lo_val = ch_rms[ch_rms > 0].min().item() if (ch_rms > 0).any() else scale
+        hi_val = max(mag.max().item(), scale)
+        for levels in sets:
+            if levels is None:
+                j = torch.arange(-grid, grid // 3 + 1, dtype=torch.float32)
+            else:  # graded levels: the top level between half the smallest channel rms and twice the largest value
+                if (level_terms(levels) == 0).any():  # user levels that cost multiplies
+                    continue
+                top = float(levels[-1])
+                j_lo = math.floor(4 * math.log2(lo_val / (2 * top * scale)))
+                j_hi = math.ceil(4 * math.log2(2 * hi_val / (top * scale)))
+                j = torch.arange(max(j_lo, -grid - 4 * int(math.log2(top) + 1)), max(j_hi, j_lo) + 1, dtype=torch.float32)
+            steps = scale * torch.pow(2.0, j / 4)
+            mse, cnt = quantization_table(x, target, steps, pr.node, levels=levels)
+            t.steps.append(steps)
+            t.dist.append(n_c * sens * mse)
+            t.count.append(n_c * cnt)
+            t.levels.append(levels)
+        if t.steps:
+            tables.append(t)
     return tables
 
 
-def _choose(t: _SiteTable, mu: float, per_channel: bool) -> tuple[torch.Tensor, float, float, float]:
-    """Step index per channel (or one for all), the site's distortion, cost and Lagrangian at ``μ``."""
-    cost = E_AC_PJ * t.fanout * t.count
-    lag = t.dist + mu * cost
-    if per_channel:
-        j = lag.argmin(0)  # [C]
-        idx = torch.arange(lag.shape[1])
-        d, e = t.dist[j, idx].sum().item(), cost[j, idx].sum().item()
-        return j, d, e * t.budget_weight, d + mu * e
-    j = lag.sum(1).argmin()
-    d, e = t.dist[j].sum().item(), cost[j].sum().item()
-    return j.expand(t.dist.shape[1]), d, e * t.budget_weight, d + mu * e
+def _choose(t: _SiteTable, mu: float, per_channel: bool) -> tuple[int, torch.Tensor, float, float, float]:
+    """Level set, step index per channel (or one for all), the site's distortion, cost and Lagrangian at ``μ``."""
+    best = None
+    for f, (dist, count) in enumerate(zip(t.dist, t.count)):
+        cost = E_AC_PJ * t.fanout * count
+        lag = dist + mu * cost
+        if per_channel:
+            j = lag.argmin(0)  # [C]
+            idx = torch.arange(lag.shape[1])
+            d, e = dist[j, idx].sum().item(), cost[j, idx].sum().item()
+        else:
+            j0 = lag.sum(1).argmin()
+            d, e = dist[j0].sum().item(), cost[j0].sum().item()
+            j = j0.expand(dist.shape[1])
+        value = d + mu * e
+        if best is None or value < best[4]:
+            best = (f, j, d, e * t.budget_weight, value)
+    return best
 
 
 def _solve(tables: list[_SiteTable], budget_pj: float) -> float:
     """The smallest ``μ`` whose allocation meets the spiking energy budget (bisection in log μ)."""
 
     def energy(mu: float) -> float:
-        return sum(_choose(t, mu, t.per_channel)[2] for t in tables)
+        return sum(_choose(t, mu, t.per_channel)[3] for t in tables)
 
     lo, hi = -40.0, 40.0
     if energy(math.exp(hi)) > budget_pj:
@@ -343,7 +428,8 @@ def _mean_error(x: torch.Tensor, target: torch.Tensor, node: SFNode) -> torch.Te
     """``E[SFN(x) − act(x)]`` per channel (rows of ``x``) at the node's current thresholds."""
     theta = node.theta_pos.float().cpu() * float(node.lam)
     steps = theta.reshape(1, -1, 1) if theta.numel() > 1 else theta.reshape(1)
-    return quantization_table(x, target, steps, node, mean_error=True)[0][0]
+    levels = None if node.levels is None else node.levels.detach().float().cpu()
+    return quantization_table(x, target, steps, node, mean_error=True, levels=levels)[0][0]
 
 
 @torch.no_grad()
@@ -399,8 +485,8 @@ def _update_product_fanouts(tables: dict[str, _SiteTable], products: list[tuple[
         t, tp = tables.get(name), tables.get(partner)
         if t is None or tp is None:
             continue
-        j, _, _, _ = _choose(tp, mu, tp.per_channel)
-        per_element = tp.count[j, torch.arange(tp.count.shape[1])].sum().item() / max(1.0, tp.probe.numel_per_sample)
+        f, j, _, _, _ = _choose(tp, mu, tp.per_channel)
+        per_element = tp.count[f][j, torch.arange(tp.count[f].shape[1])].sum().item() / max(1.0, tp.probe.numel_per_sample)
         t.fanout = max(m * per_element, 1e-3)
 
 
@@ -428,6 +514,7 @@ def allocate_thresholds(
     probes: int = 2,
     samples_per_batch: int = 1 << 16,
     grid: int = 40,
+    levels: Iterable[str] | str = DEFAULT_LEVEL_SETS,
     bias_correction: bool = True,
     seed: int = 0,
     device: torch.device | str | None = None,
@@ -442,7 +529,11 @@ def allocate_thresholds(
         ``per_channel_gain``), ``True`` or ``False``
     :param probes: Rademacher probes per batch for the sensitivities
     :param samples_per_batch: activations kept per site and batch for the error tables
-    :param grid: candidate steps per site: ``rms·2^{j/4}``, ``j ∈ [-grid, grid/3]``
+    :param grid: candidate steps per site: ``rms·2^{j/4}``, ``j ∈ [-grid, grid/3]`` (lower for wider level sets)
+    :param levels: the level sets each site may take (:data:`LEVEL_SETS`): ``'uniform'`` (``Δ·k``, ``k``
+        unit spikes), ``'log2'`` (``Δ·2^e``: one graded spike), ``'float1'``/``'float2'`` (``Δ·(1 + j/2^m)·2^e``:
+        one graded spike per power of two), or ``'all'``; each site takes the set and step with the lowest
+        Lagrangian. Sites converted with custom levels keep them (only their step is chosen)
     :param bias_correction: fold the mean quantisation error of each site, per channel, into the bias
         of the weight layers that read it: ``b ← b − W·E[SFN(x) − act(x)]`` (the error of rounding is
         not zero-mean: values under half a step all become 0). Valid for the allocated thresholds; a
@@ -455,9 +546,12 @@ def allocate_thresholds(
         raise ValueError(f"per_channel must be True, False or 'auto', got {per_channel!r}")
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be an integer >= 1 or None, got {num_batches!r}")
-    sites = [(n, m) for n, m in snn.named_modules() if isinstance(m, SFNode) and m.levels is None]
+    level_sets = LEVEL_SETS if levels == "all" else (levels,) if isinstance(levels, str) else tuple(levels)
+    if not level_sets or any(ls not in LEVEL_SETS for ls in level_sets):
+        raise ValueError(f"levels must be 'all' or names from {LEVEL_SETS}, got {levels!r}")
+    sites = [(n, m) for n, m in snn.named_modules() if isinstance(m, SFNode)]
     if not sites:
-        raise ValueError("the model has no SFNode sites with uniform levels: convert it first (sj_sfn.convert)")
+        raise ValueError("the model has no SFNode sites: convert it first (sj_sfn.convert)")
     device = model_device(snn) if device is None else torch.device(device)
     was_training = snn.training
     snn.eval()
@@ -569,7 +663,7 @@ def allocate_thresholds(
     unmatched = [n for n in probes_by_name if fanouts[n] == 0]  # feed no weight layer: no ACs, finest useful step
     e_ann = E_MAC_PJ * sum(macs.values())
     e_analog = E_MAC_PJ * sum(analog.values())
-    tables = _tables(probes_by_name, fanouts, grid)
+    tables = _tables(probes_by_name, fanouts, grid, level_sets)
     if not tables:
         raise CalibrationError("no SFN site received data during allocation")
     budget_pj = energy_budget * e_ann - e_analog
@@ -590,9 +684,9 @@ def allocate_thresholds(
         mu = _solve(tables, budget_pj)
     if per_channel == "auto":
         for t in tables:
-            _, _, _, j_pt = _choose(t, mu, False)
-            _, _, _, j_pc = _choose(t, mu, True)
-            t.per_channel = j_pc < (1.0 - per_channel_gain) * j_pt and t.dist.shape[1] > 1
+            j_pt = _choose(t, mu, False)[4]
+            j_pc = _choose(t, mu, True)[4]
+            t.per_channel = j_pc < (1.0 - per_channel_gain) * j_pt and t.dist[0].shape[1] > 1
         mu = _solve(tables, budget_pj)
         for _ in range(2 if products else 0):
             _update_product_fanouts(by_name, products, mu)
@@ -601,11 +695,15 @@ def allocate_thresholds(
                         analog_share=e_analog / e_ann)
     total_e, total_d = e_analog, 0.0
     for t in tables:
-        j, d, e, _ = _choose(t, mu, t.per_channel)
-        step = t.steps[j]  # [C]
+        f, j, d, e, _ = _choose(t, mu, t.per_channel)
+        step = t.steps[f][j]  # [C]
         node = t.node
+        levels = t.levels[f]
         with torch.no_grad():
             dev = node.lam.device
+            if not t.probe.initial_levels:
+                node.levels = None if levels is None else levels.to(dev)
+                node.max_spikes = t.probe.n_uniform if levels is None else levels.numel()
             if t.per_channel:
                 theta = step.to(dev)
                 node.channel_dim = -1 if t.cdim == len(t.probe.shape) - 1 else t.cdim
@@ -616,12 +714,16 @@ def allocate_thresholds(
             if node.signed:
                 node.theta_neg = theta.clone()
             node.lam.fill_(1.0)
-        count = t.count[j, torch.arange(t.count.shape[1])].sum().item()
+        count = t.count[f][j, torch.arange(t.count[f].shape[1])].sum().item()
+        if t.probe.initial_levels:
+            set_name = "custom"
+        else:
+            set_name = "uniform" if levels is None else next(ls for ls in LEVEL_SETS[1:] if torch.equal(level_set(ls, t.probe.n_uniform), levels))
         total_e += e
         total_d += d
         result.sites.append(SiteAllocation(
             name=t.name, kind=node.kind, signed=node.signed, per_channel=t.per_channel,
-            step=float(step.mean()), fanout=t.fanout, mean_count=count / max(1.0, t.probe.numel_per_sample),
+            step=float(step.mean()), levels=set_name, fanout=t.fanout, mean_count=count / max(1.0, t.probe.numel_per_sample),
             error=d, energy_share=e / e_ann,
         ))
     if bias_correction:

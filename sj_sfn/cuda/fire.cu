@@ -3,7 +3,8 @@
 // Per element i of one time step (n elements per step), over t = 0..T-1:
 //     h   = v + x[t, i]                                  (float32 membrane)
 //     k+  = clip(floor(h / θ+ + r), 0, N)                uniform levels
-//         = #{j : y_j <= h / θ+ + r}                     custom levels y_1 < ... < y_N
+//         = #{j : e_j <= h / θ+}                         custom levels y_1 < ... < y_N, edges
+//                                                        e_j = y_j - r·(y_j - y_{j-1}) (host-computed)
 //     k+  = min(k+, max(1, cap)),  cap = floor(c / θ+) or #{j : y_j <= c / θ+}   with a ceiling c
 //     k-  = same with -h / θ-                            signed sites only
 //     o   = θ+ · y(k+) - θ- · y(k-)                      y(k) = k (uniform), y(0) = 0
@@ -113,7 +114,7 @@ __global__ void sj_sfn_fire(
     const float* __restrict__ theta_pos,                  // [C] or [1], or NULL: use theta_pos_value
     float theta_pos_value,
     const float* __restrict__ theta_neg,                  // [C] or [1] (SIGNED)
-    const float* __restrict__ levels,                     // [N] (LEVELS)
+    const float* __restrict__ levels,                     // [2N] (LEVELS): y_1..y_N, then the edges e_1..e_N
     const float* __restrict__ ceiling,                    // [1] or NULL
     float offset,
     int max_spikes,
@@ -142,16 +143,19 @@ __global__ void sj_sfn_fire(
             cap = cap < 1.0f ? 1.0f : cap;
         }
         float v = __ldg(v_in + i);
+        const float* __restrict__ edges = LEVELS ? levels + max_spikes : levels;
         #pragma unroll 4
         for (int t = 0; t < T; ++t) {
             const long long j = (long long)t * n + i;
             const float h = f_add(v, io<DT>::load(x_seq, j));
-            float kp = branch_count<LEVELS>(f_add(f_div(h, tp), offset), n_max, levels, max_spikes);
+            const float up = LEVELS ? f_div(h, tp) : f_add(f_div(h, tp), offset);
+            float kp = branch_count<LEVELS>(up, n_max, edges, max_spikes);
             if (ceiling != NULL) kp = kp > cap ? cap : kp;
             float o = f_mul(tp, level_value<LEVELS>(kp, levels));
             float k = kp;
             if (SIGNED) {
-                const float kn = branch_count<LEVELS>(f_add(f_div(f_neg(h), tn), offset), n_max, levels, max_spikes);
+                const float un = LEVELS ? f_div(f_neg(h), tn) : f_add(f_div(f_neg(h), tn), offset);
+                const float kn = branch_count<LEVELS>(un, n_max, edges, max_spikes);
                 o = f_sub(o, f_mul(tn, level_value<LEVELS>(kn, levels)));
                 k = f_sub(kp, kn);
             }

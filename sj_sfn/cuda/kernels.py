@@ -248,7 +248,11 @@ def plan(
             )
         channels = step_shape[dim]
         inner = math.prod(step_shape[dim + 1 :])
-    lv = None if levels is None else levels.to(device=device, dtype=torch.float32).contiguous()
+    lv = None
+    if levels is not None:  # the levels, then where each starts (the fire rule's edges)
+        from ..functional import level_edges
+
+        lv = torch.cat([levels.to(torch.float32), level_edges(levels, offset)]).to(device=device).contiguous()
     ceil = None if ceiling is None else torch.as_tensor(ceiling).to(device=device, dtype=torch.float32).reshape(1)
 
     spike_seq = torch.empty_like(x_seq)
