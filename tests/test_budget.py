@@ -9,8 +9,8 @@ import torch.nn as nn
 
 import sj_sfn
 from sj_sfn import SFNode
-from sj_sfn.calibration import CalibrationError, allocate_thresholds
 from sj_sfn import functional as F
+from sj_sfn.calibration import CalibrationError, allocate_thresholds
 from sj_sfn.calibration.budget import level_set, quantization_table
 from sj_sfn.energy import measure_energy
 
