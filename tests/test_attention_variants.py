@@ -267,6 +267,7 @@ def _mha(case) -> tuple[MHANet, torch.Tensor]:
     return net, x
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch's own, for a bool + float pair
 @pytest.mark.parametrize("case", MHA_CASES, ids=lambda c: f"bf{int(c[0])}-{c[1]}-{c[2]}-{'-'.join(c[3]) or 'plain'}")
 def test_multihead_attention(case):
     net, x = _mha(case)
@@ -325,6 +326,17 @@ def test_unknown_attention_is_refused_by_name():
     with pytest.raises(TypeError, match=r"1 \(.*CosineAttention\)") as e:
         sformer.prepare(model)
     assert "MultiheadAttention" not in str(e.value).split(". Supported")[0]
+
+
+def test_subclass_with_its_own_forward_is_refused():
+    class GatedMHA(nn.MultiheadAttention):
+        def forward(self, query, key, value, **kw):
+            out, w = super().forward(query, key, value, **kw)
+            return out.sigmoid(), w
+
+    model = nn.Sequential(nn.Linear(8, 8), GatedMHA(8, 2))
+    with pytest.raises(TypeError, match=r"1 \(.*GatedMHA\): a subclass with its own forward"):
+        sformer.prepare(model)
 
 
 def test_attention_modules_lists_what_sformer_converts():

@@ -78,12 +78,17 @@ def attention_types() -> tuple[type, ...]:
 
 
 def wrapper_for(module: nn.Module) -> type | None:
-    """The SFormer class that replaces ``module`` (``None`` if it is no attention SFormer converts)."""
+    """The SFormer class that replaces ``module`` (``None`` if it is no attention SFormer converts).
+
+    A subclass of a registered variant class matches only if it keeps that class's ``forward``
+    (a subclass with its own math is not what the wrapper reproduces).
+    """
     if isinstance(module, SFormerAttention):
         return None
     for types, wrapper in _variant_types():
-        if isinstance(module, types):
-            return wrapper
+        for t in types:
+            if isinstance(module, t):
+                return wrapper if type(module).forward is t.forward else None
     return SFormerAttention if isinstance(module, base_attention_types()) else None
 
 
