@@ -161,6 +161,7 @@ class SpikingAttention(nn.Module):
     """
 
     SITES = ("q", "k", "v", "attn")
+    PRODUCTS = SFormerAttention.PRODUCTS
 
     def __init__(self, site_factory):
         super().__init__()
