@@ -236,3 +236,15 @@ def test_functional_weight_calls_stay_analog_and_are_reported(rng):
     assert by["w"].layer_type == "functional (Functional)" and by["w"].spiking is False
     assert "functional weight call" in by["w"].reason
     assert "analog input: w (functional (Functional)" in str(rep)
+
+
+def test_per_channel_module_sites(branchy):
+    ann, calib, x = branchy
+    snn = sj_sfn.convert(ann, calib, per_channel=True, **FINE)
+    assert snn.body.input_site.theta_pos.shape == (8,) and snn.body.input_site.channel_dim == 1
+    assert snn.fc.input_site.theta_pos.shape == (8,) and snn.fc.input_site.channel_dim == -1
+    assert snn.mix.input_site.theta_neg.shape == (8,)
+    rep = sj_sfn.report(snn)
+    assert rep.sites_by_kind["input"] == {"sites": 2, "signed": 1, "positive": 1, "per_channel": 2}
+    with torch.no_grad():
+        assert _rel(snn(x), ann(x)) < TOL
