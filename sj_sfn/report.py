@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch.nn as nn
+from spikingjelly.activation_based.neuron import BaseNode
 from torch import fx
 
 from .calibration.budget import weight_layer_types
-from .neuron import MultiLevelNode, SFNode
+from .neuron import SFNode
 
 __all__ = ["ConversionReport", "SiteInfo", "WeightLayerInfo", "report"]
 
@@ -94,7 +95,7 @@ class ConversionReport:
         return d
 
     def __str__(self) -> str:
-        lines = [f"conversion path: {self.path}; {len(self.sites)} SFN sites"]
+        lines = [f"conversion path: {self.path}; {len(self.sites)} spiking sites"]
         for kind, d in self.sites_by_kind.items():
             lines.append(f"  {kind:<10} {d['sites']:>4} sites  ({d['signed']} signed, {d['positive']} positive-only, "
                          f"{d['per_channel']} per-channel)")
@@ -141,7 +142,7 @@ def _floating_point(snn: nn.Module) -> dict[str, int]:
     """Activation, normalisation and average-pool module types (and FX functional calls) left in the network."""
     seen: Counter[str] = Counter()
     for _, m in snn.named_modules():
-        if isinstance(m, MultiLevelNode) or isinstance(m, weight_layer_types()):
+        if isinstance(m, (BaseNode, *weight_layer_types())):
             continue
         if _is_norm(m) or isinstance(m, _POOLS) or (not m._modules and _is_activation(m)):
             seen[type(m).__name__] += 1
@@ -168,14 +169,15 @@ def _sites(snn: nn.Module) -> list[SiteInfo]:
         if isinstance(m, SFNode):
             per_channel = m.channel_dim is not None or m.theta_pos.numel() > 1
             out.append(SiteInfo(name=name, kind=m.kind, signed=m.signed, per_channel=per_channel, max_spikes=int(m.max_spikes)))
-        elif isinstance(m, MultiLevelNode):
+        elif isinstance(m, BaseNode):  # MTNode, SpikingJelly's IF/LIF neurons
             out.append(SiteInfo(name=name, kind=type(m).__name__, signed=False, per_channel=False,
                                 max_spikes=int(getattr(m, "max_spikes", 1))))
     return out
 
 
 _PASS_NAMES = {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Identity", "Flatten", "Unflatten", "MaxPool1d",
-               "MaxPool2d", "MaxPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d"}
+               "MaxPool2d", "MaxPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+               "VoltageScaler"}  # a constant rescale keeps a spike train (MTNRecipe's x·s after the neuron)
 
 
 def _source(value: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
@@ -212,7 +214,7 @@ def _fx_layers(snn: fx.GraphModule) -> list[WeightLayerInfo]:
             continue
         src = _source(x, modules)
         neuron = modules.get(src.target) if src.op == "call_module" else None
-        if isinstance(neuron, MultiLevelNode):
+        if isinstance(neuron, BaseNode):
             entry = WeightLayerInfo(name, kind, True, site=src.target)
         elif not any(upstream.get(a, False) for a in [src, *src.all_input_nodes]) and not upstream.get(src, False):
             entry = WeightLayerInfo(name, kind, False, reason="analog model input")

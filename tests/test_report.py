@@ -52,7 +52,7 @@ def test_report_of_an_fx_conversion(rng):
     assert measured.energy_ratio == pytest.approx(e.ratio)
     assert [x.name for x in measured.analog_layers] == ["0"]
     text = str(measured)
-    assert "conversion path: fx; 2 SFN sites" in text and "analog input: 0 (Conv2d" in text
+    assert "conversion path: fx; 2 spiking sites" in text and "analog input: 0 (Conv2d" in text
     json.dumps(measured.to_dict())  # JSON-ready
 
 
@@ -114,3 +114,15 @@ def test_cli_convert_prints_the_report_and_writes_it_to_json(tmp_path, capsys):
     assert summary["conversion_path"] == "fx"
     assert summary["report"]["layers"][0]["reason"] == "analog model input"
     assert "report" not in json.loads(captured.out)  # stdout keeps the short summary
+
+
+def test_report_of_an_mtn_conversion_sees_spikes_through_the_scaler(rng):
+    from spikingjelly.activation_based import ann2snn
+
+    ann = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    calib = [torch.rand(4, 3, 8, 8, generator=rng)]
+    snn = ann2snn.Converter(sj_sfn.MTNRecipe(calib, time_steps=4)).convert(ann)
+    rep = sj_sfn.report(snn)
+    assert rep.sites_by_kind == {"MTNode": {"sites": 1, "signed": 0, "positive": 1, "per_channel": 0}}
+    assert [(e.name, e.spiking) for e in rep.layers] == [("0", False), ("3", True)]  # x·s after the neuron: spikes
+    assert [(e.name, e.spiking) for e in sj_sfn.report(snn, ann, calib).layers] == [("0", False), ("3", True)]
