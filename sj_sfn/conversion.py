@@ -28,7 +28,7 @@ from .neuron import set_lambda, set_stateful
 if TYPE_CHECKING:
     from .ann2snn.module_placement import ModulePlacement
 
-__all__ = ["convert", "is_transformer", "DEFAULT_ENERGY_BUDGET", "untraceable"]
+__all__ = ["convert", "is_transformer", "DEFAULT_ENERGY_BUDGET", "raised_while_tracing"]
 
 #: The energy ratio ``E_SNN/E_ANN`` that ``sj_sfn.convert`` calibrates to by default.
 DEFAULT_ENERGY_BUDGET = 0.35
@@ -150,14 +150,18 @@ def convert(
             path = "sformer+module"
         snn.sfn_placement = placed
     else:
-        reason = None if placement == "fx" else "placement='module'" if placement == "module" else untraceable(model)
+        reason = "placement='module'" if placement == "module" else None
         if reason is None:
             try:
                 snn = _fx_convert(model, dataloader, device, keep_state, common, optional, kwargs)
+                path = "fx"
             except _trace_failures() as e:
                 raise type(e)(f"{e}; sj_sfn.convert(..., placement='module') converts without a graph") from e
-            path = "fx"
-        else:
+            except Exception as e:  # torch.fx could not trace the model (on the converter's copy of it)
+                if placement == "fx" or not raised_while_tracing(e):
+                    raise
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        if reason is not None:
             if placement == "auto":
                 warnings.warn(
                     f"sj_sfn.convert: torch.fx cannot trace {type(model).__name__} ({reason}); converting with "
@@ -177,15 +181,15 @@ def convert(
     return snn
 
 
-def untraceable(model: nn.Module) -> str | None:
-    """Why ``torch.fx`` cannot trace ``model`` (the first line of the tracer's error), or ``None`` when it can."""
-    from torch import fx
-
-    try:
-        fx.Tracer().trace(model)
-    except Exception as e:  # any failure of symbolic tracing: control flow on proxies, unsupported calls
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-    return None
+def raised_while_tracing(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside ``torch.fx``'s symbolic tracing (``Tracer.trace``)."""
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "trace" and code.co_filename.replace("\\", "/").endswith("fx/_symbolic_trace.py"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _trace_failures() -> tuple[type, ...]:

@@ -248,3 +248,25 @@ def test_per_channel_module_sites(branchy):
     assert rep.sites_by_kind["input"] == {"sites": 2, "signed": 1, "positive": 1, "per_channel": 2}
     with torch.no_grad():
         assert _rel(snn(x), ann(x)) < TOL
+
+
+def test_tracing_side_effects_stay_off_the_callers_model(rng):
+    class Cached(nn.Module):  # timm's attention-bias caches: forward stores a computed tensor in a dict attribute
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+            self.cache: dict[str, torch.Tensor] = {}
+
+        def forward(self, x):
+            self.cache["scale"] = x.abs().mean()
+            y = torch.relu(self.c1(x))
+            if self.cache["scale"] > 0:  # not traceable
+                y = self.c2(y)
+            return y
+
+    ann = Cached().eval()
+    calib = [torch.randn(2, 3, 8, 8, generator=rng)]
+    for _ in range(2):  # a second conversion deep-copies the model the first one saw
+        snn = sj_sfn.convert(ann, calib, **FINE)
+        assert snn.sfn_conversion_path == "module"
+    assert ann.cache == {}  # neither tracing nor calibration ran the caller's model
