@@ -11,7 +11,12 @@ For the smallest variant of each family (random weights, no download), on CPU wi
    (``‖y_snn − y_ann‖/‖y_ann‖``, random weights: a check of the plumbing, not of accuracy), the
    number of SFN sites, the conversion path, and — when the first conversion took less than
    ``--fine-max-s`` seconds — the same error at fine resolution (``calibration='quantile'``,
-   ``λ = 1e-3``, ``N = 4096``), which must be small when every site is placed correctly.
+   ``λ = 1e-3``, ``N = 4096``), which must be small when every site is placed correctly. The fine
+   conversion is also tried after an ``error`` of the default one: a fine error there means the
+   sites work and the failure is in the energy-budget allocation.
+
+Random weights: a Linear whose weight is all zero (torchvision's ViT head) is drawn ``N(0, 1/fan_in)``
+so that the output, and the error measured on it, is not zero.
 
 Prints a table and writes JSON (``--out``, default ``runs/coverage.json``; rewritten after each model).
 
@@ -131,16 +136,22 @@ FINE = {"lam": 1e-3, "max_spikes": 4096, "calibration": "quantile"}
 
 
 def build(name: str) -> tuple[torch.nn.Module, int]:
-    """The model with random weights (no download) and its input size."""
+    """The model with random weights (no download; zero-initialised Linears redrawn) and its input size."""
     if name.startswith("tv:"):
         import torchvision
 
-        model = getattr(torchvision.models, name[3:])(weights=None)
-        return model.eval(), 224
-    import timm
+        model, size = getattr(torchvision.models, name[3:])(weights=None), 224
+    else:
+        import timm
 
-    model = timm.create_model(name, pretrained=False)
-    return model.eval(), int(model.pretrained_cfg["input_size"][-1])
+        model = timm.create_model(name, pretrained=False)
+        size = int(model.pretrained_cfg["input_size"][-1])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * m.in_features ** -0.5)
+    return model.eval(), size
 
 
 def _first_line(e: BaseException) -> str:
@@ -184,7 +195,13 @@ def run_one(name: str, family: str, batch: int, max_params: float, fine_max_s: f
         out = snn(x)
     except Exception as e:
         status, where = _classify(e)
-        row.update(status=status, error=_first_line(e), where=where, seconds=round(time.perf_counter() - t0, 1))
+        row.update(status=status, error=_first_line(e), where=where)
+        if status == "error":  # do the sites work without the budget allocation?
+            try:
+                row["fine_rel_err"] = _rel(sj_sfn.convert(model, [x], progress=False, **FINE)(x), y)
+            except Exception as e2:
+                row["error"] += " | fine resolution: " + _first_line(e2)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
         return row
     took = time.perf_counter() - t0
     row.update(status="converted", path=getattr(snn, "sfn_conversion_path", None), rel_err=_rel(out, y),
