@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..functional import float_levels, level_edges, level_terms
+from ..functional import float_levels, level_edges, level_terms, multi_threshold_fire
 from ..neuron import SFNode
 from ..utils import batch_inputs, batches_total, model_device
 from .observers import CalibrationError
@@ -77,6 +77,7 @@ class SiteAllocation:
     fanout: float
     mean_count: float  # spikes per element
     error: float  # predicted contribution to the mean squared relative output error
+    correlation: float  # ρ: measured effect of the site's rounding error over the uncorrelated prediction
     energy_share: float  # of the ANN's energy
 
 
@@ -162,6 +163,10 @@ class _Probe(nn.Module):
         self.grad_mode = False
         self.initial_levels = node.levels is not None  # custom levels given before allocation
         self.n_uniform = int(node.max_spikes)
+        # correlation pass: the chosen quantiser (step per channel, levels), its error and the sums of (g·e)² and g²e²
+        self.quant: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.err: torch.Tensor | None = None
+        self.dot2, self.diag = 0.0, 0.0
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         if self.node.signed:
@@ -173,6 +178,8 @@ class _Probe(nn.Module):
         y = self.activation(x)
         if self.record:
             self._record(x.detach())
+        if self.quant is not None:
+            self.err = self._quantize(x.detach()) - y.detach()
         if self.grad_mode:  # y + 0 with a leaf 0: its gradient is ∂out/∂y through everything downstream
             self.out = torch.zeros_like(y, requires_grad=True)
             y = y + self.out
@@ -191,6 +198,29 @@ class _Probe(nn.Module):
             g = torch.Generator(device=rows.device).manual_seed(len(self.rows) * 7919 + 17)
             rows = rows[:, torch.randint(0, m, (keep,), generator=g, device=rows.device)]
         self.rows.append(rows.cpu())
+
+    @torch.no_grad()
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The SFN output of ``x`` under the quantiser in :attr:`quant` (the node's own fire rule)."""
+        step, levels = self.quant
+        shape = [1] * x.dim()
+        shape[self.cdim] = -1
+        theta = step.to(x).reshape(shape) if step.numel() > 1 else step.to(x).reshape(())
+        node = self.node
+        n = self.n_uniform if levels is None else levels.numel()
+        ceiling = None if node.ceiling is None else float(node.ceiling)
+        lv = None if levels is None else levels.to(x.device)
+        return multi_threshold_fire(x.float(), theta, theta if node.signed else None, n, lv, float(node.offset), ceiling).spike
+
+    def add_correlation(self) -> None:
+        """Accumulate ``Σ_b (g_b·e_b)²`` and ``Σ_b Σ_i g_{b,i}² e_{b,i}²`` (``g = J^T v``, ``e`` the quantisation error)."""
+        g = self.out.grad if self.out is not None else None
+        if g is None or self.err is None:
+            return
+        b = g.shape[0]
+        g, e = g.detach().double().reshape(b, -1), self.err.double().reshape(b, -1)
+        self.dot2 += (g * e).sum(1).pow(2).sum().item()
+        self.diag += (g * g * e * e).sum().item()
 
     def add_sensitivity(self) -> None:
         g = self.out.grad if self.out is not None else None
@@ -302,24 +332,26 @@ class _SiteTable:
     levels: list[torch.Tensor | None] = field(default_factory=list)  # per level set; None = evenly spaced
     per_channel: bool = False
     budget_weight: float = 1.0  # 1/2 for both operands of a spike×spike product: its ACs are counted once
+    correlation: float = 1.0  # ρ: the measured error effect over the uncorrelated-error prediction
 
 
 #: Level sets that :func:`allocate_thresholds` may choose per site (``levels=`` names them).
-LEVEL_SETS = ("uniform", "log2", "float1", "float2")
+LEVEL_SETS = ("uniform", "log2", "float1", "float2", "float3")
+_MANTISSA_BITS = {"log2": 0, "float1": 1, "float2": 2, "float3": 3}
 #: What each site chooses from by default: measured on MobileNetV2 and MiniLM (docs/calibration.md), ``log2`` and
 #: ``float1`` were (almost) never chosen when offered and only slowed the allocation.
-DEFAULT_LEVEL_SETS = ("uniform", "float2")
+DEFAULT_LEVEL_SETS = ("uniform", "float2", "float3")
 
 
 def level_set(name: str, max_spikes: int) -> torch.Tensor | None:
     """The normalised levels of a named set with at most ``max_spikes`` levels (``None`` = evenly spaced).
 
-    ``log2``: ``2^e`` (one graded spike each); ``float1`` / ``float2``: ``(1 + j/2^m)·2^e`` with 1 / 2
-    mantissa bits (at most 2 / 3 graded spikes); at most 16 octaves, ``2^m·octaves ≤ N``.
+    ``log2``: ``2^e`` (one graded spike each); ``float1`` / ``float2`` / ``float3``: ``(1 + j/2^m)·2^e`` with
+    ``m`` = 1 / 2 / 3 mantissa bits (at most ``m + 1`` graded spikes); at most 16 octaves, ``2^m·octaves ≤ N``.
     """
     if name == "uniform":
         return None
-    bits = {"log2": 0, "float1": 1, "float2": 2}.get(name)
+    bits = _MANTISSA_BITS.get(name)
     if bits is None:
         raise ValueError(f"unknown level set {name!r}; choose from {LEVEL_SETS}")
     octaves = min(16, max_spikes >> bits)
@@ -344,7 +376,7 @@ def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int, lev
         if pr.node.levels is not None and pr.initial_levels:  # levels the user gave: keep them, choose the step
             sets: list[torch.Tensor | None] = [pr.node.levels.detach().cpu().float()]
         else:
-            sets = [level_set(ls, pr.n_uniform) for ls in level_sets if ls == "uniform" or pr.n_uniform >= 4 << LEVEL_SETS.index(ls)]
+            sets = [level_set(ls, pr.n_uniform) for ls in level_sets if ls == "uniform" or pr.n_uniform >= 2 << _MANTISSA_BITS[ls]]
         t = _SiteTable(name, pr.node, pr, pr.cdim, [], [], [], fanouts[name])
         mag = target.abs()
         ch_rms = mag.pow(2).mean(1).sqrt()
@@ -490,6 +522,77 @@ def _update_product_fanouts(tables: dict[str, _SiteTable], products: list[tuple[
         t.fanout = max(m * per_element, 1e-3)
 
 
+def _probe_passes(snn: nn.Module, loader: Iterable, probes_by_name: dict[str, _Probe], probes: int, seed: int,
+                  device: torch.device, num_batches: int | None, progress: bool, desc: str, accumulate: str,
+                  scratch: tuple = ()) -> int:
+    """Forward every batch through the probed network and back-propagate ``probes`` Rademacher vectors
+    ``v/‖z‖`` per output; after each, every probe's ``accumulate`` method reads its gradient. Returns the batches seen."""
+    gen = torch.Generator().manual_seed(seed)
+    seen = 0
+    for batch in tqdm(loader, total=batches_total(loader, num_batches), desc=desc, disable=not progress, leave=False):
+        for c in scratch:
+            c.clear()
+        for pr in probes_by_name.values():
+            pr.grad_mode = True
+        with torch.enable_grad():
+            outs = _output_tensors(_call(snn, batch, device))
+            if not outs:
+                raise CalibrationError("the model returned no floating-point tensor to measure fidelity on")
+            for t in outs:
+                if not torch.isfinite(t).all():
+                    raise CalibrationError(f"non-finite model output on calibration batch {seen}")
+            for i in range(probes):
+                grads = []
+                for t in outs:
+                    b = t.shape[0]
+                    norm = t.detach().reshape(b, -1).norm(dim=1).clamp_min(1e-12)
+                    v = (torch.randint(0, 2, t.shape, generator=gen).to(t) * 2 - 1)
+                    grads.append(v / norm.reshape((b,) + (1,) * (t.dim() - 1)))
+                for pr in probes_by_name.values():
+                    if pr.out is not None:
+                        pr.out.grad = None
+                torch.autograd.backward(outs, grads, retain_graph=i + 1 < probes)
+                for pr in probes_by_name.values():
+                    getattr(pr, accumulate)()
+        for pr in probes_by_name.values():
+            pr.out, pr.err = None, None
+        for c in scratch:
+            c.clear()
+        seen += 1
+        if num_batches is not None and seen >= num_batches:
+            break
+    return seen
+
+
+def _correlation_factors(snn: nn.Module, tables: list[_SiteTable], mu: float, loader: Iterable, probes: int, seed: int,
+                         device: torch.device, num_batches: int | None, progress: bool) -> dict[str, float]:
+    r"""Per site, ``ρ_s = E[(g·e)²] / E[Σ_i g_i² e_i²]`` at the chosen quantiser (``g = J^T v``, ``e`` its error).
+
+    The error tables assume the quantisation error of a site is uncorrelated between elements, so its
+    effect on the output is ``Σ_i S_i e_i²``. Neighbouring pixels of a smooth image, or the tokens of a
+    sentence, round alike: the error is correlated and moves the output by ``‖J e‖²``, often several
+    times more (early convolutions low-pass the error) or less. ``(v^T J e)²`` with Rademacher ``v`` is an
+    unbiased estimate of ``‖J e‖²``, from the same backward passes as the sensitivities.
+    """
+    probes_by_name = {t.name: t.probe for t in tables}
+    for t in tables:
+        f, j, _, _, _ = _choose(t, mu, t.per_channel)
+        t.probe.quant = (t.steps[f][j], t.levels[f])
+        t.probe.record, t.probe.dot2, t.probe.diag = False, 0.0, 0.0
+        _set_parent(snn, t.name, t.probe)
+    was_training = snn.training
+    snn.eval()
+    try:
+        _probe_passes(snn, loader, probes_by_name, probes, seed + 1, device, num_batches, progress,
+                      "correlation of rounding errors", "add_correlation")
+    finally:
+        for t in tables:
+            t.probe.quant, t.probe.err, t.probe.out = None, None, None
+            _set_parent(snn, t.name, t.node)
+        snn.train(was_training)
+    return {t.name: t.probe.dot2 / t.probe.diag for t in tables if t.probe.diag > 0}
+
+
 def check_budget(energy_budget: Any) -> float:
     """``energy_budget`` as a float, or a ``ValueError`` naming it."""
     if isinstance(energy_budget, bool) or not isinstance(energy_budget, int | float) or not math.isfinite(energy_budget) \
@@ -515,6 +618,7 @@ def allocate_thresholds(
     samples_per_batch: int = 1 << 16,
     grid: int = 40,
     levels: Iterable[str] | str = DEFAULT_LEVEL_SETS,
+    correlation_passes: int = 1,
     bias_correction: bool = True,
     seed: int = 0,
     device: torch.device | str | None = None,
@@ -534,6 +638,9 @@ def allocate_thresholds(
         unit spikes), ``'log2'`` (``Δ·2^e``: one graded spike), ``'float1'``/``'float2'`` (``Δ·(1 + j/2^m)·2^e``:
         one graded spike per power of two), or ``'all'``; each site takes the set and step with the lowest
         Lagrangian. Sites converted with custom levels keep them (only their step is chosen)
+    :param correlation_passes: passes over ``loader`` that measure how much each site's actual rounding error
+        moves the output against the uncorrelated-error prediction (``ρ_s``, see :func:`_correlation_factors`)
+        and re-allocate with the corrected errors; 0 = the first-order allocation alone
     :param bias_correction: fold the mean quantisation error of each site, per channel, into the bias
         of the weight layers that read it: ``b ← b − W·E[SFN(x) − act(x)]`` (the error of rounding is
         not zero-mean: values under half a step all become 0). Valid for the allocated thresholds; a
@@ -544,6 +651,8 @@ def allocate_thresholds(
     energy_budget = check_budget(energy_budget)
     if per_channel not in (True, False, "auto"):
         raise ValueError(f"per_channel must be True, False or 'auto', got {per_channel!r}")
+    if isinstance(correlation_passes, bool) or not isinstance(correlation_passes, int) or correlation_passes < 0:
+        raise ValueError(f"correlation_passes must be an integer >= 0, got {correlation_passes!r}")
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be an integer >= 1 or None, got {num_batches!r}")
     level_sets = LEVEL_SETS if levels == "all" else (levels,) if isinstance(levels, str) else tuple(levels)
@@ -610,42 +719,8 @@ def allocate_thresholds(
                 hooks.append(m.register_forward_hook(layer_hook(n)))
             elif isinstance(m, _PASSTHROUGH):
                 hooks.append(m.register_forward_hook(pass_hook))
-        gen = torch.Generator().manual_seed(seed)
-        seen = 0
-        for batch in tqdm(loader, total=batches_total(loader, num_batches), desc="allocating thresholds",
-                          disable=not progress, leave=False):
-            site_of.clear()
-            alive.clear()
-            scale.clear()
-            for pr in probes_by_name.values():
-                pr.record, pr.grad_mode = True, True
-            with torch.enable_grad():
-                outs = _output_tensors(_call(snn, batch, device))
-                if not outs:
-                    raise CalibrationError("the model returned no floating-point tensor to measure fidelity on")
-                for t in outs:
-                    if not torch.isfinite(t).all():
-                        raise CalibrationError(f"non-finite model output on calibration batch {seen}")
-                for i in range(probes):
-                    grads = []
-                    for t in outs:
-                        b = t.shape[0]
-                        norm = t.detach().reshape(b, -1).norm(dim=1).clamp_min(1e-12)
-                        v = (torch.randint(0, 2, t.shape, generator=gen).to(t) * 2 - 1)
-                        grads.append(v / norm.reshape((b,) + (1,) * (t.dim() - 1)))
-                    for pr in probes_by_name.values():
-                        if pr.out is not None:
-                            pr.out.grad = None
-                    torch.autograd.backward(outs, grads, retain_graph=i + 1 < probes)
-                    for pr in probes_by_name.values():
-                        pr.add_sensitivity()
-            for pr in probes_by_name.values():
-                pr.out = None
-            site_of.clear()
-            alive.clear()
-            seen += 1
-            if num_batches is not None and seen >= num_batches:
-                break
+        seen = _probe_passes(snn, loader, probes_by_name, probes, seed, device, num_batches, progress,
+                             "allocating thresholds", "add_sensitivity", (site_of, alive, scale))
         if seen == 0:
             raise CalibrationError("the calibration loader is empty: give it at least one batch")
     finally:
@@ -691,6 +766,16 @@ def allocate_thresholds(
         for _ in range(2 if products else 0):
             _update_product_fanouts(by_name, products, mu)
             mu = _solve(tables, budget_pj)
+    for _ in range(correlation_passes):  # the tables' error, corrected for rounding errors that add up (or cancel)
+        rho = _correlation_factors(snn, tables, mu, loader, probes, seed, device, num_batches, progress)
+        for t in tables:
+            r = min(max(rho.get(t.name, 1.0), 0.05), 50.0)
+            t.dist = [d * r for d in t.dist]
+            t.correlation *= r
+        mu = _solve(tables, budget_pj)
+        for _ in range(2 if products else 0):
+            _update_product_fanouts(by_name, products, mu)
+            mu = _solve(tables, budget_pj)
     result = Allocation(energy_budget=energy_budget, predicted_ratio=0.0, predicted_rel_error=0.0,
                         analog_share=e_analog / e_ann)
     total_e, total_d = e_analog, 0.0
@@ -724,7 +809,7 @@ def allocate_thresholds(
         result.sites.append(SiteAllocation(
             name=t.name, kind=node.kind, signed=node.signed, per_channel=t.per_channel,
             step=float(step.mean()), levels=set_name, fanout=t.fanout, mean_count=count / max(1.0, t.probe.numel_per_sample),
-            error=d, energy_share=e / e_ann,
+            error=d, correlation=t.correlation, energy_share=e / e_ann,
         ))
     if bias_correction:
         modules = dict(snn.named_modules())
