@@ -276,6 +276,7 @@ def _measure(rep: ConversionReport, snn: nn.Module, ann: nn.Module | None, loade
 
     e = measure_energy(snn, loader, ann=ann, num_batches=num_batches, device=device)
     by_name = {x.name: x for x in rep.layers}
+    by_name.update({row: by_name[layer] for row, layer in _row_names(snn).items() if layer in by_name})
     analog = 0.0
     for row in e.per_layer:
         if row.kind == "matmul":  # a product of two activations (attention), not a weight layer
@@ -303,3 +304,20 @@ def _measure(rep: ConversionReport, snn: nn.Module, ann: nn.Module | None, loade
     rep.ac_share = 1.0 - e.macs / e.ann_macs if e.ann_macs > 0 else math.nan
     rep.analog_share = analog / e.ann_macs if e.ann_macs > 0 else math.nan
     rep.energy_ratio = e.ratio
+
+
+def _row_names(snn: nn.Module) -> dict[str, str]:
+    """``{energy row: weight layer}`` where they differ: a tied weight is named after its first owner (GPT-2's
+    ``lm_head`` shares ``transformer.wte``'s matrix), as :func:`measure_energy` names its rows."""
+    owners: dict[int, str] = {}
+    for name, m in snn.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            owners.setdefault(p.untyped_storage().data_ptr(), name or pname)
+    out = {}
+    for name, m in snn.named_modules():
+        w = getattr(m, "weight", None)
+        if name and isinstance(m, weight_layer_types()) and isinstance(w, nn.Parameter):
+            owner = owners.get(w.untyped_storage().data_ptr())
+            if owner is not None and owner != name:
+                out[owner] = name
+    return out

@@ -126,3 +126,23 @@ def test_report_of_an_mtn_conversion_sees_spikes_through_the_scaler(rng):
     assert rep.sites_by_kind == {"MTNode": {"sites": 1, "signed": 0, "positive": 1, "per_channel": 0}}
     assert [(e.name, e.spiking) for e in rep.layers] == [("0", False), ("3", True)]  # x·s after the neuron: spikes
     assert [(e.name, e.spiking) for e in sj_sfn.report(snn, ann, calib).layers] == [("0", False), ("3", True)]
+
+
+def test_a_tied_weight_is_reported_under_its_layer(rng):
+    class Tied(nn.Module):  # the head shares the embedding's matrix (GPT-2's lm_head): energy names it 'emb'
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(x)))
+
+    ann = Tied().eval()
+    calib = [torch.randn(8, 8, generator=rng)]
+    snn = sj_sfn.convert(ann, calib, placement="module", **FINE)  # keeps emb, the first owner of the matrix
+    rep = sj_sfn.report(snn, ann, calib)
+    assert [(e.name, e.spiking) for e in rep.layers] == [("fc", False), ("head", True)]
+    assert rep.layers[1].ann_macs == pytest.approx(80)
