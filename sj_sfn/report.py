@@ -31,6 +31,7 @@ __all__ = ["ConversionReport", "SiteInfo", "WeightLayerInfo", "report"]
 
 FUNCTIONAL_CALL = "functional weight call inside the module (not wrapped by module-level placement)"
 NOT_MEASURED = "unknown without a loader (give sj_sfn.report a loader to measure it)"
+UNHANDLED_TYPE = "a layer type module-level placement does not wrap (it handles Conv1d/2d/3d, Linear, Conv1D)"
 
 _ACTIVATION_WORDS = ("relu", "gelu", "silu", "swish", "sigmoid", "tanh", "mish", "softmax", "elu", "softplus",
                      "hardswish", "hardsigmoid", "quickgelu")
@@ -244,6 +245,8 @@ def _module_layers(snn: nn.Module) -> list[WeightLayerInfo]:
         elif name in recorded:
             e = recorded[name]
             out.append(WeightLayerInfo(name, type(m).__name__, e.spiking, reason=e.reason))
+        elif placed is not None and not isinstance(m, weight_layer_types()):  # ConvTranspose, Bilinear
+            out.append(WeightLayerInfo(name, type(m).__name__, False, reason=UNHANDLED_TYPE))
         else:
             out.append(WeightLayerInfo(name, type(m).__name__, None, reason=NOT_MEASURED))
     return out
