@@ -9,9 +9,10 @@
    Debian's ``fortunes`` (calibration sentences disjoint from the evaluation sentences): mean-pooled
    embedding cosine to the ANN's (mean, min) and the Spearman correlation of all pairwise similarities.
 
-For each model: the paper's calibration (``calibration='quantile'``, the old default λ), the new
-default (``calibration='budget'`` at the default energy budget) and a sweep of budgets (the Pareto
-front of fidelity vs energy). Prints a table, writes ``results.json`` and ``pareto.png`` under ``--out``.
+For each model: the paper's calibration (``calibration='quantile'``, the old default λ), the
+energy-budget calibration with evenly spaced levels only (``level_sets='uniform'``), the default
+(``calibration='budget'``: evenly spaced or graded float levels per site, at the default energy
+budget) and a sweep of budgets (the Pareto front of fidelity vs energy). Prints a table, writes ``results.json`` and ``pareto.png`` under ``--out``.
 
     python bench/real_models.py --out runs/real_models
 """
@@ -240,10 +241,13 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, model in zip(axes[0], models):
         rs = [r for r in rows if r["model"] == model and "error" not in r]
         key, label = ("rel_err", "logit relative error") if model == "mobilenet_v2" else ("cos_mean", "mean embedding cosine")
-        for calib, marker in (("budget", "o-"), ("quantile", "s--")):
-            pts = sorted((r["energy_ratio"], r[key]) for r in rs if r.get("calibration", "budget") == calib)
+        for calib, levels, marker, label in (("budget", None, "o-", "budget (default level sets)"),
+                                             ("budget", "uniform", "^:", "budget, evenly spaced levels"),
+                                             ("quantile", None, "s--", "quantile (the paper's rule)")):
+            pts = sorted((r["energy_ratio"], r[key]) for r in rs
+                         if r.get("calibration", "budget") == calib and r.get("level_sets") == levels)
             if pts:
-                ax.plot(*zip(*pts), marker, label=f"calibration='{calib}'")
+                ax.plot(*zip(*pts), marker, label=label)
         ax.set_xlabel("energy ratio E_SNN / E_ANN")
         ax.set_ylabel(label)
         ax.set_title(f"{model}, T = 1, N = 32")
@@ -263,6 +267,8 @@ def main() -> None:
                     help="energy budgets swept besides the default")
     ap.add_argument("--lams", nargs="+", type=float, default=[0.025, 0.05, 0.1],
                     help="λ of the quantile calibration (MobileNetV2; MiniLM uses 2× these)")
+    ap.add_argument("--uniform-budgets", nargs="+", type=float, default=[DEFAULT_ENERGY_BUDGET],
+                    help="energy budgets also run with evenly spaced levels only (level_sets='uniform')")
     ap.add_argument("--views", type=int, default=20, help="evaluation views per photo")
     ap.add_argument("--calib-views", type=int, default=4, help="calibration views per photo")
     ap.add_argument("--energy-views", type=int, default=20)
@@ -277,13 +283,17 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     budgets = sorted({DEFAULT_ENERGY_BUDGET, *args.budgets})
     rows = []
+    uniform = [(f"budget {b:g}, uniform levels", {"calibration": "budget", "energy_budget": b, "level_sets": "uniform"})
+               for b in args.uniform_budgets]
     if "mobilenet_v2" in args.models:
         configs = [(f"quantile λ={lam:g}", {"calibration": "quantile", "lam": lam}) for lam in args.lams]
+        configs += uniform
         configs += [(f"budget {b:g}" + (" (default)" if b == DEFAULT_ENERGY_BUDGET else ""), {"calibration": "budget",
                      "energy_budget": b}) for b in budgets]
         rows += run_mobilenet(args, configs)
     if "minilm" in args.models:
         configs = [(f"quantile λ={2 * lam:g}", {"calibration": "quantile", "lam": 2 * lam}) for lam in args.lams]
+        configs += uniform
         configs += [(f"budget {b:g}" + (" (default)" if b == DEFAULT_ENERGY_BUDGET else ""), {"calibration": "budget",
                      "energy_budget": b}) for b in budgets]
         rows += run_minilm(args, configs)

@@ -73,6 +73,7 @@ def convert(
     keep_state: bool = False,
     calibration: str | None = None,
     energy_budget: float = DEFAULT_ENERGY_BUDGET,
+    level_sets: str | Iterable[str] | None = None,
     v_init: float | None = None,
     num_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -104,6 +105,9 @@ def convert(
         ``energy_budget`` (:func:`sj_sfn.calibration.allocate_thresholds`; ``λ = 1`` = as allocated).
         ``'quantile'`` (the default when ``lam`` is given): the paper's ``θ = p``-quantile, step ``λθ``
     :param energy_budget: the target ``E_SNN / E_ANN`` of ``calibration='budget'``
+    :param level_sets: the level sets ``calibration='budget'`` chooses from per site (``None``: evenly spaced,
+        ``'float2'`` and ``'float3'``; ``'uniform'`` = evenly spaced only; see
+        :func:`sj_sfn.calibration.allocate_thresholds` and docs/calibration.md)
     :param v_init: deprecated name of ``offset``
     :param num_batches: calibrate on at most this many batches
     :param device: conversion device (default: the model's)
@@ -131,6 +135,8 @@ def convert(
     if calibration == "budget":
         check_budget(energy_budget)
         lam = 1.0 if lam is None else lam
+    elif level_sets is not None:
+        raise ValueError("level_sets chooses levels in calibration='budget'; the quantile calibration keeps evenly spaced levels")
     optional = {k: v for k, v in (("lam", lam), ("offset", offset)) if v is not None}
     common = {"max_spikes": max_spikes, "p": p, "per_channel": per_channel, "num_batches": num_batches, "progress": progress}
     if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(model).__mro__):
@@ -173,8 +179,9 @@ def convert(
     snn.sfn_conversion_path = path
     set_stateful(snn, keep_state)  # Transformers: the SFormer/HF sites follow keep_state too
     if calibration == "budget":
+        sets = {} if level_sets is None else {"level_sets": level_sets}
         allocation = allocate_thresholds(snn, dataloader, energy_budget, num_batches=num_batches, device=device,
-                                         progress=progress)
+                                         progress=progress, **sets)
         if lam != 1.0:
             set_lambda(snn, lam)
         snn.sfn_allocation = allocation

@@ -169,7 +169,7 @@ def test_per_channel_where_channels_differ(rng):
     net = Two().eval()
     x = torch.randn(64, 4, generator=rng)
     snn = sj_sfn.convert(net, [x], lam=1.0, calibration="quantile", progress=False)
-    alloc = allocate_thresholds(snn, [x], 0.5, levels="uniform", progress=False)
+    alloc = allocate_thresholds(snn, [x], 0.5, level_sets="uniform", progress=False)
     chosen = {s.name: s.per_channel for s in alloc.sites}
     assert chosen["sfn_input_mul"] and not chosen["sfn_input_c"], chosen
 
@@ -194,9 +194,9 @@ def test_allocation_chooses_graded_levels_and_the_energy_count_agrees(net_and_da
     with torch.no_grad():
         ref = net(ev)
     uni = sj_sfn.convert(net, cal, lam=1.0, calibration="quantile", progress=False)
-    allocate_thresholds(uni, cal, 0.3, levels="uniform", progress=False)
+    allocate_thresholds(uni, cal, 0.3, level_sets="uniform", progress=False)
     gr = sj_sfn.convert(net, cal, lam=1.0, calibration="quantile", progress=False)
-    alloc = allocate_thresholds(gr, cal, 0.3, levels=("uniform", "float2"), progress=False)
+    alloc = allocate_thresholds(gr, cal, 0.3, level_sets=("uniform", "float2"), progress=False)
     assert any(s.levels == "float2" for s in alloc.sites)
     assert all((m.levels is None) == (s.levels == "uniform") for s, (_, m) in zip(alloc.sites, sj_sfn.sfn_nodes(gr)))
     e_u = measure_energy(uni, _loader(ev), ann=net, progress=False).ratio
@@ -205,5 +205,14 @@ def test_allocation_chooses_graded_levels_and_the_energy_count_agrees(net_and_da
     with torch.no_grad():
         err_u, err_g = _rel(uni(ev), ref), _rel(gr(ev), ref)
     assert err_g < 0.8 * err_u, (err_g, err_u)
-    with pytest.raises(ValueError, match="levels"):
-        allocate_thresholds(gr, cal, 0.3, levels="float9", progress=False)
+    with pytest.raises(ValueError, match="level_sets"):
+        allocate_thresholds(gr, cal, 0.3, level_sets="float9", progress=False)
+
+
+def test_convert_level_sets(net_and_data):
+    net, x = net_and_data
+    snn = sj_sfn.convert(net, _loader(x[:16]), energy_budget=0.3, level_sets="uniform", progress=False)
+    assert all(m.levels is None for _, m in sj_sfn.sfn_nodes(snn))
+    assert {s.levels for s in snn.sfn_allocation.sites} == {"uniform"}
+    with pytest.raises(ValueError, match="level_sets"):
+        sj_sfn.convert(net, _loader(x[:16]), lam=0.1, level_sets="float2", progress=False)

@@ -335,7 +335,7 @@ class _SiteTable:
     correlation: float = 1.0  # ρ: the measured error effect over the uncorrelated-error prediction
 
 
-#: Level sets that :func:`allocate_thresholds` may choose per site (``levels=`` names them).
+#: Level sets that :func:`allocate_thresholds` may choose per site (``level_sets=`` names them).
 LEVEL_SETS = ("uniform", "log2", "float1", "float2", "float3")
 _MANTISSA_BITS = {"log2": 0, "float1": 1, "float2": 2, "float3": 3}
 #: What each site chooses from by default: measured on MobileNetV2 and MiniLM (docs/calibration.md), ``log2`` and
@@ -617,7 +617,7 @@ def allocate_thresholds(
     probes: int = 2,
     samples_per_batch: int = 1 << 16,
     grid: int = 40,
-    levels: Iterable[str] | str = DEFAULT_LEVEL_SETS,
+    level_sets: Iterable[str] | str = DEFAULT_LEVEL_SETS,
     correlation_passes: int = 1,
     bias_correction: bool = True,
     seed: int = 0,
@@ -634,7 +634,7 @@ def allocate_thresholds(
     :param probes: Rademacher probes per batch for the sensitivities
     :param samples_per_batch: activations kept per site and batch for the error tables
     :param grid: candidate steps per site: ``rms·2^{j/4}``, ``j ∈ [-grid, grid/3]`` (lower for wider level sets)
-    :param levels: the level sets each site may take (:data:`LEVEL_SETS`): ``'uniform'`` (``Δ·k``, ``k``
+    :param level_sets: the level sets each site may take (:data:`LEVEL_SETS`): ``'uniform'`` (``Δ·k``, ``k``
         unit spikes), ``'log2'`` (``Δ·2^e``: one graded spike), ``'float1'``/``'float2'`` (``Δ·(1 + j/2^m)·2^e``:
         one graded spike per power of two), or ``'all'``; each site takes the set and step with the lowest
         Lagrangian. Sites converted with custom levels keep them (only their step is chosen)
@@ -655,9 +655,10 @@ def allocate_thresholds(
         raise ValueError(f"correlation_passes must be an integer >= 0, got {correlation_passes!r}")
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be an integer >= 1 or None, got {num_batches!r}")
-    level_sets = LEVEL_SETS if levels == "all" else (levels,) if isinstance(levels, str) else tuple(levels)
+    requested = level_sets
+    level_sets = LEVEL_SETS if requested == "all" else (requested,) if isinstance(requested, str) else tuple(requested)
     if not level_sets or any(ls not in LEVEL_SETS for ls in level_sets):
-        raise ValueError(f"levels must be 'all' or names from {LEVEL_SETS}, got {levels!r}")
+        raise ValueError(f"level_sets must be 'all' or names from {LEVEL_SETS}, got {requested!r}")
     sites = [(n, m) for n, m in snn.named_modules() if isinstance(m, SFNode)]
     if not sites:
         raise ValueError("the model has no SFNode sites: convert it first (sj_sfn.convert)")
