@@ -8,7 +8,10 @@ of a MobileViT beside its SFormer blocks). The rule is the FX rule of
 - every weight layer (``nn.Conv1d/2d/3d``, ``nn.Linear``, transformers ``Conv1D``) whose input
   is not already a spike train gets an SFN site on its input: the layer keeps its type, name and
   parameters, the site is its child ``input_site`` (``features.3.input_site.theta_pos`` in the
-  state dict) and a forward pre-hook feeds the layer ``input_site(x)``;
+  state dict) and a forward pre-hook feeds the layer ``input_site(x)``. A pre-hook rather than a
+  wrapper module: model code that reads the layer (``self.fc.in_features``, ``self.conv.weight``,
+  ``isinstance`` checks) keeps working, and the weights keep the ANN's names, which
+  :func:`sj_sfn.energy.measure_energy` matches between the SNN and the ANN;
 - the site is positive-only (``o = λθ·clip(round(h/(λθ)), 0, N)``) when every calibration input
   of the layer was ``>= 0`` (the output of a ReLU, a ReLU6, an average pool of either, a
   SoftMax), with the ceiling ``c`` of the module that produced it when that is a ReLU6 or a
