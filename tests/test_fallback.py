@@ -270,3 +270,12 @@ def test_tracing_side_effects_stay_off_the_callers_model(rng):
         snn = sj_sfn.convert(ann, calib, **FINE)
         assert snn.sfn_conversion_path == "module"
     assert ann.cache == {}  # neither tracing nor calibration ran the caller's model
+
+
+def test_torch_compile_keeps_the_input_sites(branchy):
+    ann, calib, x = branchy
+    snn = sj_sfn.convert(ann, calib, lam=0.05, calibration="quantile", progress=False)
+    with torch.no_grad():
+        ref = snn(x)
+        assert not torch.allclose(ref, ann(x))  # the sites quantise: an SNN without them would equal the ANN
+        assert torch.equal(torch.compile(snn, backend="eager")(x), ref)
