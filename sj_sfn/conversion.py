@@ -37,14 +37,19 @@ _TRANSFORMER_CLASSES = {"VisionTransformer", "Eva", "VisionTransformerDistilled"
 
 
 def is_transformer(model: nn.Module) -> bool:
-    """Whether ``model`` is a Transformer: a timm ViT/Eva, or it holds multi-head attention."""
+    """Whether ``model`` is a Transformer: a timm ViT/Eva, or it holds an attention module SFormer converts
+    (:func:`sj_sfn.sformer.core.attention_modules`: timm's ``Attention`` family and its variants, ``nn.MultiheadAttention``)."""
     for m in model.modules():
         cls = type(m)
         if isinstance(m, nn.MultiheadAttention):
             return True
         if cls.__module__.startswith("timm.") and (cls.__name__ in _TRANSFORMER_CLASSES or cls.__name__.endswith("Attention")):
             return True
-    return False
+    try:
+        from .sformer.core import attention_modules
+    except ImportError:  # SFormer unavailable in this installation
+        return False
+    return bool(attention_modules(model))
 
 
 def _sformer_convert():

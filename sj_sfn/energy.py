@@ -384,6 +384,18 @@ def _reset_neurons(model: nn.Module) -> None:
 
 def _run(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int | None, device, progress: bool,
          recorder: _Recorder, desc: str) -> int:
+    # nn.MultiheadAttention's fused inference path computes its projections in one native call that the
+    # op counter cannot see: count the ops of the plain path (the same arithmetic)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return _run_batches(model, loader, time_steps, num_batches, device, progress, recorder, desc)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _run_batches(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int | None, device, progress: bool,
+                 recorder: _Recorder, desc: str) -> int:
     from spikingjelly.activation_based.op_counter import DispatchCounterMode
     from tqdm.auto import tqdm
 

@@ -167,6 +167,8 @@ class _Probe(nn.Module):
         self.quant: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.err: torch.Tensor | None = None
         self.dot2, self.diag = 0.0, 0.0
+        self.cdim_confirmed = False
+        self.pending: torch.Tensor | None = None  # this batch's input until a consumer confirms the channel dimension
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         if self.node.signed:
@@ -185,11 +187,28 @@ class _Probe(nn.Module):
             y = y + self.out
         return y
 
+    def confirm_channel_dim(self, cdim: int) -> None:
+        """The channel dimension as the consuming layer reads it (a Linear: the last; a convolution: 1).
+
+        The guess from the site's kind is only that; on the first batch the consumer's type decides,
+        and the rows of that batch are recorded again along the right dimension.
+        """
+        if self.cdim_confirmed:
+            return
+        self.cdim_confirmed = True
+        if cdim != self.cdim and self.pending is not None and self.rows:
+            self.rows.pop()
+            self.cdim = cdim
+            self._record(self.pending)
+        self.pending = None
+
     @torch.no_grad()
     def _record(self, x: torch.Tensor) -> None:
         if self.cdim is None:
             self.cdim = _site_channel_dim(x, self.node.kind)
             self.shape = tuple(x.shape)
+        if not self.cdim_confirmed:
+            self.pending = x
         c = x.shape[self.cdim]
         rows = x.movedim(self.cdim, 0).reshape(c, -1).float()
         self.numel_per_sample = x.numel() / max(1, x.shape[0])
@@ -334,6 +353,18 @@ class _SiteTable:
     budget_weight: float = 1.0  # 1/2 for both operands of a spike×spike product: its ACs are counted once
     correlation: float = 1.0  # ρ: the measured error effect over the uncorrelated-error prediction
 
+    def scale_errors(self, r: float) -> None:
+        self.dist = [d * r for d in self.dist]
+        self.correlation *= r
+
+    def sums(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(Σ_c dist, Σ_c count)`` per level set, ``[G]`` each (the per-tensor choice), cached."""
+        key = (id(self.dist), id(self.count))
+        if getattr(self, "_sums_key", None) != key:
+            self._sums = ([d.sum(1) for d in self.dist], [c.sum(1) for c in self.count])
+            self._sums_key = key
+        return self._sums
+
 
 #: Level sets that :func:`allocate_thresholds` may choose per site (``level_sets=`` names them).
 LEVEL_SETS = ("uniform", "log2", "float1", "float2", "float3")
@@ -406,17 +437,18 @@ def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int, lev
 def _choose(t: _SiteTable, mu: float, per_channel: bool) -> tuple[int, torch.Tensor, float, float, float]:
     """Level set, step index per channel (or one for all), the site's distortion, cost and Lagrangian at ``μ``."""
     best = None
+    unit = E_AC_PJ * t.fanout
+    dist_sums, count_sums = t.sums()
     for f, (dist, count) in enumerate(zip(t.dist, t.count)):
-        cost = E_AC_PJ * t.fanout * count
-        lag = dist + mu * cost
         if per_channel:
-            j = lag.argmin(0)  # [C]
-            idx = torch.arange(lag.shape[1])
+            cost = unit * count
+            j = (dist + mu * cost).argmin(0)  # [C]
+            idx = torch.arange(dist.shape[1])
             d, e = dist[j, idx].sum().item(), cost[j, idx].sum().item()
         else:
-            j0 = lag.sum(1).argmin()
-            d, e = dist[j0].sum().item(), cost[j0].sum().item()
-            j = j0.expand(dist.shape[1])
+            j0 = int((dist_sums[f] + (mu * unit) * count_sums[f]).argmin())
+            d, e = dist_sums[f][j0].item(), unit * count_sums[f][j0].item()
+            j = torch.full((dist.shape[1],), j0, dtype=torch.long)
         value = d + mu * e
         if best is None or value < best[4]:
             best = (f, j, d, e * t.budget_weight, value)
@@ -555,7 +587,8 @@ def _probe_passes(snn: nn.Module, loader: Iterable, probes_by_name: dict[str, _P
                 for pr in probes_by_name.values():
                     getattr(pr, accumulate)()
         for pr in probes_by_name.values():
-            pr.out, pr.err = None, None
+            pr.out, pr.err, pr.pending = None, None, None
+            pr.cdim_confirmed = pr.cdim_confirmed or pr.cdim is not None  # no direct consumer: keep the guess
         for c in scratch:
             c.clear()
         seen += 1
@@ -615,7 +648,7 @@ def allocate_thresholds(
     per_channel: bool | str = "auto",
     per_channel_gain: float = 0.1,
     probes: int = 2,
-    samples_per_batch: int = 1 << 16,
+    samples_per_batch: int = 1 << 14,
     grid: int = 40,
     level_sets: Iterable[str] | str = DEFAULT_LEVEL_SETS,
     correlation_passes: int = 1,
@@ -710,6 +743,9 @@ def allocate_thresholds(
                     consumers.setdefault(src, {})[name] = _fanout(m, x) * scale.get(_storage(x), 1.0)
                 if site_out.get(src) == _storage(x):
                     direct.add((src, name))
+                    pr = probes_by_name[src]
+                    if tuple(x.shape) == pr.shape and x.dim() >= 2:
+                        pr.confirm_channel_dim(1 if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) else x.dim() - 1)
         return hook
 
     try:
@@ -771,8 +807,7 @@ def allocate_thresholds(
         rho = _correlation_factors(snn, tables, mu, loader, probes, seed, device, num_batches, progress)
         for t in tables:
             r = min(max(rho.get(t.name, 1.0), 0.05), 50.0)
-            t.dist = [d * r for d in t.dist]
-            t.correlation *= r
+            t.scale_errors(r)
         mu = _solve(tables, budget_pj)
         for _ in range(2 if products else 0):
             _update_product_fanouts(by_name, products, mu)
