@@ -648,7 +648,7 @@ def allocate_thresholds(
     per_channel: bool | str = "auto",
     per_channel_gain: float = 0.1,
     probes: int = 2,
-    samples_per_batch: int = 1 << 14,
+    samples_per_batch: int = 1 << 16,
     grid: int = 40,
     level_sets: Iterable[str] | str = DEFAULT_LEVEL_SETS,
     correlation_passes: int = 1,
