@@ -32,7 +32,12 @@ is given per-channel steps when that lowers its Lagrangian by more than ``per_ch
 threshold ``θ`` with ``λ = 1``: "1 = as calibrated", and ``set_lambda`` still rescales every
 site at once.
 
-Sites with custom (non-uniform) levels keep their thresholds: their energy is counted as fixed.
+Each site also chooses its level set (``level_sets``): evenly spaced levels cost ``k`` unit spikes,
+float levels ``Δ·(1 + j/2^m)·2^e`` one graded spike per power of two (:func:`level_set`); the
+tables hold every (level set, step) pair and the Lagrangian picks among all of them. Sites
+converted with custom levels keep those levels; only their step is chosen. One more pass
+(``correlation_passes``) corrects each site's error table for rounding errors that are
+correlated between elements (:func:`_correlation_factors`) before the final allocation.
 """
 
 from __future__ import annotations
