@@ -216,3 +216,30 @@ def test_convert_level_sets(net_and_data):
     assert {s.levels for s in snn.sfn_allocation.sites} == {"uniform"}
     with pytest.raises(ValueError, match="level_sets"):
         sj_sfn.convert(net, _loader(x[:16]), lam=0.1, level_sets="float2", progress=False)
+
+
+def test_a_site_reused_on_tensors_of_different_shapes(rng):
+    """One activation module applied to differently shaped tensors (timm's Res2Net reuses its ReLU): one shared site."""
+
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 16, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.c = nn.Conv2d(16, 24, 3, padding=1)
+            self.head = nn.Linear(24, 3)
+
+        def forward(self, x):
+            h = self.relu(self.a(x))  # 8 channels
+            h = self.relu(self.b(h))  # the same module on 16 channels
+            return self.head(self.c(h).mean((2, 3)))
+
+    net = Reuse().eval()
+    x = torch.randn(16, 3, 8, 8, generator=rng)
+    snn = sj_sfn.convert(net, _loader(x), energy_budget=0.4, progress=False)
+    e = measure_energy(snn, _loader(x), ann=net, progress=False).ratio
+    assert e == pytest.approx(snn.sfn_allocation.predicted_ratio, rel=0.3)
+    fine = sj_sfn.convert(net, _loader(x), lam=1 / 512, max_spikes=8192, progress=False)
+    with torch.no_grad():
+        assert _rel(fine(x), net(x)) < 0.01
+        assert _rel(snn(x), net(x)) < 0.5

@@ -174,6 +174,8 @@ class _Probe(nn.Module):
         self.dot2, self.diag = 0.0, 0.0
         self.cdim_confirmed = False
         self.pending: torch.Tensor | None = None  # this batch's input until a consumer confirms the channel dimension
+        self.shared = False  # one site module called on tensors of different shapes (a reused activation): per tensor
+        self.batch_numel = 0.0  # elements per sample over this batch's calls
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         if self.node.signed:
@@ -198,7 +200,7 @@ class _Probe(nn.Module):
         The guess from the site's kind is only that; on the first batch the consumer's type decides,
         and the rows of that batch are recorded again along the right dimension.
         """
-        if self.cdim_confirmed:
+        if self.cdim_confirmed or self.shared:
             return
         self.cdim_confirmed = True
         if cdim != self.cdim and self.pending is not None and self.rows:
@@ -214,9 +216,15 @@ class _Probe(nn.Module):
             self.shape = tuple(x.shape)
         if not self.cdim_confirmed:
             self.pending = x
-        c = x.shape[self.cdim]
-        rows = x.movedim(self.cdim, 0).reshape(c, -1).float()
-        self.numel_per_sample = x.numel() / max(1, x.shape[0])
+        if not self.shared and self.rows and (x.dim() != len(self.shape) or x.shape[self.cdim] != self.rows[0].shape[0]):
+            self.shared = True  # channels differ between calls: one row, per-tensor steps only
+            self.rows = [r.reshape(1, -1) for r in self.rows]
+            if self.sens_sum is not None:
+                self.sens_sum = self.sens_sum.mean().reshape(1)
+        c = 1 if self.shared else x.shape[self.cdim]
+        rows = x.reshape(1, -1).float() if self.shared else x.movedim(self.cdim, 0).reshape(c, -1).float()
+        self.batch_numel += x.numel() / max(1, x.shape[0])
+        self.numel_per_sample = self.batch_numel
         m, keep = rows.shape[1], max(16, self.per_batch // c)
         if m > keep:
             g = torch.Generator(device=rows.device).manual_seed(len(self.rows) * 7919 + 17)
@@ -250,8 +258,11 @@ class _Probe(nn.Module):
         g = self.out.grad if self.out is not None else None
         if g is None:
             return
-        c = g.shape[self.cdim]
-        s = g.detach().movedim(self.cdim, 0).reshape(c, -1).double().pow(2).mean(1).cpu()
+        if self.shared:
+            s = g.detach().double().pow(2).mean().reshape(1).cpu()
+        else:
+            c = g.shape[self.cdim]
+            s = g.detach().movedim(self.cdim, 0).reshape(c, -1).double().pow(2).mean(1).cpu()
         self.sens_sum = s if self.sens_sum is None else self.sens_sum + s
         self.sens_n += 1
 
@@ -592,7 +603,7 @@ def _probe_passes(snn: nn.Module, loader: Iterable, probes_by_name: dict[str, _P
                 for pr in probes_by_name.values():
                     getattr(pr, accumulate)()
         for pr in probes_by_name.values():
-            pr.out, pr.err, pr.pending = None, None, None
+            pr.out, pr.err, pr.pending, pr.batch_numel = None, None, None, 0.0
             pr.cdim_confirmed = pr.cdim_confirmed or pr.cdim is not None  # no direct consumer: keep the guess
         for c in scratch:
             c.clear()
