@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..functional import float_levels, level_edges, level_terms, multi_threshold_fire
+from ..functional import float_levels, level_terms, multi_threshold_fire
 from ..neuron import SFNode
 from ..utils import batch_inputs, batches_total, model_device
 from .observers import CalibrationError
@@ -320,35 +320,17 @@ def quantization_table(
     r = float(node.offset)
     n = int(node.max_spikes) if levels is None else levels.numel()
     ceiling = None if node.ceiling is None else float(node.ceiling)
+    cost_of = None
     if levels is not None:
-        lv = torch.cat([levels.new_zeros(1), levels.float()])
-        edges = level_edges(levels, r).contiguous()
-        terms = level_terms(levels).float()
+        terms = level_terms(levels)
         if (terms == 0).any():
             raise ValueError("allocation needs levels that are short sums of powers of two (functional.level_terms)")
-        cost_of = torch.cat([terms.new_zeros(1), terms])
+        cost_of = torch.cat([terms.new_zeros(1), terms]).float()
     errs, cnts = [], []
     for d in steps:
         d = d.reshape(-1, 1) if d.dim() else d
-        if levels is None:
-            kp = torch.clamp(torch.floor(x / d + r), 0, n)
-            if ceiling is not None:
-                kp = torch.minimum(kp, torch.clamp(torch.floor(ceiling / d), min=1))
-            out, cnt = kp * d, kp
-        else:
-            kp = torch.searchsorted(edges, (x / d).contiguous(), right=True)
-            if ceiling is not None:
-                cap = torch.searchsorted(levels.float().contiguous(), torch.as_tensor(ceiling / d).reshape(-1, 1).contiguous(),
-                                         right=True).clamp(min=1)
-                kp = torch.minimum(kp, cap)
-            out, cnt = lv[kp] * d, cost_of[kp]
-        if node.signed:
-            if levels is None:
-                kn = torch.clamp(torch.floor(-x / d + r), 0, n)
-                out, cnt = out - kn * d, cnt + kn
-            else:
-                kn = torch.searchsorted(edges, (-x / d).contiguous(), right=True)
-                out, cnt = out - lv[kn] * d, cnt + cost_of[kn]
+        out, k = multi_threshold_fire(x, d, d if node.signed else None, n, levels, r, ceiling)  # the node's fire rule
+        cnt = k.abs() if cost_of is None else cost_of[k.abs().long()]
         errs.append((out - target).mean(1) if mean_error else (out - target).pow(2).mean(1))
         cnts.append(cnt.mean(1))
     return torch.stack(errs), torch.stack(cnts)
