@@ -351,16 +351,26 @@ class _SiteTable:
     budget_weight: float = 1.0  # 1/2 for both operands of a spike×spike product: its ACs are counted once
     correlation: float = 1.0  # ρ: the measured error effect over the uncorrelated-error prediction
 
+    level_names: list[str] = field(default_factory=list)  # per level set: its name ('custom' for the node's own)
+    _sums: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def add(self, name: str, levels: torch.Tensor | None, steps: torch.Tensor, dist: torch.Tensor, count: torch.Tensor) -> None:
+        self.level_names.append(name)
+        self.levels.append(levels)
+        self.steps.append(steps)
+        self.dist.append(dist)
+        self.count.append(count)
+        self._sums = None
+
     def scale_errors(self, r: float) -> None:
         self.dist = [d * r for d in self.dist]
         self.correlation *= r
+        self._sums = None
 
     def sums(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``(Σ_c dist, Σ_c count)`` per level set, ``[G]`` each (the per-tensor choice), cached."""
-        key = (id(self.dist), id(self.count))
-        if getattr(self, "_sums_key", None) != key:
+        if self._sums is None:
             self._sums = ([d.sum(1) for d in self.dist], [c.sum(1) for c in self.count])
-            self._sums_key = key
         return self._sums
 
 
@@ -403,15 +413,16 @@ def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int, lev
         n_c = pr.numel_per_sample / c
         sens = (pr.sens_sum / pr.sens_n).float()
         if pr.node.levels is not None and pr.initial_levels:  # levels the user gave: keep them, choose the step
-            sets: list[torch.Tensor | None] = [pr.node.levels.detach().cpu().float()]
+            sets: list[tuple[str, torch.Tensor | None]] = [("custom", pr.node.levels.detach().cpu().float())]
         else:
-            sets = [level_set(ls, pr.n_uniform) for ls in level_sets if ls == "uniform" or pr.n_uniform >= 2 << _MANTISSA_BITS[ls]]
+            sets = [(ls, level_set(ls, pr.n_uniform)) for ls in level_sets
+                    if ls == "uniform" or pr.n_uniform >= 2 << _MANTISSA_BITS[ls]]
         t = _SiteTable(name, pr.node, pr, pr.cdim, [], [], [], fanouts[name])
         mag = target.abs()
         ch_rms = mag.pow(2).mean(1).sqrt()
         lo_val = ch_rms[ch_rms > 0].min().item() if (ch_rms > 0).any() else scale
         hi_val = max(mag.max().item(), scale)
-        for levels in sets:
+        for set_name, levels in sets:
             if levels is None:
                 j = torch.arange(-grid, grid // 3 + 1, dtype=torch.float32)
             else:  # graded levels: the top level between half the smallest channel rms and twice the largest value
@@ -423,10 +434,7 @@ def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int, lev
                 j = torch.arange(max(j_lo, -grid - 4 * int(math.log2(top) + 1)), max(j_hi, j_lo) + 1, dtype=torch.float32)
             steps = scale * torch.pow(2.0, j / 4)
             mse, cnt = quantization_table(x, target, steps, pr.node, levels=levels)
-            t.steps.append(steps)
-            t.dist.append(n_c * sens * mse)
-            t.count.append(n_c * cnt)
-            t.levels.append(levels)
+            t.add(set_name, levels, steps, n_c * sens * mse, n_c * cnt)
         if t.steps:
             tables.append(t)
     return tables
@@ -834,10 +842,7 @@ def allocate_thresholds(
                 node.theta_neg = theta.clone()
             node.lam.fill_(1.0)
         count = t.count[f][j, torch.arange(t.count[f].shape[1])].sum().item()
-        if t.probe.initial_levels:
-            set_name = "custom"
-        else:
-            set_name = "uniform" if levels is None else next(ls for ls in LEVEL_SETS[1:] if torch.equal(level_set(ls, t.probe.n_uniform), levels))
+        set_name = t.level_names[f]
         total_e += e
         total_d += d
         result.sites.append(SiteAllocation(
