@@ -37,19 +37,29 @@ def test_quantization_table_is_the_node_fire_rule(rng, signed, ceiling, offset):
 
 @pytest.mark.parametrize("signed,ceiling", [(True, None), (False, 6.0), (False, None)])
 def test_quantization_table_with_graded_levels_is_the_node_fire_rule(rng, signed, ceiling):
+    """Against the node and against an independent oracle: the nearest allowed level, by brute force."""
     x = torch.randn(3, 500, generator=rng) * torch.tensor([[0.5], [2.0], [8.0]])
-    levels = F.float_levels(2, 6)
+    levels = F.float_levels(2, 6)  # (1 + j/4)·2^e: 1 + popcount(j) graded spikes
+    spikes = torch.tensor([0.0] + [1.0 + bin(j).count("1") for _ in range(6) for j in range(4)])
     target = x if signed else x.clamp(0, ceiling if ceiling is not None else float("inf"))
     steps = torch.tensor([0.01, 0.05, 0.3])
     node = SFNode(1.0, 1.0 if signed else None, levels=levels, offset=0.5, ceiling=ceiling)
     mse, cnt = quantization_table(x, target, steps, node, levels=levels)
-    terms = torch.cat([torch.zeros(1), F.level_terms(levels).float()])
     for g, step in enumerate(steps):
         ref = SFNode(float(step), float(step) if signed else None, levels=levels, offset=0.5, ceiling=ceiling,
                      store_counts=True)
         out = ref(x)
         torch.testing.assert_close(mse[g], (out - target).pow(2).mean(1), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(cnt[g], terms[ref.last_counts.abs().long()].mean(1), rtol=1e-6, atol=1e-7)
+        values = torch.cat([torch.zeros(1), levels]) * step
+        allowed = torch.ones(len(values), dtype=torch.bool)
+        if ceiling is not None:  # no level above the cap, but always the first one
+            allowed[2:] = values[2:] <= ceiling
+        mag = x.abs() if signed else x.clamp_min(0)
+        dist = (mag.unsqueeze(-1) - values).abs().masked_fill(~allowed, float("inf"))
+        idx = dist.argmin(-1)
+        oracle = values[idx] * (x.sign() if signed else 1.0)
+        torch.testing.assert_close(out, oracle, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cnt[g], spikes[idx].mean(1), rtol=1e-6, atol=1e-7)
 
 
 def test_graded_levels_beat_uniform_on_heavy_tailed_data_at_equal_cost(rng):
