@@ -343,3 +343,118 @@ def test_attention_modules_lists_what_sformer_converts():
     model, _ = _model("cait")
     names = sformer.core.attention_modules(model)
     assert "blocks.0.attn" in names and "blocks_token_only.0.attn" in names
+
+
+# -- hierarchical and hybrid families (sj_sfn.sformer.variants_more) ------------------------------
+
+
+def _caformer():
+    from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
+
+    return MetaFormer(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), token_mixers=[SepConv, SepConv, Attention, Attention],
+                      norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2, num_classes=10)
+
+
+def _timm_model(name: str, **kw):
+    return lambda: timm.create_model(name, pretrained=False, num_classes=10, **kw)
+
+
+def _mvitv2():
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    # pooled k, v in every block, pooled q at the stage transitions; a class token (kept out of the pooling)
+    cfg = MultiScaleVitCfg(depths=(1, 1, 1), embed_dim=16, num_heads=(1, 2, 2), use_cls_token=True)
+    return MultiScaleVit(cfg, img_size=(64, 64), num_classes=10)
+
+
+class SeparableMixerNet(nn.Module):
+    """Patch embedding to ``[B, C, P, N]`` (2×2 pixels per patch, 4×4 patches), one MobileViTV2 separable
+    self-attention with a residual, mean pool, classifier."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        from timm.models.mobilevit import LinearSelfAttention
+
+        self.embed = nn.Conv2d(3, 16, 4, 4)
+        self.norm = nn.GroupNorm(1, 16)
+        self.attn = LinearSelfAttention(16)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)  # [B, 16, 8, 8]
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c, 4, -1)
+        x = x + self.attn(self.norm(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _volo():
+    from timm.models.volo import VOLO
+
+    # an outlooker stage (stride-2 outlook attention), three transformer stages, one class-attention block
+    return VOLO(img_size=64, layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2), stem_hidden_dim=8,
+                num_classes=10)
+
+
+#: (builder, image size, attention classes the conversion must wrap); every model is the family's smallest timm
+#: architecture shrunk to a few blocks, so that the whole model (conv stems and stages included) converts in < 2 s
+MORE_MODELS = {
+    "visformer": (_timm_model("visformer_tiny", img_size=32, init_channels=8, embed_dim=48, depth=(1, 1, 1), num_heads=2),
+                  32, {"Attention"}),
+    "nest": (lambda: timm.models.nest.Nest(img_size=32, patch_size=4, embed_dims=(16, 32, 64), num_heads=(2, 2, 4),
+                                           depths=(1, 1, 1), num_classes=10), 32, {"Attention"}),
+    "tnt": (_timm_model("tnt_s_patch16_224", img_size=32, patch_size=8, embed_dim=32, inner_dim=8, depth=2,
+                        num_heads_outer=2, num_heads_inner=2), 32, {"Attention"}),
+    "caformer": (_caformer, 64, {"Attention"}),
+    "efficientformer": (_timm_model("efficientformer_l1", depths=(1, 1, 1, 2), embed_dims=(8, 16, 32, 64), num_vit=1),
+                        224, {"Attention"}),
+    "tiny_vit": (_timm_model("tiny_vit_5m_224", embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                             window_sizes=(2, 2, 2, 2)), 64, {"Attention"}),
+    "crossvit": (_timm_model("crossvit_tiny_240", img_size=(32, 48), patch_size=(8, 16), embed_dim=(16, 32),
+                             depth=((1, 1, 0),), num_heads=(2, 2), mlp_ratio=(2, 2, 1)), 48, {"Attention", "CrossAttention"}),
+    "pvt_v2": (_timm_model("pvt_v2_b0", embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+               64, {"Attention"}),
+    "davit": (_timm_model("davit_tiny", depths=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64), num_heads=(1, 2, 2, 4),
+                          window_size=2), 64, {"WindowAttention", "ChannelAttention"}),
+    "hiera": (_timm_model("hiera_tiny_224", img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)), 64,
+              {"MaskUnitAttention"}),
+    "swinv2": (_timm_model("swinv2_tiny_window8_256", img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+                           num_heads=(2, 4)), 32, {"WindowAttention"}),
+    "mvitv2": (_mvitv2, 64, {"MultiScaleAttention"}),
+    "volo": (_volo, 64, {"OutlookAttention", "Attention", "ClassAttention"}),
+    "mobilevitv2_attention": (SeparableMixerNet, 32, {"LinearSelfAttention"}),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_MODELS))
+def test_more_families_identity_and_fine_resolution(name):
+    """Identity sites reproduce the ANN; ``sj_sfn.convert`` at fine resolution (the attention wrappers and the
+    module-level sites of the conv stages) is within 1e-2 of it, and every attention of the family is wrapped."""
+    import sj_sfn
+
+    build, size, sources = MORE_MODELS[name]
+    torch.manual_seed(SEED)
+    model = _randomize(build())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(SEED + 2))
+    exact = sformer.prepare(model, lambda kind, site: nn.Identity()).eval()
+    with torch.no_grad():
+        y, z = model(x), exact(x)
+    assert y.abs().max() > 0.1, "the test model's output must not be trivially small"
+    assert (y - z).abs().max().item() <= 1e-5 * max(1.0, y.abs().max().item()), name
+    assert {m.source_type for m in exact.modules() if isinstance(m, sformer.SFormerAttention)} == sources
+    assert not sformer.core._unsupported(model)
+    fine = sj_sfn.convert(model, [x], progress=False, calibration="quantile", **FINE)
+    with torch.no_grad():
+        yf = fine(x)
+    assert _rel(yf, y) < 1e-2, f"{name}: fine-resolution SNN is {_rel(yf, y):.2e} from the ANN"
+    for m in fine.modules():
+        if isinstance(m, sformer.SFormerAttention):
+            assert all(isinstance(getattr(m, f"sfn_{kind}"), SFNode) for kind in m.SITES), name
+
+
+def test_pvt_v2_linear_attention_is_refused_before_running():
+    from timm.models.pvt_v2 import Attention
+
+    model = nn.Sequential(nn.Linear(16, 16), Attention(16, num_heads=2, linear_attn=True))
+    with pytest.raises(TypeError, match=r"1 \(timm\.models\.pvt_v2\.Attention\): linear_attn=True"):
+        sformer.prepare(model)

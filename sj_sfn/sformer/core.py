@@ -129,8 +129,9 @@ def prepare(
     if bad:
         raise TypeError(
             "SFormer cannot convert these attention modules: " + ", ".join(bad)
-            + ". Supported: timm Attention, AttentionRope and EvaAttention (ViT/DeiT/EVA), Swin WindowAttention, BEiT, "
-            "LeViT, XCiT (XCA, ClassAttn), CaiT (ClassAttn, TalkingHeadAttn) and torch nn.MultiheadAttention"
+            + ". Supported: timm Attention, AttentionRope and EvaAttention (ViT/DeiT/EVA), Swin (V1, V2), BEiT, "
+            "LeViT, XCiT, CaiT, Visformer, NesT, TNT, MetaFormer (CAFormer), EfficientFormer, TinyViT, CrossViT, PVT-v2, "
+            "DaViT, Hiera, MViTv2, VOLO, MobileViTV2 and torch nn.MultiheadAttention"
         )
     if site_factory is None:
         site_factory = _default_site
@@ -138,7 +139,9 @@ def prepare(
         model = copy.deepcopy(model)
     mlp = mlp_types()
     targets = [(n, m, wrapper_for(m)) for n, m in model.named_modules()]
-    targets = [(n, m, w if w is not None else SFormerMlp) for n, m, w in targets if w is not None or isinstance(m, mlp)]
+    # a use_conv MLP (1x1 convolutions on maps: CAFormer's conv stages) is left to module-level placement
+    targets = [(n, m, w if w is not None else SFormerMlp) for n, m, w in targets
+               if w is not None or isinstance(m, mlp) and not any(isinstance(c, nn.Conv2d) for c in m.children())]
     if not any(w is not SFormerMlp for *_, w in targets):
         raise TypeError(
             f"no timm attention module (or other attention SFormer converts) found in {type(model).__name__}: sformer converts timm "

@@ -32,10 +32,11 @@ __all__ = [
 ]
 
 #: every site kind, in the order a token meets them inside a block (``head_in`` feeds the classifier).
-#: ``kv_in``/``v_in``: the key/value inputs of a cross-attention (``nn.MultiheadAttention``);
-#: ``logits_in``/``attn_mix``: the talking-heads mixes before and after the SoftMax (CaiT)
-SITE_KINDS = ("qkv_in", "kv_in", "v_in", "q", "k", "v", "logits_in", "attn", "attn_mix", "proj_in", "fc1_in", "fc2_in",
-              "head_in")
+#: ``kv_in``/``v_in``: the key/value inputs of a cross-attention (``nn.MultiheadAttention``; PVT-v2's reduced map);
+#: ``logits_in``/``attn_mix``: the talking-heads mixes before and after the SoftMax (CaiT; ``logits_in`` also the
+#: input of VOLO's attention-generating Linear); ``pool_in``: the inputs of the q/k/v pooling convolutions (MViTv2)
+SITE_KINDS = ("qkv_in", "kv_in", "v_in", "pool_in", "q", "k", "v", "logits_in", "attn", "attn_mix", "proj_in", "fc1_in",
+              "fc2_in", "head_in")
 
 SiteFactory = Callable[[str], nn.Module]
 

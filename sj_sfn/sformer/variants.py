@@ -54,8 +54,12 @@ __all__ = [
 class _Variant(SFormerAttention):
     """Common set-up: the source's parameters under their names, one site per :attr:`SITES` entry."""
 
-    def __init__(self, src: nn.Module, site_factory: SiteFactory, *, num_heads: int, head_dim: int, scale: float):
+    def __init__(self, src: nn.Module, site_factory: SiteFactory, *, num_heads: int, head_dim: int, scale: float,
+                 sites: tuple[str, ...] | None = None):
+        """``sites``: the site kinds of this instance when they depend on its configuration (default :attr:`SITES`)."""
         nn.Module.__init__(self)
+        if sites is not None:
+            self.SITES = tuple(sites)
         self.source_type = type(src).__name__
         self.num_heads = int(num_heads)
         self.num_kv_heads = self.num_heads
@@ -76,7 +80,16 @@ class _Variant(SFormerAttention):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
                 scale: float | torch.Tensor | None = None) -> torch.Tensor:
-        """``s_a(softmax(s_q(q)·scale·s_k(k)ᵀ + bias)) · s_v(v)`` with ``q [.., L_q, D]``, ``k [.., L_k, D]``, ``v [.., L_k, D_v]``."""
+        """``s_a(softmax(s_q(q)·scale·s_k(k)ᵀ + bias)) · s_v(v)`` with ``q [.., L_q, D]``, ``k [.., L_k, D]``, ``v [.., L_k, D_v]``.
+
+        More than one dimension between the batch and the tokens (NesT's image blocks, Hiera's mask units) is
+        flattened into one for the sites: ``[B, H', L, D]``, the layout the energy counts read (heads on dim -3).
+        """
+        lead = q.shape[:-2]
+        if q.dim() > 4:
+            q, k, v = (t.flatten(1, -3) for t in (q, k, v))
+            if bias is not None and bias.dim() > 4:
+                bias = bias.flatten(1, -3)
         q, k, v = fire(self.sfn_q, q), fire(self.sfn_k, k), fire(self.sfn_v, v)
         attn = (q * self.scale if scale is None else q) @ k.transpose(-2, -1)
         if scale is not None:
@@ -84,7 +97,8 @@ class _Variant(SFormerAttention):
         if bias is not None:
             attn = attn + bias
         attn = self.attn_drop(attn.softmax(dim=-1))
-        return fire(self.sfn_attn, attn) @ v
+        out = fire(self.sfn_attn, attn) @ v
+        return out.reshape(*lead, *out.shape[-2:])
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -458,3 +472,5 @@ register_variant(_timm("timm.models.cait", "ClassAttn"), SpikingClassAttn)
 register_variant(_timm("timm.models.xcit", "ClassAttn"), SpikingClassAttn)
 register_variant(_timm("timm.models.cait", "TalkingHeadAttn"), SpikingTalkingHeadAttn)
 register_variant(lambda: (nn.MultiheadAttention,), SpikingMultiheadAttention)
+
+from . import variants_more as _more  # noqa: E402, F401  (registers the hierarchical and hybrid families)
