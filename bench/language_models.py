@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sj_sfn.hf.metrics import embedding_fidelity, perplexity, sentence_embeddings
+
 FORTUNES = "/usr/share/games/fortunes"
 KINDS = ("qkv_in", "q", "k", "v", "attn", "proj_in", "fc1_in", "fc2_in", "head_in")
 
@@ -63,30 +65,6 @@ def minilm_dir() -> str:
 def batches(tok, sentences: Sequence[str], batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
     return [dict(tok(list(sentences[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
                      return_tensors="pt")) for i in range(0, len(sentences), batch_size)]
-
-
-@torch.no_grad()
-def embed(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Mean-pooled (over the attention mask), L2-normalised last hidden states."""
-    out = []
-    for b in data:
-        h = model(**b).last_hidden_state
-        m = b["attention_mask"][..., None].to(h.dtype)
-        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(out)
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort().argsort().to(torch.float64)
-
-
-def fidelity(ref: torch.Tensor, emb: torch.Tensor) -> dict[str, float]:
-    """Cosine of each embedding to the ANN's (mean, min) and the Spearman correlation of all pairwise similarities."""
-    cos = (ref * emb).sum(-1)
-    iu = torch.triu_indices(len(ref), len(ref), 1)
-    sa, ss = (ref @ ref.T)[iu[0], iu[1]], (emb @ emb.T)[iu[0], iu[1]]
-    rho = torch.corrcoef(torch.stack([_ranks(sa), _ranks(ss)]))[0, 1].item()
-    return {"cos_mean": cos.mean().item(), "cos_min": cos.min().item(), "spearman": rho}
 
 
 def cpu_time(model: torch.nn.Module, data: list[dict[str, torch.Tensor]], repeats: int) -> float:
@@ -125,11 +103,11 @@ def run_minilm(args: argparse.Namespace, log) -> dict:
     eb = batches(tok, evals, args.batch_size, args.max_length)
     tokens = int(sum(b["attention_mask"].sum() for b in eb))
     log(f"MiniLM: {len(sentences)} fortunes sentences; calibration {len(calib)}, evaluation {len(evals)} ({tokens} tokens)")
-    ref = embed(ann, eb)
+    ref = sentence_embeddings(ann, eb)
     eb_energy = eb[: args.energy_batches]
 
     def point(snn, **extra) -> dict:
-        row = {**extra, **fidelity(ref, embed(snn, eb))}
+        row = {**extra, **embedding_fidelity(ref, sentence_embeddings(snn, eb))}
         row["energy_ratio"] = measure_energy(snn, eb_energy, ann=ann).ratio
         return row
 
@@ -154,7 +132,7 @@ def run_minilm(args: argparse.Namespace, log) -> dict:
     for kind in KINDS:  # every site fine (λ=1/256, N=8192: full scale 32θ) but `kind` at the defaults
         set_resolution(snn, 1 / 256, 8192)
         set_resolution(snn, args.lam, args.max_spikes, kinds=[kind])
-        r = {"coarse_kind": kind, **fidelity(ref, embed(snn, eb))}
+        r = {"coarse_kind": kind, **embedding_fidelity(ref, sentence_embeddings(snn, eb))}
         ablation.append(r)
         log(f"  only {kind:8s} at the defaults: cos {r['cos_mean']:.4f} (min {r['cos_min']:.4f}) Spearman {r['spearman']:.4f}")
     return {"model": "all-MiniLM-L6-v2", "sentences": {"calibration": len(calib), "evaluation": len(evals),
@@ -274,19 +252,6 @@ def train_lm(train: torch.Tensor, args: argparse.Namespace, log):
     os.makedirs(args.cache, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval(), {"cached": False, "steps": step, "train_s": time.time() - t0, "final_loss": sum(losses[-50:]) / 50}
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> float:
-    """``exp`` of the mean next-token negative log-likelihood (per byte) over ``data``."""
-    nll, n = 0.0, 0
-    for b in data:
-        logits = model(**b).logits.float()
-        ids = b["input_ids"]
-        nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum").item()
-        n += ids[:, 1:].numel()
-    return float(torch.exp(torch.tensor(nll / n)))
 
 
 def run_causal_lm(args: argparse.Namespace, log) -> dict:

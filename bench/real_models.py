@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import sj_sfn
 from sj_sfn.conversion import DEFAULT_ENERGY_BUDGET
 from sj_sfn.energy import measure_energy
+from sj_sfn.hf.metrics import embedding_fidelity, sentence_embeddings
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -148,24 +149,6 @@ def classifier_fidelity(snn, ev: torch.Tensor, ref: torch.Tensor, batch: int) ->
     }
 
 
-def embeddings(model, batches) -> torch.Tensor:
-    out = []
-    with torch.no_grad():
-        for b in batches:
-            h = model(**b).last_hidden_state
-            m = b["attention_mask"][..., None].to(h.dtype)
-            out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(out)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    from scipy.stats import spearmanr
-
-    iu = torch.triu_indices(len(a), len(a), 1)
-    sa, sb = (a @ a.T)[iu[0], iu[1]], (b @ b.T)[iu[0], iu[1]]
-    return float(spearmanr(sa.numpy(), sb.numpy()).statistic)
-
-
 def predicted(snn) -> dict:
     """The energy-budget allocation's own predictions (energy ratio, relative output error), if it ran."""
     alloc = getattr(snn, "sfn_allocation", None)
@@ -208,7 +191,7 @@ def run_minilm(args, configs) -> list[dict]:
                 for i in range(0, len(lines), 16)]
 
     ev_b, cal_b = batches(ev_text), batches(cal_text)
-    ref = embeddings(bert, ev_b)
+    ref = sentence_embeddings(bert, ev_b)
     rows = []
     for name, kw in configs:
         t0 = time.time()
@@ -219,11 +202,11 @@ def run_minilm(args, configs) -> list[dict]:
             rows.append({"model": "minilm", "config": name, **kw, "error": f"{type(e).__name__}: {e}"})
             continue
         t_conv = time.time() - t0
-        out = embeddings(snn, ev_b)
+        out = sentence_embeddings(snn, ev_b)
         cos = (out * ref).sum(-1)
         e = measure_energy(snn, ev_b[:4], ann=bert, progress=False)
         row = {"model": "minilm", "config": name, **kw, "cos_mean": cos.mean().item(), "cos_min": cos.min().item(),
-               "spearman": spearman(ref, out), "energy_ratio": e.ratio, "convert_s": t_conv, **predicted(snn)}
+               "spearman": embedding_fidelity(ref, out)["spearman"], "energy_ratio": e.ratio, "convert_s": t_conv, **predicted(snn)}
         rows.append(row)
         print(f"  {name:28s} cos {row['cos_mean']:.4f} (min {row['cos_min']:.4f})  spearman {row['spearman']:.4f}  "
               f"energy {e.ratio:.3f}  ({t_conv:.0f} s)", flush=True)

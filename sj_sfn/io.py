@@ -276,6 +276,14 @@ def load_converted(path: str | os.PathLike, device: str | torch.device | None = 
     obj = load(path)
     if not (isinstance(obj, dict) and obj.get("format") == CONVERTED_FORMAT):
         raise CheckpointError(f"{path} is not a converted SNN written by 'sj-sfn convert'")
+    if obj.get("hf_task"):  # a Hugging Face model: rebuilt from its directory
+        from .hf.pretrained import load_converted_hf
+
+        try:
+            snn = load_converted_hf(obj)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not match the model in {obj['model']}: {_first_line(e)}") from e
+        return (snn.to(device) if device is not None else snn).eval(), obj
     try:
         mk, ck, shape = obj["model_kwargs"], obj["convert_kwargs"], obj["input_shape"]
         ann = build_model(obj["model"], mk["num_classes"], mk["in_chans"], mk.get("img_size"))
@@ -285,6 +293,7 @@ def load_converted(path: str | os.PathLike, device: str | torch.device | None = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         snn = convert(ann, [(x,)], progress=False, **ck)
+    add_missing_biases(snn, obj["state_dict"])
     try:
         snn.load_state_dict(obj["state_dict"])
     except RuntimeError as e:
@@ -292,6 +301,25 @@ def load_converted(path: str | os.PathLike, device: str | torch.device | None = 
     if device is not None:
         snn.to(device)
     return snn.eval(), obj
+
+
+def add_missing_biases(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Give every layer without a bias the zero bias that ``state_dict`` holds for it.
+
+    The energy-budget calibration folds its bias correction into the weight layers that read a
+    site, adding a bias where a layer had none (``b ← b − W·E[e]``); a rebuilt network needs the
+    same parameters before ``load_state_dict``.
+    """
+    for key, value in state_dict.items():
+        name, _, leaf = key.rpartition(".")
+        if leaf != "bias":
+            continue
+        try:
+            owner = module.get_submodule(name)
+        except AttributeError:
+            continue
+        if "bias" in owner._parameters and owner._parameters["bias"] is None:
+            owner.bias = torch.nn.Parameter(torch.zeros_like(value, device=owner.weight.device))
 
 
 def converted_data_config(meta: Mapping[str, Any], data: str, ann: torch.nn.Module | None = None) -> dict | None:

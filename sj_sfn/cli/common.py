@@ -35,6 +35,7 @@ __all__ = [
     "add_common",
     "add_tune_options",
     "add_converted_input",
+    "level_sets",
     "log",
     "write_json_main",
     "check_outputs",
@@ -136,6 +137,12 @@ def add_converted_input(p: argparse.ArgumentParser, checkpoint_help: str) -> Non
 
 
 # -- small steps -----------------------------------------------------------------------------
+
+
+def level_sets(args: argparse.Namespace) -> str | list[str] | None:
+    """``--level-sets``: ``None`` (the default sets), ``'all'``, or the names given."""
+    sets = getattr(args, "level_sets", None)
+    return "all" if sets and "all" in sets else sets
 
 
 def log(args: argparse.Namespace, *msg: Any) -> None:

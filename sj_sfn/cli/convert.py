@@ -8,7 +8,8 @@ import os
 import time
 import warnings
 
-from ..conversion import convert
+from ..calibration.budget import LEVEL_SETS
+from ..conversion import DEFAULT_ENERGY_BUDGET, convert
 from ..data import BUNDLED_DATA, data_config, data_info, load_data
 from ..distributed import init_from_env, is_main
 from ..evaluation import evaluate
@@ -17,23 +18,32 @@ from ..report import report
 from ..tune import current_lams
 from ..version import __version__
 from ..zoo import build_model
-from . import common
+from . import common, text_models
 from .common import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("convert", help="convert a trained ANN (timm, torchvision:NAME, zoo:NAME) into a T=1 SNN",
-                       description="Calibrate SFN thresholds on the training data, set λ (or tune it on a validation split) "
-                                   "and save the SNN.")
-    c.add_argument("model", metavar="MODEL", help="timm model name, torchvision:NAME or zoo:NAME")
+    c = sub.add_parser("convert", help="convert a trained ANN (timm, torchvision:NAME, zoo:NAME, a Hugging Face directory) into a T=1 SNN",
+                       description="Calibrate SFN thresholds on the training data (for the energy budget, or the paper's "
+                                   "quantile with --lam), optionally tune λ on a validation split, and save the SNN. "
+                                   "A local Hugging Face model directory takes a text file as --data (one text per line).")
+    c.add_argument("model", metavar="MODEL", help="timm model name, torchvision:NAME, zoo:NAME, or a local Hugging Face "
+                                                   "model directory (config.json, weights, tokenizer)")
     c.add_argument("--checkpoint", default=None, help="the ANN's weights (state_dict or a training checkpoint)")
     c.add_argument("--allow-random-weights", action="store_true", help=argparse.SUPPRESS)
-    c.add_argument("--data", required=True, help="digits, fashion-mnist or an ImageFolder directory")
+    c.add_argument("--data", required=True, help="digits, fashion-mnist or an ImageFolder directory; for a Hugging Face "
+                                                  "model a text file (one text per line) or a directory of .txt files")
     lam = c.add_mutually_exclusive_group()
-    lam.add_argument("--lam", type=common.lam, default=None, help="λ (default: the converter's, 0.05 for CNNs, 0.25 for ViTs)")
+    lam.add_argument("--lam", type=common.lam, default=None,
+                     help="λ with the paper's quantile calibration (default: none, the energy-budget calibration)")
     lam.add_argument("--tune", action="store_true", help="tune λ with Ax on the validation split")
     c.add_argument("--out", required=True, help="converted model file (.pth)")
     c.add_argument("--max-spikes", "-N", type=common.positive_int, default=32, help="N, spikes per sign and step (default 32)")
+    c.add_argument("--energy-budget", type=common.positive_float, default=DEFAULT_ENERGY_BUDGET,
+                   help=f"target energy ratio E_SNN/E_ANN of the default calibration (default {DEFAULT_ENERGY_BUDGET})")
+    c.add_argument("--level-sets", nargs="+", choices=LEVEL_SETS + ("all",), default=None,
+                   help="level sets each site may take in the energy-budget calibration (default: uniform float2 float3)")
+    c.add_argument("--max-length", type=common.positive_int, default=128, help="Hugging Face models: tokens per text (default 128)")
     c.add_argument("--p", type=common.quantile, default=0.99, help="calibration quantile in (0, 1] (default 0.99)")
     c.add_argument("--per-channel", action="store_true", help="per-channel thresholds")
     off = c.add_mutually_exclusive_group()
@@ -53,6 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     common.check_outputs(args, "out", "json", "plot")  # before any work: a bad path must not cost a conversion
+    if text_models.is_hf_directory(args.model):
+        return text_models.run_convert(args, common)
     if args.v_init is not None:
         warnings.warn("--v-init is deprecated: use --offset (the same threshold offset)", DeprecationWarning, stacklevel=2)
         common.log(args, "note: --v-init is deprecated, use --offset")
@@ -80,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     # λ and the offset left unset take the converter's per-family defaults (CNN / SFormer)
     ck = {"lam": args.lam, "max_spikes": args.max_spikes, "p": args.p, "per_channel": args.per_channel, "offset": args.offset}
     ck = {k: v for k, v in ck.items() if v is not None}
+    budget = {} if args.lam is not None else {"energy_budget": args.energy_budget, "level_sets": common.level_sets(args)}
     t0 = time.perf_counter()
     try:
-        snn = convert(ann, d.calib, device=device, progress=not args.quiet, **ck)
+        snn = convert(ann, d.calib, device=device, progress=not args.quiet, **ck, **budget)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise UserError(f"cannot convert {args.model}: {str(e).splitlines()[0]}") from e
     t_conv = time.perf_counter() - t0

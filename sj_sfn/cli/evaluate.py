@@ -10,7 +10,7 @@ from ..data import load_data
 from ..distributed import init_from_env, is_main
 from ..evaluation import evaluate
 from ..io import converted_data_config, load_converted
-from . import common
+from . import common, text_models
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     dist_on = init_from_env()
     device = common.device_of(args, dist_on)
     snn, meta = load_converted(args.snn, device)
+    if meta.get("hf_task"):
+        return text_models.run_eval(args, snn, meta, common)
     ann = None if args.no_ann else common.ann_for(meta, args.checkpoint, device, args.trust_checkpoint)
     data = args.data or meta.get("data")
     mk = meta["model_kwargs"]
