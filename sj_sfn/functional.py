@@ -416,7 +416,7 @@ def _run_seq(x_seq, v, tp, tn, max_spikes, levels, offset, ceiling, detach_reset
 # ---------------------------------------------------------------------------------------
 # Fast inference fire: one step from rest, spike value only (no counts, no membrane)
 # ---------------------------------------------------------------------------------------
-#: elements per chunk of the fast fire: its scratch stays in cache and is reused, so a site allocates only its output
+#: elements per chunk and thread of the fast fire: its scratch stays in cache and is reused, so a site allocates only its output
 FAST_CHUNK = 1 << 16
 _TABLE_SHIFTS = range(22, 15, -1)  # 2^10 .. 2^16 buckets
 
@@ -494,8 +494,9 @@ def fast_fire(
 ) -> torch.Tensor:
     """The spike of :func:`multi_threshold_fire` (one step from rest, no gradient), in cache-sized chunks.
 
-    ``h`` is a contiguous float32 tensor, 1-D with 0-d thresholds, or 2-D ``[R, L]`` with thresholds
-    (``θ±`` *scaled*, and ``cap``) of shape ``[1, L]`` or ``[R, 1]``. Only the output is allocated; every
+    ``h`` is a float32 tensor: with 0-d thresholds of any layout (read in chunks along its first dimension,
+    or flat when 1-D), else a contiguous ``[R, L]`` with thresholds (``θ±`` *scaled*, and ``cap``) of shape
+    ``[1, L]`` or ``[R, 1]``. The output is contiguous and the only allocation; every
     intermediate lives in reused scratch chunks. Per chunk, bit for bit the reference's result:
 
     * evenly spaced levels (``table is None``): ``o = θ+·min(clip(floor(h/θ+ + r), 0, N), cap)``, signed
@@ -507,15 +508,19 @@ def fast_fire(
       the unsigned table): ``h/(-θ-) = -h/θ-`` exactly, the other branch's term is 0, and ``+ 0`` turns
       the ``-0`` of ``0·(-θ-)`` into the reference's ``+0``.
     """
-    out = torch.empty_like(h)
+    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    chunk = FAST_CHUNK * torch.get_num_threads()  # every thread gets a chunk's worth per op (fewer parallel regions)
     if h.dim() == 1:
-        step, row_thresholds = FAST_CHUNK, False
+        step, row_thresholds = chunk, False
     else:
-        step, row_thresholds = max(1, FAST_CHUNK // h.shape[1]), theta_pos.dim() == 2 and theta_pos.shape[0] > 1
-    n_max = min(h.numel(), step * (h.shape[1] if h.dim() == 2 else 1))
+        row = h[0].numel()
+        step, row_thresholds = max(1, chunk // max(row, 1)), theta_pos.dim() == 2 and theta_pos.shape[0] > 1
+    n_max = min(h.numel(), step * (h[0].numel() if h.dim() > 1 else 1))
     select = theta_neg is not None and table_neg is None and (table is not None or cap is None)
-    u = torch.empty(n_max, dtype=h.dtype, device=h.device)
-    w = None if theta_neg is None else torch.empty_like(u)
+    # scratch only where a mode needs it: u the quotient to look up, w the second branch or the
+    # per-element threshold, ge the sign mask
+    u = torch.empty(n_max, dtype=h.dtype, device=h.device) if table is not None else None
+    w = None if theta_neg is None else torch.empty(n_max, dtype=h.dtype, device=h.device)
     ge = torch.empty(n_max, dtype=torch.bool, device=h.device) if select else None
     r = torch.tensor(offset, dtype=h.dtype)
     neg = None if theta_neg is None else -theta_neg

@@ -727,23 +727,26 @@ class SFNode(MultiLevelNode):
     def _fast_fire(self, x: torch.Tensor) -> torch.Tensor | None:
         """The spike of one step from rest through :func:`functional.fast_fire`, or ``None`` (take the reference).
 
-        Per-tensor thresholds fire the flat input; per-channel ones view it as ``[A, C]`` (channel last,
-        thresholds ``[1, C]``) or ``[A·C, B]`` (thresholds repeated to ``[A·C, 1]``).
+        Per-tensor thresholds fire the input flat (contiguous) or as it lies (a permuted view such as
+        attention's q, k, v: no copy); per-channel ones view it as ``[A, C]`` (channel last, thresholds
+        ``[1, C]``) or ``[A·C, B]`` (thresholds repeated to ``[A·C, 1]``).
         """
         plan = self._fast_plan()
         if plan is None:
             return None
         tp, tn, cap = plan["tp"], plan["tn"], plan["cap"]
         if F.broadcast_threshold(tp, x, self.channel_dim, "theta_pos").dim() == 0:  # with the reference's shape checks
-            shape, view = (x.numel(),), (lambda t: t.reshape(()))
+            h = x.view(-1) if x.is_contiguous() or x.dim() < 2 else x
+
+            def view(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(())
         else:
             d = self.channel_dim + x.dim() if self.channel_dim < 0 else self.channel_dim
             a, c, b = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
-            if b == 1:
-                shape, view = (a, c), (lambda t: t.reshape(1, c))
-            else:
-                shape, view = (a * c, b), (lambda t: t.repeat(a).reshape(a * c, 1))
-        h = x.contiguous().view(shape)
+            h = x.contiguous().view((a, c) if b == 1 else (a * c, b))
+
+            def view(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(1, c) if b == 1 else t.repeat(a).reshape(a * c, 1)
         out = F.fast_fire(
             h, view(tp), None if tn is None else view(tn), self.max_spikes, self.offset,
             None if cap is None else view(cap), plan["table"], plan["table_neg"],

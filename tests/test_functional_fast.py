@@ -120,3 +120,16 @@ def test_fast_path_follows_buffer_changes_and_is_skipped_when_counts_are_needed(
     out = node(x)
     assert node.last_counts is not None and node.last_counts.shape == x.shape
     _assert_bitwise_equal(out, _fire_both(node, x)[1])
+
+
+@pytest.mark.parametrize("levels", ["uniform", "float_m3"])
+def test_fast_fire_reads_permuted_views_in_place(levels: str, rng: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-contiguous input (attention's q/k/v are permuted views) fires without a copy, as the reference."""
+    monkeypatch.setattr(F, "FAST_CHUNK", 100)
+    lv = LEVELS[levels]
+    for tn in (None, torch.tensor(0.21), torch.tensor(0.37)):
+        node = SFNode(torch.tensor(0.37), tn, levels=lv, max_spikes=None if lv is not None else 16, offset=0.5, stateful=False)
+        x = _input((2, 9, 3, 4, 8), node, rng).permute(2, 0, 3, 1, 4)[1]  # [2, 4, 9, 8], strided
+        assert not x.is_contiguous()
+        fast, ref = _fire_both(node, x)
+        _assert_bitwise_equal(fast, ref)
