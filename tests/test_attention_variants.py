@@ -452,6 +452,47 @@ def test_more_families_identity_and_fine_resolution(name):
             assert all(isinstance(getattr(m, f"sfn_{kind}"), SFNode) for kind in m.SITES), name
 
 
+@pytest.mark.parametrize("name", list(MORE_MODELS))
+def test_more_families_energy_counts_their_products(name):
+    """``measure_energy`` pairs the SNN with the ANN and counts every spike product a wrapper names in ``PRODUCTS``."""
+    build, size, _ = MORE_MODELS[name]
+    torch.manual_seed(SEED)
+    model = _randomize(build())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(SEED + 2))
+    snn = sformer.convert(model, [x], lam=0.25, max_spikes=32, progress=False)
+    rep = measure_energy(snn, [x], ann=model)
+    assert 0 < rep.ratio < 2
+    rows = {r.name: r for r in rep.per_layer}
+    for n, m in snn.named_modules():
+        if isinstance(m, sformer.SFormerAttention):
+            for product, *_ in m.PRODUCTS:
+                row = rows[f"{n}.{product}"]
+                assert row.snn_acs > 0 and row.ann_macs > 0, (n, product)
+
+
+def test_outlook_attention_counts_one_product_by_hand():
+    """VOLO's outlook attention: ``attn [H·N, k², k²]`` times ``v [H·N, k², D]``, ``N`` the stride-2 locations."""
+    build, size, _ = MORE_MODELS["volo"]
+    torch.manual_seed(SEED)
+    model = _randomize(build())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(SEED + 2))
+    snn = sformer.convert(model, [x], lam=0.25, max_spikes=32, progress=False)
+    rows = {r.name: r for r in measure_energy(snn, [x], ann=model).per_layer}
+    name, att = next((n, m) for n, m in snn.named_modules() if getattr(m, "source_type", None) == "OutlookAttention")
+    assert att.PRODUCTS == (("av", "attn", "v"),) and f"{name}.qk" not in rows
+    tokens = size // 8  # VOLO's patch embedding: 8x8 pixels per token
+    n, kk, d = (tokens // att.stride) ** 2, att.kernel_size ** 2, att.attn_dim // att.num_heads
+    assert rows[f"{name}.av"].ann_macs == pytest.approx(att.num_heads * n * kk * kk * d)
+
+
+def test_separable_attention_cross_call_is_refused():
+    model = _randomize(SeparableMixerNet())
+    snn = sformer.prepare(model, lambda kind, site: nn.Identity())
+    x = torch.randn(2, 16, 4, 4)
+    with pytest.raises(NotImplementedError, match="cross-attention call"):
+        snn.attn(x, x)
+
+
 def test_pvt_v2_linear_attention_is_refused_before_running():
     from timm.models.pvt_v2 import Attention
 

@@ -403,6 +403,12 @@ class SpikingOutlookAttention(_Variant):
                          sites=sites)
         self.kernel_size, self.padding, self.stride = int(src.kernel_size), int(src.padding), int(src.stride)
 
+    def energy_ops(self) -> list[dict]:
+        """The one spike product ``attn·v`` (see :meth:`SFormerAttention.energy_ops`)."""
+        from .modules import _product_ops, _site_costs
+
+        return [_product_ops("av", _site_costs(self.sfn_attn), _site_costs(self.sfn_v), "av")]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, hh, ww, c = x.shape
         heads, kk = self.num_heads, self.kernel_size ** 2
