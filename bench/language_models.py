@@ -276,6 +276,15 @@ def run_causal_lm(args: argparse.Namespace, log) -> dict:
     t_ann = cpu_time(model, evals, 1)
     log(f"causal LM: {n_params / 1e6:.2f} M parameters, validation perplexity (per byte) {ppl_ann:.4f}")
     rows = [{"method": "ANN", "T": 1, "perplexity": ppl_ann, "cpu_s": t_ann, "energy_ratio": 1.0}]
+    for budget in args.lm_budgets:  # the default calibration: thresholds and level sets for an energy budget
+        t0 = time.time()
+        snn = sj_sfn.convert(model, calib, energy_budget=budget, progress=False)
+        r = {"method": "sj-sfn (energy budget)", "T": 1, "budget": budget, "convert_s": time.time() - t0,
+             "perplexity": perplexity(snn, evals), "energy_ratio": measure_energy(snn, evals[:2], ann=model).ratio}
+        r["cpu_s"] = cpu_time(snn, evals, 1)
+        rows.append(r)
+        log(f"  sj-sfn T=1 energy budget {budget:g}: perplexity {r['perplexity']:.4f} "
+            f"({100 * (r['perplexity'] / ppl_ann - 1):+.2f}%), energy ratio {r['energy_ratio']:.3f}, CPU {r['cpu_s']:.2f} s")
     snn = sj_sfn.convert(model, calib, lam=args.lam, max_spikes=args.max_spikes, progress=False)
     for lam in args.lm_lams:
         set_resolution(snn, lam, max(1, round(args.full_scale / lam)))
@@ -309,7 +318,7 @@ def lm_table(res: dict) -> str:
     ann = res["rows"][0]["perplexity"]
     lines = [f"{'method':28s} {'T':>4s} {'λ':>6s} {'N':>4s} {'perplexity':>10s} {'Δ':>8s} {'energy':>7s} {'CPU s':>7s}"]
     for r in res["rows"]:
-        lam = f"{r['lam']:g}" if "lam" in r else ""
+        lam = f"{r['lam']:g}" if "lam" in r else f"β={r['budget']:g}" if "budget" in r else ""
         n = str(r.get("max_spikes", ""))
         e = f"{r['energy_ratio']:.3f}" if "energy_ratio" in r else "-"
         lines.append(f"{r['method']:28s} {r['T']:>4d} {lam:>6s} {n:>4s} {r['perplexity']:>10.4f} "
@@ -342,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-batch", type=int, default=16)
     ap.add_argument("--lm-calib", type=int, default=32, help="calibration sequences (validation entries)")
     ap.add_argument("--lm-eval", type=int, default=64, help="evaluation sequences (validation entries, after the calibration ones)")
+    ap.add_argument("--lm-budgets", type=float, nargs="+", default=[0.35, 0.5],
+                    help="energy budgets of the default (energy-budget) calibration")
     ap.add_argument("--lm-lams", type=float, nargs="+", default=[0.05, 0.1, 0.25])
     ap.add_argument("--sj-steps", type=int, nargs="+", default=[8, 32, 128])
     args = ap.parse_args(argv)
