@@ -253,3 +253,62 @@ def test_a_site_reused_on_tensors_of_different_shapes(rng):
     with torch.no_grad():
         assert _rel(fine(x), net(x)) < 0.01
         assert _rel(snn(x), net(x)) < 0.5
+
+
+def test_outlier_aware_sample_keeps_every_row_extreme_and_stays_unbiased(rng):
+    """The few huge entries of a row (LayerNorm outliers) are always kept; weighted sums estimate the full sums."""
+    from sj_sfn.calibration.budget import _outlier_aware_sample
+
+    rows = torch.randn(6, 20000, generator=rng)
+    hot = torch.stack([torch.randperm(20000, generator=rng)[:5] for _ in range(6)])
+    rows.scatter_(1, hot, 200.0)  # 5 outliers of 200 per row: 0.025% of the entries, ~two thirds of the energy
+    x, w = _outlier_aware_sample(rows, 512, seed=3)
+    assert x.shape == w.shape == (6, 512)
+    assert torch.equal(x.abs().amax(1), rows.abs().amax(1))
+    assert ((x == 200.0) & (w == 1)).sum(1).eq(5).all()  # each outlier once, at weight 1
+    full = rows.pow(2).sum(1)
+    assert torch.allclose((x.pow(2) * w).sum(1), full, rtol=0.05)  # the rest: 448 draws of unit-variance entries
+    means = torch.stack([torch.mul(*_outlier_aware_sample(rows, 512, seed=s)).sum(1) for s in range(200)]).mean(0)
+    assert torch.allclose(means, rows.sum(1), atol=0.02 * rows.abs().sum(1).max())  # unbiased over draws
+
+
+def test_a_shared_site_read_by_a_linear_gets_its_bias_correction(rng):
+    """A head applied to the pooled token and to every token (VOLO): the shared per-tensor site's mean error is folded
+    into the Linear's bias on every input feature."""
+
+    class TwoCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.act, self.head = nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4)
+
+        def forward(self, x):  # x: [B, L, 6]
+            h = self.embed(x)
+            return self.head(self.act(h[:, 0])) + self.head(self.act(h)).mean(1)
+
+    net = TwoCalls().eval()
+    x = torch.randn(32, 5, 6, generator=rng)
+    snn = sj_sfn.convert(net, _loader(x), energy_budget=0.9, progress=False)  # the embedding's analog input: 0.6
+    assert snn.head.bias is not None and not torch.equal(snn.head.bias, net.head.bias)
+    with torch.no_grad():
+        assert _rel(snn(x), net(x)) < 0.5
+
+
+def test_level_sets_per_site_kind():
+    """``level_sets={'attn': 'all', '*': 'uniform'}``: only the SoftMax sites may take graded levels; a kind the model
+    does not have is an error naming the kinds it has."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                                                           num_classes=5).eval()
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    snn = sj_sfn.convert(vit, [x], calibration="quantile", lam=1.0, progress=False)
+    alloc = allocate_thresholds(snn, [x], 0.5, level_sets={"attn": "all", "*": "uniform"}, progress=False)
+    kinds = {s.kind for s in alloc.sites}
+    assert "attn" in kinds and len(kinds) > 3
+    assert all(s.levels == "uniform" for s in alloc.sites if s.kind != "attn")
+    with torch.no_grad():
+        assert _rel(snn(x), vit(x)) < 0.3
+    with pytest.raises(ValueError, match="kinds the model does not have.*'attn'"):
+        allocate_thresholds(snn, [x], 0.5, level_sets={"softmax": "all"}, progress=False)
+    with pytest.raises(ValueError, match=r"level_sets\['attn'\]"):
+        allocate_thresholds(snn, [x], 0.5, level_sets={"attn": "float9"}, progress=False)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -147,6 +147,29 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _outlier_aware_sample(rows: torch.Tensor, keep: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keep`` of the ``m`` entries of each row, with weights that keep every row sum unbiased.
+
+    The ``t = keep/8`` entries of largest magnitude in each row are kept exactly (weight 1): the
+    rare outliers (a few tokens in a few channels of a LayerNorm output) decide what a step
+    clips, and a uniform sample misses them. The other ``keep − t`` are drawn uniformly with
+    replacement, weight ``(m − t)/(keep − t)`` scaled to the non-outliers they stand for (0 when a
+    draw hits an outlier, already counted): ``E[Σ_j w_j f(x_j)] = Σ_i f(x_i)``.
+    """
+    c, m = rows.shape
+    top = max(1, keep // 8)
+    g = torch.Generator(device=rows.device).manual_seed(seed)
+    top_idx = rows.abs().topk(top, dim=1).indices  # [C, t]
+    draws = keep - top
+    rnd_idx = torch.randint(0, m, (draws,), generator=g, device=rows.device).expand(c, draws)
+    is_top = torch.zeros(c, m, dtype=torch.bool, device=rows.device)
+    is_top.scatter_(1, top_idx, True)
+    w_rnd = (~is_top.gather(1, rnd_idx)).float() * (m / draws)
+    idx = torch.cat([top_idx, rnd_idx], 1)
+    weights = torch.cat([torch.ones(c, top, device=rows.device), w_rnd], 1)
+    return rows.gather(1, idx), weights
+
+
 class _Probe(nn.Module):
     """Stands in for an SFN site during allocation: computes the ANN activation, records its input.
 
@@ -158,6 +181,7 @@ class _Probe(nn.Module):
         super().__init__()
         self.node, self.name, self.per_batch = node, name, per_batch
         self.rows: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []  # per row entry: how many activations it stands for (see _record)
         self.sens_sum: torch.Tensor | None = None
         self.sens_n = 0
         self.numel_per_sample = 0.0
@@ -205,6 +229,7 @@ class _Probe(nn.Module):
         self.cdim_confirmed = True
         if cdim != self.cdim and self.pending is not None and self.rows:
             self.rows.pop()
+            self.weights.pop()
             self.cdim = cdim
             self._record(self.pending)
         self.pending = None
@@ -219,6 +244,7 @@ class _Probe(nn.Module):
         if not self.shared and self.rows and (x.dim() != len(self.shape) or x.shape[self.cdim] != self.rows[0].shape[0]):
             self.shared = True  # channels differ between calls: one row, per-tensor steps only
             self.rows = [r.reshape(1, -1) for r in self.rows]
+            self.weights = [w.reshape(1, -1) for w in self.weights]
             if self.sens_sum is not None:
                 self.sens_sum = self.sens_sum.mean().reshape(1)
         c = 1 if self.shared else x.shape[self.cdim]
@@ -227,9 +253,16 @@ class _Probe(nn.Module):
         self.numel_per_sample = self.batch_numel
         m, keep = rows.shape[1], max(16, self.per_batch // c)
         if m > keep:
-            g = torch.Generator(device=rows.device).manual_seed(len(self.rows) * 7919 + 17)
-            rows = rows[:, torch.randint(0, m, (keep,), generator=g, device=rows.device)]
+            rows, weights = _outlier_aware_sample(rows, keep, seed=len(self.rows) * 7919 + 17)
+        else:
+            weights = torch.ones_like(rows)
         self.rows.append(rows.cpu())
+        self.weights.append(weights.cpu())
+
+    def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every recorded batch: ``x`` ``[C, M]`` and its weights, normalised per channel (each row sums to 1)."""
+        x, w = torch.cat(self.rows, dim=1), torch.cat(self.weights, dim=1)
+        return x, w / w.sum(1, keepdim=True).clamp_min(1e-30)
 
     @torch.no_grad()
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,8 +340,11 @@ def quantization_table(
     node: SFNode,
     mean_error: bool = False,
     levels: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel and step: mean squared error to ``target`` and mean cost of the site's fire rule.
+
+    With ``weights`` (``[C, M]``, each row summing to 1) the means are weighted: ``Σ_j w_j·f(x_j)``.
 
     ``x``: ``[C, M]`` site inputs; ``steps``: ``[G]`` (or ``[G, C, 1]``, per channel); returns two ``[G, C]``
     tensors (with ``mean_error=True`` the first is the signed mean error instead of the squared one).
@@ -331,8 +367,13 @@ def quantization_table(
         d = d.reshape(-1, 1) if d.dim() else d
         out, k = multi_threshold_fire(x, d, d if node.signed else None, n, levels, r, ceiling)  # the node's fire rule
         cnt = k.abs() if cost_of is None else cost_of[k.abs().long()]
-        errs.append((out - target).mean(1) if mean_error else (out - target).pow(2).mean(1))
-        cnts.append(cnt.mean(1))
+        err = (out - target) if mean_error else (out - target).pow(2)
+        if weights is None:
+            errs.append(err.mean(1))
+            cnts.append(cnt.float().mean(1))
+        else:
+            errs.append((err * weights).sum(1))
+            cnts.append((cnt.float() * weights).sum(1))
     return torch.stack(errs), torch.stack(cnts)
 
 
@@ -399,14 +440,31 @@ def level_set(name: str, max_spikes: int) -> torch.Tensor | None:
     return float_levels(bits, octaves)
 
 
-def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int, level_sets: tuple[str, ...]) -> list[_SiteTable]:
+def _check_level_sets(requested: Iterable[str] | str, what: str = "level_sets") -> tuple[str, ...]:
+    sets = LEVEL_SETS if requested == "all" else (requested,) if isinstance(requested, str) else tuple(requested)
+    if not sets or any(ls not in LEVEL_SETS for ls in sets):
+        raise ValueError(f"{what} must be 'all' or names from {LEVEL_SETS}, got {requested!r}")
+    return sets
+
+
+def _level_sets_by_kind(requested: Any) -> dict[str, tuple[str, ...]]:
+    """``level_sets`` as ``{kind: sets}`` with the key ``'*'`` for every kind not named."""
+    if isinstance(requested, Mapping):
+        out = {str(k): _check_level_sets(v, f"level_sets[{k!r}]") for k, v in requested.items()}
+        out.setdefault("*", DEFAULT_LEVEL_SETS)
+        return out
+    return {"*": _check_level_sets(requested)}
+
+
+def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int,
+            sets_by_kind: dict[str, tuple[str, ...]]) -> list[_SiteTable]:
     tables = []
     for name, pr in probes.items():
         if not pr.rows or pr.sens_n == 0:
             continue
-        x = torch.cat(pr.rows, dim=1)  # [C, M]
+        x, w = pr.samples()  # [C, M], weights summing to 1 per channel
         target = pr.activation(x)
-        scale = target.pow(2).mean().sqrt().item()
+        scale = (target.pow(2) * w).sum(1).mean().sqrt().item()
         if not math.isfinite(scale) or scale <= 0:
             scale = max(x.abs().max().item(), 1e-6)
         c = x.shape[0]
@@ -415,11 +473,11 @@ def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int, lev
         if pr.node.levels is not None and pr.initial_levels:  # levels the user gave: keep them, choose the step
             sets: list[tuple[str, torch.Tensor | None]] = [("custom", pr.node.levels.detach().cpu().float())]
         else:
-            sets = [(ls, level_set(ls, pr.n_uniform)) for ls in level_sets
+            sets = [(ls, level_set(ls, pr.n_uniform)) for ls in sets_by_kind.get(pr.node.kind, sets_by_kind["*"])
                     if ls == "uniform" or pr.n_uniform >= 2 << _MANTISSA_BITS[ls]]
         t = _SiteTable(name, pr.node, pr, pr.cdim, [], [], [], fanouts[name])
         mag = target.abs()
-        ch_rms = mag.pow(2).mean(1).sqrt()
+        ch_rms = (mag.pow(2) * w).sum(1).sqrt()
         lo_val = ch_rms[ch_rms > 0].min().item() if (ch_rms > 0).any() else scale
         hi_val = max(mag.max().item(), scale)
         for set_name, levels in sets:
@@ -433,7 +491,7 @@ def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int, lev
                 j_hi = math.ceil(4 * math.log2(2 * hi_val / (top * scale)))
                 j = torch.arange(max(j_lo, -grid - 4 * int(math.log2(top) + 1)), max(j_hi, j_lo) + 1, dtype=torch.float32)
             steps = scale * torch.pow(2.0, j / 4)
-            mse, cnt = quantization_table(x, target, steps, pr.node, levels=levels)
+            mse, cnt = quantization_table(x, target, steps, pr.node, levels=levels, weights=w)
             t.add(set_name, levels, steps, n_c * sens * mse, n_c * cnt)
         if t.steps:
             tables.append(t)
@@ -494,18 +552,25 @@ def _broadcast_from_rank0(snn: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _mean_error(x: torch.Tensor, target: torch.Tensor, node: SFNode) -> torch.Tensor:
-    """``E[SFN(x) − act(x)]`` per channel (rows of ``x``) at the node's current thresholds."""
+def _mean_error(x: torch.Tensor, target: torch.Tensor, node: SFNode, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``E[SFN(x) − act(x)]`` per channel (rows of ``x``, weighted by ``weights``) at the node's current thresholds."""
     theta = node.theta_pos.float().cpu() * float(node.lam)
     steps = theta.reshape(1, -1, 1) if theta.numel() > 1 else theta.reshape(1)
     levels = None if node.levels is None else node.levels.detach().float().cpu()
-    return quantization_table(x, target, steps, node, mean_error=True, levels=levels)[0][0]
+    return quantization_table(x, target, steps, node, mean_error=True, levels=levels, weights=weights)[0][0]
 
 
 @torch.no_grad()
 def _fold_input_error(layer: nn.Module, err: torch.Tensor) -> None:
-    """``b ← b − W·e`` for a per-input-channel error ``e`` of a Linear / Conv / transformers Conv1D input."""
+    """``b ← b − W·e`` for a per-input-channel error ``e`` of a Linear / Conv / transformers Conv1D input.
+
+    A per-tensor error (one value: a site shared by calls on different shapes) is the same on every input channel.
+    """
     w = layer.weight.detach()
+    if err.numel() == 1:
+        c_in = w.shape[0] if not isinstance(layer, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) else (
+            layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels)
+        err = err.reshape(1).expand(c_in)
     if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         g = layer.groups
         wsum = w.flatten(2).sum(2)  # [O, C/g]
@@ -656,7 +721,7 @@ def allocate_thresholds(
     probes: int = 2,
     samples_per_batch: int = 1 << 16,
     grid: int = 40,
-    level_sets: Iterable[str] | str = DEFAULT_LEVEL_SETS,
+    level_sets: Iterable[str] | str | Mapping[str, Iterable[str] | str] = DEFAULT_LEVEL_SETS,
     correlation_passes: int = 1,
     bias_correction: bool = True,
     seed: int = 0,
@@ -676,7 +741,9 @@ def allocate_thresholds(
     :param level_sets: the level sets each site may take (:data:`LEVEL_SETS`): ``'uniform'`` (``Δ·k``, ``k``
         unit spikes), ``'log2'`` (``Δ·2^e``: one graded spike), ``'float1'``/``'float2'`` (``Δ·(1 + j/2^m)·2^e``:
         one graded spike per power of two), or ``'all'``; each site takes the set and step with the lowest
-        Lagrangian. Sites converted with custom levels keep them (only their step is chosen)
+        Lagrangian. A mapping gives the sets per site kind (``{'attn': 'all', '*': 'uniform'}``; ``'*'``: every
+        other kind, default :data:`DEFAULT_LEVEL_SETS`). Sites converted with custom levels keep them (only
+        their step is chosen)
     :param correlation_passes: passes over ``loader`` that measure how much each site's actual rounding error
         moves the output against the uncorrelated-error prediction (``ρ_s``, see :func:`_correlation_factors`)
         and re-allocate with the corrected errors; 0 = the first-order allocation alone
@@ -694,13 +761,14 @@ def allocate_thresholds(
         raise ValueError(f"correlation_passes must be an integer >= 0, got {correlation_passes!r}")
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be an integer >= 1 or None, got {num_batches!r}")
-    requested = level_sets
-    level_sets = LEVEL_SETS if requested == "all" else (requested,) if isinstance(requested, str) else tuple(requested)
-    if not level_sets or any(ls not in LEVEL_SETS for ls in level_sets):
-        raise ValueError(f"level_sets must be 'all' or names from {LEVEL_SETS}, got {requested!r}")
+    sets_by_kind = _level_sets_by_kind(level_sets)
     sites = [(n, m) for n, m in snn.named_modules() if isinstance(m, SFNode)]
     if not sites:
         raise ValueError("the model has no SFNode sites: convert it first (sj_sfn.convert)")
+    unknown = set(sets_by_kind) - {"*"} - {m.kind for _, m in sites}
+    if unknown:
+        raise ValueError(f"level_sets names site kinds the model does not have: {sorted(unknown)}; its kinds are "
+                         f"{sorted({m.kind for _, m in sites})}")
     device = model_device(snn) if device is None else torch.device(device)
     was_training = snn.training
     snn.eval()
@@ -781,7 +849,7 @@ def allocate_thresholds(
     unmatched = [n for n in probes_by_name if fanouts[n] == 0]  # feed no weight layer: no ACs, finest useful step
     e_ann = E_MAC_PJ * sum(macs.values())
     e_analog = E_MAC_PJ * sum(analog.values())
-    tables = _tables(probes_by_name, fanouts, grid, level_sets)
+    tables = _tables(probes_by_name, fanouts, grid, sets_by_kind)
     if not tables:
         raise CalibrationError("no SFN site received data during allocation")
     budget_pj = energy_budget * e_ann - e_analog
@@ -855,8 +923,8 @@ def allocate_thresholds(
         for t in tables:
             fixes = [modules[c] for c in consumers.get(t.name, {}) if (t.name, c) in direct]
             if fixes:
-                x = torch.cat(t.probe.rows, dim=1)
-                err = _mean_error(x, t.probe.activation(x), t.node)
+                x, w = t.probe.samples()
+                err = _mean_error(x, t.probe.activation(x), t.node, w)
                 for layer in fixes:
                     _fold_input_error(layer, err)
     _broadcast_from_rank0(snn)
