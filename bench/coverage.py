@@ -371,6 +371,8 @@ def markdown(rows: list[dict[str, Any]], command: str, total: int) -> str:
         f"- fine-resolution relative error (`{', '.join(f'{k}={v}' for k, v in FINE.items())}`): "
         + (f"max {max(fine):.2g}, median {statistics.median(fine):.2g} over {len(fine)} models; "
            f"{'none' if not over else ', '.join(over)} at or above 0.02" if fine else "not measured"),
+        f"- random networks whose output did not carry the input: {sum(r.get('init') == 'bn-stats' for r in rows)} "
+        f"(BatchNorm statistics re-estimated: `bn-stats`), {sum(bool(r.get('degenerate')) for r in rows)} still degenerate",
         "- spiking share of the ANN's MACs: " + (f"median {statistics.median(shares):.3f}, min {min(shares):.3f}" if shares else "-"),
         "- SNN/ANN CPU time (one thread, batch of the bench): " + (f"median {statistics.median(times):.2f}×, "
                                                                    f"max {max(times):.2f}×" if times else "-"),
