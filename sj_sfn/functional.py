@@ -513,9 +513,9 @@ def fast_fire(
     if h.dim() == 1:
         step, row_thresholds = chunk, False
     else:
-        row = h[0].numel()
+        row = math.prod(h.shape[1:])
         step, row_thresholds = max(1, chunk // max(row, 1)), theta_pos.dim() == 2 and theta_pos.shape[0] > 1
-    n_max = min(h.numel(), step * (h[0].numel() if h.dim() > 1 else 1))
+    n_max = min(h.numel(), step * (math.prod(h.shape[1:]) if h.dim() > 1 else 1))
     select = theta_neg is not None and table_neg is None and (table is not None or cap is None)
     # scratch only where a mode needs it: u the quotient to look up, w the second branch or the
     # per-element threshold, ge the sign mask

@@ -690,9 +690,11 @@ class SFNode(MultiLevelNode):
         """
         buffers = self._buffers  # direct: MemoryModule.__getattr__ is slow
         bufs = (buffers["theta_pos"], buffers["theta_neg"], buffers["lam"], buffers["levels"], buffers["ceiling"])
-        key = (tuple(None if b is None else (id(b), b._version) for b in bufs), self.offset, self.max_spikes)
+        # the key holds the buffers themselves (compared by identity and in-place version): a cached buffer
+        # stays alive, so no new buffer can reuse its id
+        key = (bufs, tuple(None if b is None else b._version for b in bufs), self.offset, self.max_spikes)
         cached = self.__dict__.get("_fast_cache")
-        if cached is not None and cached[0] == key:
+        if cached is not None and all(a is b for a, b in zip(cached[0][0], bufs)) and cached[0][1:] == key[1:]:
             return cached[1]
         with torch.no_grad():
             f32 = torch.float32

@@ -133,3 +133,13 @@ def test_fast_fire_reads_permuted_views_in_place(levels: str, rng: torch.Generat
         assert not x.is_contiguous()
         fast, ref = _fire_both(node, x)
         _assert_bitwise_equal(fast, ref)
+
+
+def test_fast_fire_empty_inputs_and_reloaded_thresholds(rng: torch.Generator) -> None:
+    node = SFNode(torch.rand(3, generator=rng) + 0.2, levels=F.float_levels(3, 4), offset=0.5, channel_dim=1, stateful=False)
+    assert node(torch.randn(0, 3, 4)).shape == (0, 3, 4)
+    x = torch.randn(2, 3, 4, generator=rng)
+    node(x)
+    other = SFNode(torch.rand(3, generator=rng) + 0.2, levels=F.float_levels(3, 4), offset=0.5, channel_dim=1, stateful=False)
+    node.load_state_dict(other.state_dict())  # new threshold values: the cached plan must not be reused
+    _assert_bitwise_equal(node(x), _fire_both(other, x)[1])
