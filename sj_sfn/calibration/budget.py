@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..functional import float_levels, level_terms, multi_threshold_fire
+from ..functional import float_levels, level_edges, level_terms, multi_threshold_fire
 from ..neuron import SFNode
 from ..utils import batch_inputs, batches_total, model_device
 from .observers import CalibrationError
@@ -353,27 +353,106 @@ def quantization_table(
     Custom levels ``y``: ``k = #{i : e_i ≤ x/Δ}`` with the edges ``e_i = y_i − r·(y_i − y_{i−1})``, output
     ``Δ·y_k``, cost the graded spikes of ``y_k`` (:func:`sj_sfn.functional.level_terms`).
     """
+    if levels is not None and (level_terms(levels) == 0).any():
+        raise ValueError("allocation needs levels that are short sums of powers of two (functional.level_terms)")
+    if not bool(torch.isfinite(x).all()):  # NaN/inf: the elementwise rule says what they give
+        return _quantization_table_elementwise(x, target, steps, node, mean_error, levels, weights)
+    return _quantization_table_sorted(x, target, steps, node, mean_error, levels, weights)
+
+
+def _quantization_table_elementwise(x, target, steps, node, mean_error, levels, weights):
+    """:func:`quantization_table` by firing every element at every step (the reference)."""
     r = float(node.offset)
     n = int(node.max_spikes) if levels is None else levels.numel()
     ceiling = None if node.ceiling is None else float(node.ceiling)
-    cost_of = None
-    if levels is not None:
-        terms = level_terms(levels)
-        if (terms == 0).any():
-            raise ValueError("allocation needs levels that are short sums of powers of two (functional.level_terms)")
-        cost_of = torch.cat([terms.new_zeros(1), terms]).float()
+    cost_of = None if levels is None else torch.cat([levels.new_zeros(1, dtype=torch.int32), level_terms(levels)]).float()
     errs, cnts = [], []
     for d in steps:
         d = d.reshape(-1, 1) if d.dim() else d
         out, k = multi_threshold_fire(x, d, d if node.signed else None, n, levels, r, ceiling)  # the node's fire rule
-        cnt = k.abs() if cost_of is None else cost_of[k.abs().long()]
+        cnt = (k.abs() if cost_of is None else cost_of[k.abs().long()]).float()
         err = (out - target) if mean_error else (out - target).pow(2)
         if weights is None:
             errs.append(err.mean(1))
-            cnts.append(cnt.float().mean(1))
+            cnts.append(cnt.mean(1))
         else:
             errs.append((err * weights).sum(1))
-            cnts.append((cnt.float() * weights).sum(1))
+            cnts.append((cnt * weights).sum(1))
+    return torch.stack(errs), torch.stack(cnts)
+
+
+def _quantization_table_sorted(x, target, steps, node, mean_error, levels, weights):
+    """:func:`quantization_table` from each channel's sorted samples and prefix sums.
+
+    The fire rule is a staircase in ``x``: count ``k`` on ``[Δ·a_k, Δ·a_{k+1})`` (``a_k = k − r`` for evenly spaced
+    levels, the edges ``e_k`` otherwise; mirrored for the negative side), so a step's table is, per channel, a
+    sum over ``2N + 1`` runs of the sorted samples: ``Σ w (v − t)² = v²·ΣW − 2v·Σwt + Σwt²`` with the prefix sums
+    of ``w``, ``w·t`` and ``w·t²``. ``O(M log M)`` once, then ``O(N log M)`` per step, instead of ``O(M)`` per step.
+    """
+    c, m = x.shape
+    xs, order = x.float().sort(dim=1)
+    xs = xs.contiguous()
+    ts = target.gather(1, order).double()
+    ws = torch.full_like(ts, 1.0 / m) if weights is None else weights.gather(1, order).double()
+    zero = ts.new_zeros(c, 1)
+    pw = torch.cat([zero, ws.cumsum(1)], 1)
+    pt = torch.cat([zero, (ws * ts).cumsum(1)], 1)
+    pt2 = torch.cat([zero, (ws * ts * ts).cumsum(1)], 1)
+    r = float(node.offset)
+    if levels is None:
+        n = int(node.max_spikes)
+        a = torch.arange(1, n + 1, dtype=torch.float32) - r  # x/Δ + r >= k
+        b = torch.arange(1, n + 1, dtype=torch.float32)
+        cost = b.double()
+    else:
+        lv = levels.detach().float().cpu()
+        n = lv.numel()
+        a, b = level_edges(lv, r), lv
+        cost = level_terms(lv).double()
+    a, b = a.to(x.device), b.to(x.device)
+    cost = cost.to(x.device)
+    ceiling = None if node.ceiling is None else float(node.ceiling)
+    k_idx = torch.arange(n, device=x.device)
+    errs, cnts = [], []
+    for d in steps:
+        dc = d.reshape(-1).float().to(x.device).expand(c) if d.numel() == 1 else d.reshape(c).float().to(x.device)
+        tau = dc[:, None] * a[None, :]  # [C, N] where count k starts
+        starts = torch.searchsorted(xs, tau.contiguous())  # first sample with x >= τ_k
+        ends = torch.cat([starts[:, 1:], starts.new_full((c, 1), m)], 1)
+        kk = k_idx.expand(c, n)
+        if ceiling is not None:  # counts above the cap give the cap's level
+            cap_val = torch.tensor(ceiling, dtype=torch.float32, device=x.device) / dc
+            cap = torch.floor(cap_val) if levels is None else (b[None, :] <= cap_val[:, None]).sum(1).float()
+            kk = torch.minimum(kk, (cap.clamp(min=1) - 1).long()[:, None])
+        vals = dc[:, None].double() * b.double()[kk]
+        costs = cost[kk]
+        lo = starts[:, :1]
+        run_lo, run_hi, run_v, run_c = [starts], [ends], [vals], [costs]
+        if node.signed:  # x <= −τ_k: count −k, no cap
+            neg_ends = torch.searchsorted(xs, (-tau).contiguous(), right=True)  # samples with x <= −τ_k
+            neg_starts = torch.cat([neg_ends[:, 1:], neg_ends.new_zeros(c, 1)], 1)
+            run_lo.append(neg_starts)
+            run_hi.append(neg_ends)
+            run_v.append(-dc[:, None].double() * b.double()[k_idx].expand(c, n))
+            run_c.append(cost[k_idx].expand(c, n))
+            zero_lo = neg_ends[:, :1]
+        else:
+            zero_lo = lo.new_zeros(c, 1)
+        run_lo.append(zero_lo)
+        run_hi.append(lo)
+        run_v.append(zero.expand(c, 1))
+        run_c.append(zero.expand(c, 1))
+        i, j = torch.cat(run_lo, 1), torch.cat(run_hi, 1)
+        v, cst = torch.cat(run_v, 1), torch.cat(run_c, 1)
+        sw = pw.gather(1, j) - pw.gather(1, i)
+        st = pt.gather(1, j) - pt.gather(1, i)
+        if mean_error:
+            e = (v * sw - st).sum(1)
+        else:
+            st2 = pt2.gather(1, j) - pt2.gather(1, i)
+            e = (v * v * sw - 2 * v * st + st2).sum(1).clamp_min(0)
+        errs.append(e.float())
+        cnts.append((cst * sw).sum(1).float())
     return torch.stack(errs), torch.stack(cnts)
 
 
