@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .utils import UserError, atomic_write
+from .utils import UserError, add_missing_biases, atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -301,25 +301,6 @@ def load_converted(path: str | os.PathLike, device: str | torch.device | None = 
     if device is not None:
         snn.to(device)
     return snn.eval(), obj
-
-
-def add_missing_biases(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Give every layer without a bias the zero bias that ``state_dict`` holds for it.
-
-    The energy-budget calibration folds its bias correction into the weight layers that read a
-    site, adding a bias where a layer had none (``b ← b − W·E[e]``); a rebuilt network needs the
-    same parameters before ``load_state_dict``.
-    """
-    for key, value in state_dict.items():
-        name, _, leaf = key.rpartition(".")
-        if leaf != "bias":
-            continue
-        try:
-            owner = module.get_submodule(name)
-        except AttributeError:
-            continue
-        if "bias" in owner._parameters and owner._parameters["bias"] is None:
-            owner.bias = torch.nn.Parameter(torch.zeros_like(value, device=owner.weight.device))
 
 
 def converted_data_config(meta: Mapping[str, Any], data: str, ann: torch.nn.Module | None = None) -> dict | None:

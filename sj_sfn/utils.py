@@ -10,12 +10,13 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 import torch
 
-__all__ = ["UserError", "batch_inputs", "json_safe", "atomic_write", "write_json", "model_device", "batches_total"]
+__all__ = ["UserError", "batch_inputs", "json_safe", "atomic_write", "write_json", "model_device", "batches_total",
+           "add_missing_biases"]
 
 class UserError(ValueError):
     """A mistake in what the user named (a file, a folder, a model, an option); the command line reports it in one line, exit code 2."""
@@ -94,3 +95,22 @@ def batches_total(loader: Any, num_batches: int | None) -> int | None:
         return len(loader)
     except TypeError:
         return None
+
+
+def add_missing_biases(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Give every layer without a bias the zero bias that ``state_dict`` holds for it.
+
+    The energy-budget calibration folds its bias correction into the weight layers that read a
+    site, adding a bias where a layer had none (``b ← b − W·E[e]``); a rebuilt network needs the
+    same parameters before ``load_state_dict``.
+    """
+    for key, value in state_dict.items():
+        name, _, leaf = key.rpartition(".")
+        if leaf != "bias":
+            continue
+        try:
+            owner = module.get_submodule(name)
+        except AttributeError:
+            continue
+        if "bias" in owner._parameters and owner._parameters["bias"] is None:
+            owner.bias = torch.nn.Parameter(torch.zeros_like(value, device=owner.weight.device))

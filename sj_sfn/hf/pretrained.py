@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..utils import UserError
+from ..utils import UserError, add_missing_biases
 
 __all__ = ["load_hf_model", "token_batches", "load_converted_hf"]
 
@@ -48,7 +48,6 @@ def load_converted_hf(obj: dict[str, Any]) -> nn.Module:
     import warnings
 
     from ..conversion import convert
-    from ..io import add_missing_biases
 
     ann, tok, _ = load_hf_model(obj["model"])
     ck = {k: v for k, v in obj["convert_kwargs"].items() if k not in ("energy_budget", "level_sets")}

@@ -6,6 +6,7 @@
     sformer.set_lambda(snn, 0.2, kinds=["attn"])           # per-kind control, no recalibration
 """
 
+from . import variants_more  # noqa: F401  (registers the hierarchical and hybrid attention families)
 from .core import SITE_KINDS, Site, convert, is_sformer, prepare, set_lambda, set_max_spikes, site_modules, sites
 from .modules import FIRE_PATHS, HeadSite, SFormerAttention, SFormerMlp, set_fire_path
 

@@ -285,15 +285,15 @@ class SFormerAttention(nn.Module):
         ``|k|`` ACs), any other level makes each of its pairs one MAC (``macs``).
         """
         kinds = {kind for _, a, b in self.PRODUCTS for kind in (a, b)}
-        counts = {kind: _site_costs(getattr(self, f"sfn_{kind}")) for kind in kinds}
+        counts = {kind: site_costs(getattr(self, f"sfn_{kind}")) for kind in kinds}
         groups = self.num_heads // self.num_kv_heads
         for kind in ("k", "v"):
             if counts[kind] is not None and groups > 1:
                 counts[kind] = tuple(None if t is None else t.repeat_interleave(groups, dim=1) for t in counts[kind])
-        return [_product_ops(name, counts[a], counts[b], name) for name, a, b in self.PRODUCTS]
+        return [product_ops(name, counts[a], counts[b], name) for name, a, b in self.PRODUCTS]
 
 
-def _site_costs(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+def site_costs(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
     """``(ACs, MACs, 1[k≠0])`` per element of a site's last output, or ``None`` without counts."""
     k = getattr(site, "last_counts", None)
     if k is None:
@@ -302,10 +302,10 @@ def _site_costs(site: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, tor
     return ac, mac, k != 0
 
 
-def _product_ops(name: str, a: tuple | None, b: tuple | None, kind: str) -> dict:
+def product_ops(name: str, a: tuple | None, b: tuple | None, kind: str) -> dict:
     """Counts for ``a @ bᵀ`` (``qk``: a=[..,N,D], b=[..,M,D]) or ``a @ b`` (``av``: a=[..,N,M], b=[..,M,D]).
 
-    ``a``, ``b``: ``(ACs, MACs, non-zero)`` per element (:func:`_site_costs`); per pair of spikes that
+    ``a``, ``b``: ``(ACs, MACs, non-zero)`` per element (:func:`site_costs`); per pair of spikes that
     meet, ``ac_a·ac_b`` ACs, or one MAC when either spike is graded at a non-power-of-two level.
     """
     if a is None or b is None:

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 
-class _Variant(SFormerAttention):
+class VariantAttention(SFormerAttention):
     """Common set-up: the source's parameters under their names, one site per :attr:`SITES` entry."""
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory, *, num_heads: int, head_dim: int, scale: float,
@@ -110,7 +110,7 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 # -- Swin ----------------------------------------------------------------------------------------
 
 
-class SpikingWindowAttention(_Variant):
+class SpikingWindowAttention(VariantAttention):
     """timm Swin ``WindowAttention``: ``softmax(q·kᵀ·d^-1/2 + B_rel + M_shift)·v`` per window.
 
     ``B_rel`` = ``relative_position_bias_table[relative_position_index]`` (``[H, W_a, W_a]``),
@@ -140,7 +140,7 @@ class SpikingWindowAttention(_Variant):
 # -- BEiT ----------------------------------------------------------------------------------------
 
 
-class SpikingBeitAttention(_Variant):
+class SpikingBeitAttention(VariantAttention):
     """timm BEiT ``Attention``: ``qkv(x) + [b_q, 0, b_v]``, scores ``+ B_rel (+ B_shared)``."""
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
@@ -173,18 +173,18 @@ class SpikingBeitAttention(_Variant):
 # -- LeViT ---------------------------------------------------------------------------------------
 
 
-def _tokens(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+def as_tokens(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
     """A ``[B, C, H, W]`` map as ``[B, HW, C]`` tokens (sites work on tokens), with the shape to restore."""
     if x.dim() == 4:
         return x.flatten(2).transpose(1, 2), tuple(x.shape)
     return x, None
 
 
-def _untokens(x: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
+def from_tokens(x: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
     return x if shape is None else x.transpose(1, 2).reshape(shape)
 
 
-class _LevitBase(_Variant):
+class _LevitBase(VariantAttention):
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
         super().__init__(src, site_factory, num_heads=src.num_heads, head_dim=src.key_dim, scale=src.scale)
         self.use_conv = bool(src.use_conv)
@@ -198,7 +198,7 @@ class _LevitBase(_Variant):
         """``LinearNorm``/``ConvNorm`` on spiking tokens ``x``, back to tokens ``[B, N, C_out]``."""
         if shape is None:
             return ln(x)
-        return _tokens(ln(_untokens(x, shape)))[0]
+        return as_tokens(ln(from_tokens(x, shape)))[0]
 
     def _output(self, x: torch.Tensor, hw: tuple[int, ...] | None) -> torch.Tensor:
         """``proj = ln(s_p(act(x)))`` on ``x [B, H, N, D_v]`` (the activation stays floating point); a map of
@@ -208,14 +208,14 @@ class _LevitBase(_Variant):
         x = fire(self.sfn_proj_in, x)
         if hw is None:
             return self.proj.ln(x)
-        return self.proj.ln(_untokens(x, (b, self.val_attn_dim, *hw)))
+        return self.proj.ln(from_tokens(x, (b, self.val_attn_dim, *hw)))
 
 
 class SpikingLevitAttention(_LevitBase):
     """timm LeViT ``Attention``: ``softmax(q·kᵀ·d^-1/2 + B[:, idx])·v``, ``proj = ln(act(·))``; q, k, v from one LinearNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, shape = _tokens(x) if self.use_conv else (x, None)
+        x, shape = as_tokens(x) if self.use_conv else (x, None)
         x = fire(self.sfn_qkv_in, x)
         b, n, _ = x.shape
         qkv = self._project(self.qkv, x, shape)
@@ -248,7 +248,7 @@ class SpikingLevitAttentionDownsample(_LevitBase):
         self.resolution = tuple(int(r) for r in src.resolution)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, shape = _tokens(x) if self.use_conv else (x, None)
+        x, shape = as_tokens(x) if self.use_conv else (x, None)
         x = fire(self.sfn_qkv_in, x)
         b, n, c = x.shape
         s = self.stride
@@ -263,7 +263,7 @@ class SpikingLevitAttentionDownsample(_LevitBase):
             kv = self._project(self.kv, x, shape)
             k, v = kv.transpose(1, 2).reshape(b, self.num_heads, -1, n).split([self.key_dim, self.val_dim], dim=2)
             k, v = k.transpose(-2, -1), v.transpose(-2, -1)
-            xq = _untokens(x, shape)[:, :, ::s, ::s]  # AvgPool2d(kernel 1, stride s) = subsampling
+            xq = from_tokens(x, shape)[:, :, ::s, ::s]  # AvgPool2d(kernel 1, stride s) = subsampling
             q = self.q.ln(xq)
             hw = tuple(q.shape[-2:])
             q = q.reshape(b, self.num_heads, self.key_dim, -1).transpose(-2, -1)
@@ -274,7 +274,7 @@ class SpikingLevitAttentionDownsample(_LevitBase):
 # -- XCiT ----------------------------------------------------------------------------------------
 
 
-class SpikingXCA(_Variant):
+class SpikingXCA(VariantAttention):
     """timm XCiT ``XCA`` (cross-covariance attention), over channels:
 
     ``q̂ = q/‖q‖₂, k̂ = k/‖k‖₂`` (over the tokens), ``attn = softmax(τ_h · s_q(q̂)·s_k(k̂)ᵀ)`` (``[C_h, C_h]``
@@ -299,7 +299,7 @@ class SpikingXCA(_Variant):
 # -- CaiT / XCiT class attention -------------------------------------------------------------------
 
 
-class SpikingClassAttn(_Variant):
+class SpikingClassAttn(VariantAttention):
     """timm CaiT/XCiT ``ClassAttn``: ``q`` of the class token only, ``k``, ``v`` of every token (``L_q = 1``)."""
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
@@ -316,7 +316,7 @@ class SpikingClassAttn(_Variant):
         return self.proj_drop(self.proj(x))
 
 
-class SpikingTalkingHeadAttn(_Variant):
+class SpikingTalkingHeadAttn(VariantAttention):
     """timm CaiT ``TalkingHeadAttn``: the heads are mixed by ``proj_l`` before and ``proj_w`` after the SoftMax.
 
     ``s = s_q(q)·d^-1/2·s_k(k)ᵀ``, ``a = s_a(softmax(P_l·s_l(s)))``, ``out = s_m(P_w·a)·s_v(v)`` with the
@@ -348,7 +348,7 @@ class SpikingTalkingHeadAttn(_Variant):
 # -- torch nn.MultiheadAttention -------------------------------------------------------------------
 
 
-class SpikingMultiheadAttention(_Variant):
+class SpikingMultiheadAttention(VariantAttention):
     """``torch.nn.MultiheadAttention`` (either ``batch_first``), the same call and return value.
 
     ``qkv_in`` fires on the query; a key that is not the query fires through ``kv_in``, a value
@@ -453,7 +453,7 @@ class SpikingMultiheadAttention(_Variant):
 # -- registry --------------------------------------------------------------------------------------
 
 
-def _timm(module: str, *names: str):
+def timm_attr(module: str, *names: str):
     def load() -> tuple[type, ...]:
         import importlib
 
@@ -463,14 +463,12 @@ def _timm(module: str, *names: str):
     return load
 
 
-register_variant(_timm("timm.models.swin_transformer", "WindowAttention"), SpikingWindowAttention)
-register_variant(_timm("timm.models.beit", "Attention"), SpikingBeitAttention)
-register_variant(_timm("timm.models.levit", "Attention"), SpikingLevitAttention)
-register_variant(_timm("timm.models.levit", "AttentionDownsample"), SpikingLevitAttentionDownsample)
-register_variant(_timm("timm.models.xcit", "XCA"), SpikingXCA)
-register_variant(_timm("timm.models.cait", "ClassAttn"), SpikingClassAttn)
-register_variant(_timm("timm.models.xcit", "ClassAttn"), SpikingClassAttn)
-register_variant(_timm("timm.models.cait", "TalkingHeadAttn"), SpikingTalkingHeadAttn)
+register_variant(timm_attr("timm.models.swin_transformer", "WindowAttention"), SpikingWindowAttention)
+register_variant(timm_attr("timm.models.beit", "Attention"), SpikingBeitAttention)
+register_variant(timm_attr("timm.models.levit", "Attention"), SpikingLevitAttention)
+register_variant(timm_attr("timm.models.levit", "AttentionDownsample"), SpikingLevitAttentionDownsample)
+register_variant(timm_attr("timm.models.xcit", "XCA"), SpikingXCA)
+register_variant(timm_attr("timm.models.cait", "ClassAttn"), SpikingClassAttn)
+register_variant(timm_attr("timm.models.xcit", "ClassAttn"), SpikingClassAttn)
+register_variant(timm_attr("timm.models.cait", "TalkingHeadAttn"), SpikingTalkingHeadAttn)
 register_variant(lambda: (nn.MultiheadAttention,), SpikingMultiheadAttention)
-
-from . import variants_more as _more  # noqa: E402, F401  (registers the hierarchical and hybrid families)

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .modules import SiteFactory, fire, register_variant
-from .variants import _timm, _tokens, _untokens, _Variant
+from .variants import VariantAttention, as_tokens, from_tokens, timm_attr
 
 __all__ = [
     "SpikingVisformerAttention",
@@ -86,7 +86,7 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
-class _Plain(_Variant):
+class _Plain(VariantAttention):
     """``qkv`` → ``softmax(s_q(q)·d^-1/2·s_k(k)ᵀ)·s_v(v)`` → ``proj`` on tokens ``[.., N, C]``."""
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory, *, head_dim: int | None = None, **kw):
@@ -120,23 +120,23 @@ class SpikingDavitWindowAttention(_Plain):
     """timm DaViT ``WindowAttention``: ViT attention on the windows the block cuts (no position bias, no mask)."""
 
 
-class SpikingVisformerAttention(_Variant):
+class SpikingVisformerAttention(VariantAttention):
     """timm Visformer ``Attention`` on ``[B, C, H, W]`` maps: 1×1-conv ``qkv`` and ``proj``, ``head_dim`` from ``head_dim_ratio``."""
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
         super().__init__(src, site_factory, num_heads=src.num_heads, head_dim=src.head_dim, scale=src.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t, shape = _tokens(x)
+        t, shape = as_tokens(x)
         t = fire(self.sfn_qkv_in, t)
-        qkv = _tokens(self.qkv(_untokens(t, shape)))[0]
+        qkv = as_tokens(self.qkv(from_tokens(t, shape)))[0]
         x = _merge(self._attend(*_split_qkv(qkv, self.num_heads)))
         x = fire(self.sfn_proj_in, x)
         b, _, h, w = shape
-        return self.proj_drop(self.proj(_untokens(x, (b, self.attn_dim, h, w))))
+        return self.proj_drop(self.proj(from_tokens(x, (b, self.attn_dim, h, w))))
 
 
-class SpikingTntAttention(_Variant):
+class SpikingTntAttention(VariantAttention):
     """timm TNT ``Attention``: q, k from ``qk`` (``head_dim = hidden_dim/H``), v from ``v`` (``dim/H`` per head)."""
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
@@ -151,7 +151,7 @@ class SpikingTntAttention(_Variant):
         return self.proj_drop(self.proj(x))
 
 
-class _BiasedAttention(_Variant):
+class _BiasedAttention(VariantAttention):
     """LeViT-style attention with biases ``B[:, idx]`` and per-head sizes ``(key_dim, key_dim, val_dim)``."""
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
@@ -179,7 +179,7 @@ class SpikingTinyVitAttention(_BiasedAttention):
         return self._qkv_attend(self.norm(x))
 
 
-class SpikingCrossAttention(_Variant):
+class SpikingCrossAttention(VariantAttention):
     """timm CrossViT ``CrossAttention``: ``wq`` of the class token, ``wk``, ``wv`` of every token; returns ``[B, 1, C]``."""
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
@@ -199,7 +199,7 @@ def _split(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(*t.shape[:-1], heads, -1).transpose(-3, -2)
 
 
-class SpikingPvtV2Attention(_Variant):
+class SpikingPvtV2Attention(VariantAttention):
     """timm PVT-v2 ``Attention`` (spatial-reduction attention): q from every token, k, v from ``kv`` of the
     ``sr``-strided map, ``kv(s_kv(norm(sr(s_x(x)))))`` (``kv(s_x(x))`` when ``sr_ratio = 1``)."""
 
@@ -229,7 +229,7 @@ class SpikingPvtV2Attention(_Variant):
         return self.proj_drop(self.proj(x))
 
 
-class SpikingDavitChannelAttention(_Variant):
+class SpikingDavitChannelAttention(VariantAttention):
     """timm DaViT ``ChannelAttention``: ``out = (softmax(kᵀ·d^-1/2 · v) · qᵀ)ᵀ`` per head, over channels.
 
     The operands ``kᵀ``, ``vᵀ`` (``[B, H, D, N]``) and ``qᵀ`` take the ``q``, ``k`` and ``v`` sites (the
@@ -247,7 +247,7 @@ class SpikingDavitChannelAttention(_Variant):
         return self.proj(fire(self.sfn_proj_in, _merge(x)))
 
 
-class SpikingHieraAttention(_Variant):
+class SpikingHieraAttention(VariantAttention):
     """timm Hiera ``MaskUnitAttention``: global or per-mask-unit attention, q max-pooled over ``q_stride`` groups."""
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
@@ -273,7 +273,7 @@ class SpikingHieraAttention(_Variant):
         return self.proj(fire(self.sfn_proj_in, x.reshape(b, -1, self.dim_out)))
 
 
-class SpikingSwinV2WindowAttention(_Variant):
+class SpikingSwinV2WindowAttention(VariantAttention):
     """timm Swin V2 ``WindowAttention`` (cosine attention):
 
     ``attn = softmax(τ_h · s_q(q̂)·s_k(k̂)ᵀ + 16·σ(B_cpb) + M_shift)``, ``q̂ = q/‖q‖₂``, ``k̂ = k/‖k‖₂`` over the
@@ -309,7 +309,7 @@ class SpikingSwinV2WindowAttention(_Variant):
         return self.proj_drop(self.proj(x))
 
 
-class SpikingMultiScaleAttention(_Variant):
+class SpikingMultiScaleAttention(VariantAttention):
     """timm MViTv2 ``MultiScaleAttention`` (pooling attention, ``pool_first=False``):
 
     ``q, k, v = qkv(s_x(x))``; each pooled one is ``norm(pool(s_p(·)))`` (``s_p`` = ``pool_in``, one site on the
@@ -371,7 +371,7 @@ class SpikingVoloAttention(_Plain):
         return super().forward(x.reshape(b, h * w, c)).reshape(b, h, w, -1)
 
 
-class SpikingVoloClassAttention(_Variant):
+class SpikingVoloClassAttention(VariantAttention):
     """timm VOLO ``ClassAttention``: ``q`` of the class token, ``k, v`` from ``kv`` of every token; returns ``[B, 1, C]``."""
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
@@ -386,7 +386,7 @@ class SpikingVoloClassAttention(_Variant):
         return self.proj_drop(self.proj(x))
 
 
-class SpikingOutlookAttention(_Variant):
+class SpikingOutlookAttention(VariantAttention):
     """timm VOLO ``OutlookAttention``: per output location, a ``k²×k²`` attention generated by a Linear.
 
     ``a = softmax(d^-1/2 · attn(s_l(pool(s_x(x)))))`` (``[B, H·N, k², k²]``; ``s_l`` = ``logits_in`` on the
@@ -405,9 +405,9 @@ class SpikingOutlookAttention(_Variant):
 
     def energy_ops(self) -> list[dict]:
         """The one spike product ``attn·v`` (see :meth:`SFormerAttention.energy_ops`)."""
-        from .modules import _product_ops, _site_costs
+        from .modules import product_ops, site_costs
 
-        return [_product_ops("av", _site_costs(self.sfn_attn), _site_costs(self.sfn_v), "av")]
+        return [product_ops("av", site_costs(self.sfn_attn), site_costs(self.sfn_v), "av")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, hh, ww, c = x.shape
@@ -428,7 +428,7 @@ class SpikingOutlookAttention(_Variant):
         return self.proj_drop(self.proj(x))
 
 
-class SpikingLinearSelfAttention(_Variant):
+class SpikingLinearSelfAttention(VariantAttention):
     """timm MobileViTV2 ``LinearSelfAttention`` (separable self-attention, one query channel) on ``[B, C, P, N]``:
 
     ``i, k, v = qkv_proj(s_x(x))`` (``1 + d + d`` channels), ``a = softmax_N(i)``, context ``c = Σ_N s_a(a)·s_v(k)``
@@ -454,20 +454,20 @@ class SpikingLinearSelfAttention(_Variant):
         return self.out_drop(self.out_proj(out))
 
 
-register_variant(_timm("timm.models.visformer", "Attention"), SpikingVisformerAttention)
-register_variant(_timm("timm.models.nest", "Attention"), SpikingNestAttention)
-register_variant(_timm("timm.models.tnt", "Attention"), SpikingTntAttention)
-register_variant(_timm("timm.models.metaformer", "Attention"), SpikingMetaFormerAttention)
-register_variant(_timm("timm.models.efficientformer", "Attention"), SpikingEfficientFormerAttention)
-register_variant(_timm("timm.models.tiny_vit", "Attention"), SpikingTinyVitAttention)
-register_variant(_timm("timm.models.crossvit", "CrossAttention"), SpikingCrossAttention)
-register_variant(_timm("timm.models.pvt_v2", "Attention"), SpikingPvtV2Attention)
-register_variant(_timm("timm.models.davit", "WindowAttention"), SpikingDavitWindowAttention)
-register_variant(_timm("timm.models.davit", "ChannelAttention"), SpikingDavitChannelAttention)
-register_variant(_timm("timm.models.hiera", "MaskUnitAttention"), SpikingHieraAttention)
-register_variant(_timm("timm.models.swin_transformer_v2", "WindowAttention"), SpikingSwinV2WindowAttention)
-register_variant(_timm("timm.models.mvitv2", "MultiScaleAttention"), SpikingMultiScaleAttention)
-register_variant(_timm("timm.models.volo", "Attention"), SpikingVoloAttention)
-register_variant(_timm("timm.models.volo", "ClassAttention"), SpikingVoloClassAttention)
-register_variant(_timm("timm.models.volo", "OutlookAttention"), SpikingOutlookAttention)
-register_variant(_timm("timm.models.mobilevit", "LinearSelfAttention"), SpikingLinearSelfAttention)
+register_variant(timm_attr("timm.models.visformer", "Attention"), SpikingVisformerAttention)
+register_variant(timm_attr("timm.models.nest", "Attention"), SpikingNestAttention)
+register_variant(timm_attr("timm.models.tnt", "Attention"), SpikingTntAttention)
+register_variant(timm_attr("timm.models.metaformer", "Attention"), SpikingMetaFormerAttention)
+register_variant(timm_attr("timm.models.efficientformer", "Attention"), SpikingEfficientFormerAttention)
+register_variant(timm_attr("timm.models.tiny_vit", "Attention"), SpikingTinyVitAttention)
+register_variant(timm_attr("timm.models.crossvit", "CrossAttention"), SpikingCrossAttention)
+register_variant(timm_attr("timm.models.pvt_v2", "Attention"), SpikingPvtV2Attention)
+register_variant(timm_attr("timm.models.davit", "WindowAttention"), SpikingDavitWindowAttention)
+register_variant(timm_attr("timm.models.davit", "ChannelAttention"), SpikingDavitChannelAttention)
+register_variant(timm_attr("timm.models.hiera", "MaskUnitAttention"), SpikingHieraAttention)
+register_variant(timm_attr("timm.models.swin_transformer_v2", "WindowAttention"), SpikingSwinV2WindowAttention)
+register_variant(timm_attr("timm.models.mvitv2", "MultiScaleAttention"), SpikingMultiScaleAttention)
+register_variant(timm_attr("timm.models.volo", "Attention"), SpikingVoloAttention)
+register_variant(timm_attr("timm.models.volo", "ClassAttention"), SpikingVoloClassAttention)
+register_variant(timm_attr("timm.models.volo", "OutlookAttention"), SpikingOutlookAttention)
+register_variant(timm_attr("timm.models.mobilevit", "LinearSelfAttention"), SpikingLinearSelfAttention)
