@@ -388,10 +388,18 @@ def _run(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int |
     # op counter cannot see: count the ops of the plain path (the same arithmetic)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    # SpikingJelly's module tracker hooks every module input that requires grad; a view of a parameter made
+    # under no_grad (CaiT's expanded class token, PiT's) requires grad without a grad_fn and breaks it:
+    # count with the parameters frozen, then restore them
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     try:
         return _run_batches(model, loader, time_steps, num_batches, device, progress, recorder, desc)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def _run_batches(model: nn.Module, loader: Iterable, time_steps: int, num_batches: int | None, device, progress: bool,

@@ -421,3 +421,16 @@ def test_graded_softmax_site_in_the_attention_product(levels, rng):
     qk = {r.name: r for r in rep.per_layer}["blocks.0.attn.qk"]
     assert prof.synop_counter.get_counts()[f"{root}.blocks.0.attn"][bmm] == pytest.approx((qk.snn_acs + row.snn_acs + row.macs) * 4, abs=0.5)
     assert prof.mac_counter.get_counts()[f"{root}.blocks.0.attn"][bmm] == pytest.approx(row.macs * 4, abs=0.5)
+
+
+def test_energy_of_a_model_that_feeds_a_parameter_view_to_a_block():
+    """CaiT hands ``cls_token.expand(...)`` (a view of a parameter, made under no_grad) to its class-attention blocks:
+    the count runs (parameters frozen while counting, then restored) and agrees with the SFormer product count."""
+    torch.manual_seed(0)
+    ann = timm.models.cait.Cait(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, depth_token_only=1,
+                                num_classes=5).eval()
+    x = torch.randn(4, 3, 32, 32)
+    snn = sj_sfn.convert(ann, [x], progress=False)
+    rep = measure_energy(snn, [x], ann=ann, progress=False)
+    assert 0 < rep.ratio < 1
+    assert all(p.requires_grad for p in snn.parameters()) and all(p.requires_grad for p in ann.parameters())
