@@ -105,6 +105,9 @@ def test_hf_directory_errors_are_one_line(hf_dirs, tmp_path, capsys):
     assert "holds no text" in capsys.readouterr().err
     assert main(["convert", str(enc), "--data", str(text), "--out", str(tmp_path / "a.pth"), "--checkpoint", str(text)]) == 2
     assert "carries its own weights" in capsys.readouterr().err
+    assert main(["convert", str(enc), "--data", str(text), "--out", str(tmp_path / "a.pth"), "--eval",
+                 "--calib-samples", "39"]) == 2  # 40 texts: one left to evaluate an encoder on
+    assert "evaluation needs at least 3 texts besides the 39" in capsys.readouterr().err
 
 
 def test_spearman_matches_scipy_with_ties():

@@ -64,14 +64,18 @@ def read_texts(path: str) -> list[str]:
 
 
 def split_texts(texts: list[str], calib: int | None, test: int | None, seed: int) -> tuple[list[str], list[str]]:
-    """Shuffle with ``seed``; the first ``calib`` texts calibrate, the next ``test`` evaluate (disjoint)."""
+    """Shuffle with ``seed``; the first ``calib`` texts calibrate, the next ``test`` evaluate (disjoint; maybe none)."""
     order = texts[:]
     random.Random(seed).shuffle(order)
     n_cal = min(calib or CALIB_TEXTS, len(order))
-    rest = order[n_cal:]
-    if calib is None and len(rest) < 3:  # too few texts for both: evaluate on the calibration texts, and say so
-        return order[:n_cal], order[:min(test or TEST_TEXTS, len(order))]
-    return order[:n_cal], rest[:test or TEST_TEXTS]
+    return order[:n_cal], order[n_cal:][:test or TEST_TEXTS]
+
+
+def _check_test_texts(test: list[str], task: str, n_calib: int, n_texts: int) -> None:
+    need = 3 if task == "encoder" else 1
+    if len(test) < need:
+        raise UserError(f"evaluation needs at least {need} texts besides the {n_calib} that calibrate; --data holds "
+                        f"{n_texts}: give more texts or a lower --calib-samples")
 
 
 def _to(batches: list[dict[str, torch.Tensor]], device: str | None) -> list[dict[str, torch.Tensor]]:
@@ -124,6 +128,8 @@ def run_convert(args: argparse.Namespace, common_mod: Any) -> int:
         raise UserError("--tune takes an image data set; for a language model use sj_sfn.tune.tune_lambda with a metric")
     path = os.path.abspath(args.model)
     ann, tok, task, calib, test = _prepare(args, path)
+    if args.eval:  # before any work
+        _check_test_texts(test, task, len(calib), len(calib) + len(test))
     device = args.device
     if device:
         ann.to(device)
@@ -155,7 +161,8 @@ def run_convert(args: argparse.Namespace, common_mod: Any) -> int:
     if alloc is not None:
         summary.update(energy_budget=args.energy_budget, predicted_energy_ratio=alloc.predicted_ratio)
     if args.eval:
-        snn.to(device) if device else None
+        if device:
+            snn.to(device)
         summary.update(text_metrics(snn, ann, _to(_hf().token_batches(tok, test, args.batch_size, args.max_length), device), task))
     common_mod.write_json_main(args.json, summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "report"}, indent=None if args.quiet else 2))
@@ -171,7 +178,9 @@ def run_eval(args: argparse.Namespace, snn: nn.Module, meta: dict[str, Any], com
         data, test = args.data, read_texts(args.data)[:args.test_samples or TEST_TEXTS]
     else:  # the test split of the conversion's text, disjoint from its calibration texts
         data = meta["data"]
-        _, test = split_texts(read_texts(data), meta.get("calib_samples"), args.test_samples, meta.get("seed", 0))
+        texts = read_texts(data)
+        _, test = split_texts(texts, meta.get("calib_samples"), args.test_samples, meta.get("seed", 0))
+        _check_test_texts(test, task, meta.get("calib_samples") or CALIB_TEXTS, len(texts))
     device = args.device
     if device:
         snn.to(device)
