@@ -317,7 +317,7 @@ def test_level_sets_per_site_kind():
 @pytest.mark.parametrize("signed,ceiling,graded", [(True, None, False), (False, 6.0, False), (False, 6.0, True), (True, None, True)])
 def test_sorted_table_equals_firing_every_element(rng, signed, ceiling, graded):
     """The prefix-sum table (sorted samples) against the elementwise fire rule: per-channel steps, weights, mean error."""
-    from sj_sfn.calibration.budget import _quantization_table_elementwise, _quantization_table_sorted
+    from sj_sfn.calibration.budget import _quantization_table_elementwise, _quantization_table_sorted, _sorted_samples
 
     x = torch.randn(4, 3000, generator=rng) * torch.tensor([[0.1], [1.0], [3.0], [9.0]])
     w = torch.rand(4, 3000, generator=rng)
@@ -329,6 +329,6 @@ def test_sorted_table_equals_firing_every_element(rng, signed, ceiling, graded):
     per_channel = (torch.rand(3, 4, 1, generator=rng) + 0.05)
     for st, weights, mean_error in ((steps, None, False), (steps, w, False), (per_channel, w, False), (per_channel, None, True)):
         ref = _quantization_table_elementwise(x, target, st, node, mean_error, levels, weights)
-        got = _quantization_table_sorted(x, target, st, node, mean_error, levels, weights)
+        got = _quantization_table_sorted(_sorted_samples(x, target, weights), st, node, mean_error, levels)
         torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-6)

@@ -357,7 +357,7 @@ def quantization_table(
         raise ValueError("allocation needs levels that are short sums of powers of two (functional.level_terms)")
     if not bool(torch.isfinite(x).all()):  # NaN/inf: the elementwise rule says what they give
         return _quantization_table_elementwise(x, target, steps, node, mean_error, levels, weights)
-    return _quantization_table_sorted(x, target, steps, node, mean_error, levels, weights)
+    return _quantization_table_sorted(_sorted_samples(x, target, weights), steps, node, mean_error, levels)
 
 
 def _quantization_table_elementwise(x, target, steps, node, mean_error, levels, weights):
@@ -381,23 +381,33 @@ def _quantization_table_elementwise(x, target, steps, node, mean_error, levels, 
     return torch.stack(errs), torch.stack(cnts)
 
 
-def _quantization_table_sorted(x, target, steps, node, mean_error, levels, weights):
-    """:func:`quantization_table` from each channel's sorted samples and prefix sums.
+def _sorted_samples(x: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Each channel's samples sorted, with the prefix sums of ``w``, ``w·t`` and ``w·t²`` (``[C, M + 1]``, float64).
 
-    The fire rule is a staircase in ``x``: count ``k`` on ``[Δ·a_k, Δ·a_{k+1})`` (``a_k = k − r`` for evenly spaced
-    levels, the edges ``e_k`` otherwise; mirrored for the negative side), so a step's table is, per channel, a
-    sum over ``2N + 1`` runs of the sorted samples: ``Σ w (v − t)² = v²·ΣW − 2v·Σwt + Σwt²`` with the prefix sums
-    of ``w``, ``w·t`` and ``w·t²``. ``O(M log M)`` once, then ``O(N log M)`` per step, instead of ``O(M)`` per step.
+    Computed once per site and shared by every level set's table (:func:`_quantization_table_sorted`).
     """
     c, m = x.shape
     xs, order = x.float().sort(dim=1)
-    xs = xs.contiguous()
     ts = target.gather(1, order).double()
     ws = torch.full_like(ts, 1.0 / m) if weights is None else weights.gather(1, order).double()
     zero = ts.new_zeros(c, 1)
     pw = torch.cat([zero, ws.cumsum(1)], 1)
     pt = torch.cat([zero, (ws * ts).cumsum(1)], 1)
     pt2 = torch.cat([zero, (ws * ts * ts).cumsum(1)], 1)
+    return xs.contiguous(), pw, pt, pt2
+
+
+def _quantization_table_sorted(samples: tuple[torch.Tensor, ...], steps, node, mean_error, levels):
+    """:func:`quantization_table` from each channel's sorted samples and prefix sums (:func:`_sorted_samples`).
+
+    The fire rule is a staircase in ``x``: count ``k`` on ``[Δ·a_k, Δ·a_{k+1})`` (``a_k = k − r`` for evenly spaced
+    levels, the edges ``e_k`` otherwise; mirrored for the negative side), so a step's table is, per channel, a
+    sum over ``2N + 1`` runs of the sorted samples: ``Σ w (v − t)² = v²·ΣW − 2v·Σwt + Σwt²`` with the prefix sums
+    of ``w``, ``w·t`` and ``w·t²``. ``O(M log M)`` once, then ``O(N log M)`` per step, instead of ``O(M)`` per step.
+    """
+    xs, pw, pt, pt2 = samples
+    c, m = xs.shape
+    zero = pw.new_zeros(c, 1)
     r = float(node.offset)
     if levels is None:
         n = int(node.max_spikes)
@@ -409,19 +419,19 @@ def _quantization_table_sorted(x, target, steps, node, mean_error, levels, weigh
         n = lv.numel()
         a, b = level_edges(lv, r), lv
         cost = level_terms(lv).double()
-    a, b = a.to(x.device), b.to(x.device)
-    cost = cost.to(x.device)
+    a, b = a.to(xs.device), b.to(xs.device)
+    cost = cost.to(xs.device)
     ceiling = None if node.ceiling is None else float(node.ceiling)
-    k_idx = torch.arange(n, device=x.device)
+    k_idx = torch.arange(n, device=xs.device)
     errs, cnts = [], []
     for d in steps:
-        dc = d.reshape(-1).float().to(x.device).expand(c) if d.numel() == 1 else d.reshape(c).float().to(x.device)
+        dc = d.reshape(-1).float().to(xs.device).expand(c) if d.numel() == 1 else d.reshape(c).float().to(xs.device)
         tau = dc[:, None] * a[None, :]  # [C, N] where count k starts
         starts = torch.searchsorted(xs, tau.contiguous())  # first sample with x >= τ_k
         ends = torch.cat([starts[:, 1:], starts.new_full((c, 1), m)], 1)
         kk = k_idx.expand(c, n)
         if ceiling is not None:  # counts above the cap give the cap's level
-            cap_val = torch.tensor(ceiling, dtype=torch.float32, device=x.device) / dc
+            cap_val = torch.tensor(ceiling, dtype=torch.float32, device=xs.device) / dc
             cap = torch.floor(cap_val) if levels is None else (b[None, :] <= cap_val[:, None]).sum(1).float()
             kk = torch.minimum(kk, (cap.clamp(min=1) - 1).long()[:, None])
         vals = dc[:, None].double() * b.double()[kk]
@@ -559,6 +569,7 @@ def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int,
         ch_rms = (mag.pow(2) * w).sum(1).sqrt()
         lo_val = ch_rms[ch_rms > 0].min().item() if (ch_rms > 0).any() else scale
         hi_val = max(mag.max().item(), scale)
+        sorted_once = _sorted_samples(x, target, w) if bool(torch.isfinite(x).all()) else None
         for set_name, levels in sets:
             if levels is None:
                 j = torch.arange(-grid, grid // 3 + 1, dtype=torch.float32)
@@ -570,7 +581,10 @@ def _tables(probes: dict[str, _Probe], fanouts: dict[str, float], grid: int,
                 j_hi = math.ceil(4 * math.log2(2 * hi_val / (top * scale)))
                 j = torch.arange(max(j_lo, -grid - 4 * int(math.log2(top) + 1)), max(j_hi, j_lo) + 1, dtype=torch.float32)
             steps = scale * torch.pow(2.0, j / 4)
-            mse, cnt = quantization_table(x, target, steps, pr.node, levels=levels, weights=w)
+            if sorted_once is None:
+                mse, cnt = quantization_table(x, target, steps, pr.node, levels=levels, weights=w)
+            else:  # the samples sorted once for every level set
+                mse, cnt = _quantization_table_sorted(sorted_once, steps, pr.node, False, levels)
             t.add(set_name, levels, steps, n_c * sens * mse, n_c * cnt)
         if t.steps:
             tables.append(t)
