@@ -747,8 +747,18 @@ class SFNode(MultiLevelNode):
             a, c, b = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
             h = x.contiguous().view((a, c) if b == 1 else (a * c, b))
 
-            def view(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(1, c) if b == 1 else t.repeat(a).reshape(a * c, 1)
+            if b == 1:
+                def view(t: torch.Tensor) -> torch.Tensor:
+                    return t.reshape(1, c)
+            else:  # thresholds repeated per row, kept in the plan for this batch size (no copy per call)
+                repeated = plan.setdefault("repeated", {})
+                if a not in repeated:
+                    repeated.clear()
+                    repeated[a] = {id(t): t.repeat(a).reshape(a * c, 1) for t in (tp, tn, cap) if t is not None}
+                rows = repeated[a]
+
+                def view(t: torch.Tensor) -> torch.Tensor:
+                    return rows[id(t)]
         out = F.fast_fire(
             h, view(tp), None if tn is None else view(tn), self.max_spikes, self.offset,
             None if cap is None else view(cap), plan["table"], plan["table_neg"],

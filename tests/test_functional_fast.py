@@ -143,3 +143,21 @@ def test_fast_fire_empty_inputs_and_reloaded_thresholds(rng: torch.Generator) ->
     other = SFNode(torch.rand(3, generator=rng) + 0.2, levels=F.float_levels(3, 4), offset=0.5, channel_dim=1, stateful=False)
     node.load_state_dict(other.state_dict())  # new threshold values: the cached plan must not be reused
     _assert_bitwise_equal(node(x), _fire_both(other, x)[1])
+
+
+def test_channel_first_thresholds_follow_the_batch_size():
+    """Per-channel thresholds on a channel-first input are repeated per row once per batch size and kept: a change of
+    batch size between calls (2, 3, 2, 5) still fires exactly as the reference."""
+    import sj_sfn
+
+    g = torch.Generator().manual_seed(0)
+    node = SFNode(torch.rand(4, generator=g) + 0.1, torch.rand(4, generator=g) + 0.1, max_spikes=8, offset=0.5,
+                  channel_dim=1)
+    sj_sfn.set_stateful(node, False)
+    with torch.no_grad():
+        for batch in (2, 3, 2, 5):
+            x = torch.randn(batch, 4, 3, 3, generator=g) * 3
+            fast = node(x)
+            with reference_fire():
+                assert torch.equal(fast, node(x)), batch
+    assert list(node.__dict__["_fast_cache"][1]["repeated"]) == [5]  # the fast path ran, with the last batch size
