@@ -153,7 +153,9 @@ def classifier_fidelity(snn, ev: torch.Tensor, ref: torch.Tensor, batch: int) ->
 def predicted(snn) -> dict:
     """The energy-budget allocation's own predictions (energy ratio, relative output error), if it ran."""
     alloc = getattr(snn, "sfn_allocation", None)
-    return {} if alloc is None else {"predicted_ratio": alloc.predicted_ratio, "predicted_rel_err": alloc.predicted_rel_error}
+    out = {} if alloc is None else {"predicted_ratio": alloc.predicted_ratio, "predicted_rel_err": alloc.predicted_rel_error}
+    rec = getattr(snn, "sfn_reconstruction", None)
+    return out if rec is None else {**out, "reconstruction": rec.to_dict()}
 
 
 def run_mobilenet(args, configs) -> list[dict]:
@@ -221,11 +223,14 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, model in zip(axes[0], models):
         rs = [r for r in rows if r["model"] == model and "error" not in r]
         key, label = ("rel_err", "logit relative error") if model == "mobilenet_v2" else ("cos_mean", "mean embedding cosine")
-        for calib, levels, marker, label in (("budget", None, "o-", "budget (default level sets)"),
-                                             ("budget", "uniform", "^:", "budget, evenly spaced levels"),
-                                             ("quantile", None, "s--", "quantile (the paper's rule)")):
+        for calib, levels, fitted, marker, label in (
+                ("budget", None, True, "o-", "budget + reconstruction (default)"),
+                ("budget", None, False, "D-.", "budget, no reconstruction"),
+                ("budget", "uniform", False, "^:", "budget, evenly spaced levels"),
+                ("quantile", None, False, "s--", "quantile (the paper's rule)")):
             pts = sorted((r["energy_ratio"], r[key]) for r in rs
-                         if r.get("calibration", "budget") == calib and r.get("level_sets") == levels)
+                         if r.get("calibration", "budget") == calib and r.get("level_sets") == levels
+                         and ("reconstruction" in r) == fitted)
             if pts:
                 ax.plot(*zip(*pts), marker, label=label)
         ax.set_xlabel("energy ratio E_SNN / E_ANN")
@@ -263,8 +268,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     budgets = sorted({DEFAULT_ENERGY_BUDGET, *args.budgets})
     rows = []
-    uniform = [(f"budget {b:g}, uniform levels", {"calibration": "budget", "energy_budget": b, "level_sets": "uniform"})
-               for b in args.uniform_budgets]
+    uniform = [(f"budget {b:g}, uniform levels", {"calibration": "budget", "energy_budget": b, "level_sets": "uniform",
+                                                  "reconstruct": 0}) for b in args.uniform_budgets]
+    uniform += [(f"budget {DEFAULT_ENERGY_BUDGET:g}, no reconstruction", {"calibration": "budget", "reconstruct": 0})]
     if "mobilenet_v2" in args.models:
         configs = [(f"quantile λ={lam:g}", {"calibration": "quantile", "lam": lam}) for lam in args.lams]
         configs += uniform

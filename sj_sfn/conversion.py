@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 
 from .calibration.budget import allocate_thresholds, check_budget
+from .calibration.reconstruction import DEFAULT_RECONSTRUCTION_STEPS
+from .calibration.reconstruction import reconstruct as reconstruct_outputs
 from .checks import check_max_spikes, check_offset, check_positive_float, check_quantile
 from .neuron import set_lambda, set_stateful
 
@@ -84,6 +86,7 @@ def convert(
     device: torch.device | str | None = None,
     progress: bool = True,
     placement: str = "auto",
+    reconstruct: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     r"""Convert a trained ANN into a one-timestep SNN (the caller's model is not modified).
@@ -121,6 +124,11 @@ def convert(
         trace the model, with a warning), ``'fx'`` (no fallback) or ``'module'`` (module-level placement:
         a site on the input of every weight layer, found with forward hooks; see
         :mod:`sj_sfn.ann2snn.module_placement`). Transformers take ``'auto'`` only
+    :param reconstruct: Adam steps of output reconstruction after the thresholds are set: the converted
+        network's weights and steps are fitted to the ANN's outputs on ``dataloader``, with a held-out quarter
+        of the rows choosing what is kept (:func:`sj_sfn.calibration.reconstruct`; ``snn.sfn_reconstruction``
+        reports it). ``None``: :data:`~sj_sfn.calibration.DEFAULT_RECONSTRUCTION_STEPS` with
+        ``calibration='budget'``, none with the paper's quantile; ``0``: none (the weights stay the ANN's)
     :param kwargs: passed on to :class:`~sj_sfn.ann2snn.SFNRecipe` or :func:`sj_sfn.sformer.convert`
     :returns: an ``nn.Module``; ``snn(x)`` takes the ANN's input and returns its kind of output
     """
@@ -137,6 +145,10 @@ def convert(
         raise ValueError(f"calibration must be 'budget' or 'quantile', got {calibration!r}")
     if placement not in ("auto", "fx", "module"):
         raise ValueError(f"placement must be 'auto', 'fx' or 'module', got {placement!r}")
+    if reconstruct is None:
+        reconstruct = DEFAULT_RECONSTRUCTION_STEPS if calibration == "budget" else 0
+    if isinstance(reconstruct, bool) or not isinstance(reconstruct, int) or reconstruct < 0:
+        raise ValueError(f"reconstruct must be a number of steps >= 0 (0: none), got {reconstruct!r}")
     if calibration == "budget":
         check_budget(energy_budget)
         lam = 1.0 if lam is None else lam
@@ -190,6 +202,9 @@ def convert(
         if lam != 1.0:
             set_lambda(snn, lam)
         snn.sfn_allocation = allocation
+    if reconstruct:
+        snn.sfn_reconstruction = reconstruct_outputs(snn, model, dataloader, steps=reconstruct, num_batches=num_batches,
+                                                     device=device, progress=progress)
     return snn
 
 

@@ -292,7 +292,7 @@ def load_converted(path: str | os.PathLike, device: str | torch.device | None = 
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        snn = convert(ann, [(x,)], progress=False, **ck)
+        snn = convert(ann, [(x,)], progress=False, **{**ck, "reconstruct": 0})
     add_missing_biases(snn, obj["state_dict"])
     try:
         snn.load_state_dict(obj["state_dict"])

@@ -16,7 +16,7 @@ from typing import IO, Any
 import torch
 
 __all__ = ["UserError", "batch_inputs", "json_safe", "atomic_write", "write_json", "model_device", "batches_total",
-           "add_missing_biases"]
+           "add_missing_biases", "call_model", "output_tensors"]
 
 class UserError(ValueError):
     """A mistake in what the user named (a file, a folder, a model, an option); the command line reports it in one line, exit code 2."""
@@ -36,6 +36,29 @@ def batch_inputs(batch: Any) -> torch.Tensor:
             if key in batch:
                 return batch[key]
     raise TypeError(f"cannot find the model input in a batch of type {type(batch).__name__}")
+
+
+def call_model(model: torch.nn.Module, batch: Any, device: torch.device | str) -> Any:
+    """``model`` on a loader batch: ``model(**batch)`` for a token batch (a dict with ``input_ids``), else ``model(x)``."""
+    if isinstance(batch, dict) and "input_ids" in batch:
+        return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    x = batch_inputs(batch)
+    if not torch.is_tensor(x):
+        raise TypeError(f"a batch's model input must be a tensor, got {type(x).__name__}")
+    return model(x.to(device))
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors a model returned: the tensor itself, every one of a tuple or list, the first
+    of a dict (also a ``transformers`` ``ModelOutput``: ``logits`` or ``last_hidden_state``)."""
+    if torch.is_tensor(out):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        first = next((v for v in out.values() if torch.is_tensor(v) and v.is_floating_point()), None)
+        return [first] if first is not None else []
+    if isinstance(out, list | tuple):
+        return [t for o in out for t in output_tensors(o)]
+    return []
 
 
 def json_safe(obj: Any) -> Any:

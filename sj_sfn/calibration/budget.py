@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from ..functional import float_levels, level_edges, level_terms, multi_threshold_fire
 from ..neuron import SFNode
-from ..utils import batch_inputs, batches_total, model_device
+from ..utils import batches_total, call_model, model_device, output_tensors
 from .observers import CalibrationError
 
 __all__ = ["allocate_thresholds", "check_budget", "quantization_table", "level_set", "LEVEL_SETS", "DEFAULT_LEVEL_SETS", "Allocation", "SiteAllocation",
@@ -310,27 +310,6 @@ def _site_channel_dim(x: torch.Tensor, kind: str) -> int:
     if x.dim() >= 4 and kind not in _TOKEN_KINDS or x.dim() == 3 and not (kind in _TOKEN_KINDS or kind.endswith("_in")):
         return 1
     return x.dim() - 1
-
-
-def _call(model: nn.Module, batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, dict) and "input_ids" in batch:
-        return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    x = batch_inputs(batch)
-    if not torch.is_tensor(x):
-        raise TypeError(f"calibration batch input must be a tensor, got {type(x).__name__}")
-    return model(x.to(device))
-
-
-def _output_tensors(out: Any) -> list[torch.Tensor]:
-    """The floating-point tensors a model returned (logits, hidden states, feature maps)."""
-    if torch.is_tensor(out):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, dict):  # also transformers' ModelOutput
-        first = next((v for v in out.values() if torch.is_tensor(v) and v.is_floating_point()), None)
-        return [first] if first is not None else []
-    if isinstance(out, list | tuple):
-        return [t for o in out for t in _output_tensors(o)]
-    return []
 
 
 def quantization_table(
@@ -731,7 +710,7 @@ def _probe_passes(snn: nn.Module, loader: Iterable, probes_by_name: dict[str, _P
         for pr in probes_by_name.values():
             pr.grad_mode = True
         with torch.enable_grad():
-            outs = _output_tensors(_call(snn, batch, device))
+            outs = output_tensors(call_model(snn, batch, device))
             if not outs:
                 raise CalibrationError("the model returned no floating-point tensor to measure fidelity on")
             for t in outs:

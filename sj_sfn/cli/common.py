@@ -36,6 +36,7 @@ __all__ = [
     "add_tune_options",
     "add_converted_input",
     "level_sets",
+    "reconstruct_kwargs",
     "log",
     "write_json_main",
     "check_outputs",
@@ -229,3 +230,8 @@ def tune(args: argparse.Namespace, snn: nn.Module, val_loader: Iterable, ann: nn
         )
     except (ValueError, TypeError) as e:  # bad options (e.g. a group pattern that matches no site)
         raise UserError(f"cannot tune λ: {str(e).splitlines()[0]}") from e
+
+
+def reconstruct_kwargs(args: argparse.Namespace) -> dict:
+    """``reconstruct=`` for ``convert`` when ``--reconstruct`` was given (not saved: loading rebuilds, then loads the weights)."""
+    return {} if args.reconstruct is None else {"reconstruct": args.reconstruct}

@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"target energy ratio E_SNN/E_ANN of the default calibration (default {DEFAULT_ENERGY_BUDGET})")
     c.add_argument("--level-sets", nargs="+", choices=LEVEL_SETS + ("all",), default=None,
                    help="level sets each site may take in the energy-budget calibration (default: uniform float2 float3)")
+    c.add_argument("--reconstruct", type=common.non_negative_int, default=None, metavar="STEPS",
+                   help="steps of output reconstruction after the thresholds (default: 100 with the energy budget, "
+                        "none with --lam; 0: none, the weights stay the ANN's)")
     c.add_argument("--max-length", type=common.positive_int, default=128, help="Hugging Face models: tokens per text (default 128)")
     c.add_argument("--p", type=common.quantile, default=0.99, help="calibration quantile in (0, 1] (default 0.99)")
     c.add_argument("--per-channel", action="store_true", help="per-channel thresholds")
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     budget = {} if args.lam is not None else {"energy_budget": args.energy_budget, "level_sets": common.level_sets(args)}
     t0 = time.perf_counter()
     try:
-        snn = convert(ann, d.calib, device=device, progress=not args.quiet, **ck, **budget)
+        snn = convert(ann, d.calib, device=device, progress=not args.quiet, **ck, **common.reconstruct_kwargs(args), **budget)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise UserError(f"cannot convert {args.model}: {str(e).splitlines()[0]}") from e
     t_conv = time.perf_counter() - t0

@@ -145,7 +145,7 @@ def run_convert(args: argparse.Namespace, common_mod: Any) -> int:
         ck["p"] = args.p
     t0 = time.perf_counter()
     try:
-        snn = convert(ann, cal_b, device=device, progress=not args.quiet, **ck)
+        snn = convert(ann, cal_b, device=device, progress=not args.quiet, **ck, **common_mod.reconstruct_kwargs(args))
     except (ValueError, TypeError, NotImplementedError) as e:
         raise UserError(f"cannot convert {path}: {str(e).splitlines()[0]}") from e
     t_conv = time.perf_counter() - t0

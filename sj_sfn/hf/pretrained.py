@@ -50,12 +50,12 @@ def load_converted_hf(obj: dict[str, Any]) -> nn.Module:
     from ..conversion import convert
 
     ann, tok, _ = load_hf_model(obj["model"])
-    ck = {k: v for k, v in obj["convert_kwargs"].items() if k not in ("energy_budget", "level_sets")}
+    ck = {k: v for k, v in obj["convert_kwargs"].items() if k not in ("energy_budget", "level_sets", "reconstruct")}
     ck.setdefault("lam", 1.0)
     batch = token_batches(tok, ["a short text to build the network", "another one"], 2, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        snn = convert(ann, batch, progress=False, calibration="quantile", **ck)
+        snn = convert(ann, batch, progress=False, calibration="quantile", reconstruct=0, **ck)
     add_missing_biases(snn, obj["state_dict"])
     snn.load_state_dict(obj["state_dict"])
     return snn.eval()
