@@ -223,7 +223,7 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, model in zip(axes[0], models):
         rs = [r for r in rows if r["model"] == model and "error" not in r]
         key, label = ("rel_err", "logit relative error") if model == "mobilenet_v2" else ("cos_mean", "mean embedding cosine")
-        for calib, levels, fitted, marker, label in (
+        for calib, levels, fitted, marker, name in (
                 ("budget", None, True, "o-", "budget + reconstruction (default)"),
                 ("budget", None, False, "D-.", "budget, no reconstruction"),
                 ("budget", "uniform", False, "^:", "budget, evenly spaced levels"),
@@ -232,7 +232,7 @@ def plot(rows: list[dict], path: str) -> None:
                          if r.get("calibration", "budget") == calib and r.get("level_sets") == levels
                          and ("reconstruction" in r) == fitted)
             if pts:
-                ax.plot(*zip(*pts), marker, label=label)
+                ax.plot(*zip(*pts), marker, label=name)
         ax.set_xlabel("energy ratio E_SNN / E_ANN")
         ax.set_ylabel(label)
         ax.set_title(f"{model}, T = 1, N = 32")

@@ -133,3 +133,56 @@ def test_bad_arguments(net_and_data):
         reconstruct(net, net, _loader(x[:16]), progress=False)
     with pytest.raises(ValueError, match="reconstruct"):
         sj_sfn.convert(net, _loader(x[:16]), reconstruct=-3, progress=False)
+
+
+def _token_batches(seed: int, n: int, vocab: int = 96, batch: int = 8, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    """Random token batches with right padding (later rows shorter)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        for row in range(batch):
+            mask[row, length - (row % 4) * 2:] = 0
+        out.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask})
+    return out
+
+
+def _tiny_hf(arch: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "max_position_embeddings": 64, "pad_token_id": 0}
+    if arch == "bert":
+        return transformers.BertModel(transformers.BertConfig(**common)).eval()
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **common)).eval()
+
+
+@pytest.mark.parametrize("arch", ["bert", "qwen2"])
+def test_hugging_face_models_reconstruct_on_token_batches(arch):
+    """Token batches: padding is masked out of the fitted error, the outputs are hidden states or logits, and a
+    causal LM still generates afterwards."""
+    model = _tiny_hf(arch)
+    cal, ev = _token_batches(0, 6), _token_batches(1, 3)
+    plain = sj_sfn.convert(model, cal, energy_budget=0.2, reconstruct=0, progress=False)
+    fitted = sj_sfn.convert(model, cal, energy_budget=0.2, reconstruct=60, progress=False)
+    r = fitted.sfn_reconstruction
+    assert r.rows_held_out == 12 and r.held_out_after <= r.held_out_before, r
+
+    def err(snn):
+        num = den = 0.0
+        with torch.no_grad():
+            for b in ev:
+                a, s = model(**b), snn(**b)
+                a, s = (a.logits, s.logits) if arch == "qwen2" else (a.last_hidden_state, s.last_hidden_state)
+                m = b["attention_mask"][..., None]
+                num, den = num + ((s - a) ** 2 * m).sum(), den + (a ** 2 * m).sum()
+        return float((num / den).sqrt())
+
+    # random weights on random tokens leave little to learn (measured: BERT 0.0045 kept as it was, kept step 0;
+    # Qwen2 logits 0.0804 against 0.0802): what is checked is that token batches go through and nothing gets worse
+    assert err(fitted) <= err(plain) * 1.02, (err(fitted), err(plain), r)
+    if arch == "qwen2":
+        ids = ev[0]["input_ids"][:2, :5]
+        out = fitted.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+        assert out.shape == (2, 8)

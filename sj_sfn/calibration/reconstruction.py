@@ -336,10 +336,11 @@ def reconstruct(
         bar = tqdm(range(steps), desc="reconstructing", disable=not progress or steps == 0, leave=False)
         for step in bar:
             i = int(torch.randint(len(fit), (1,), generator=order))
-            target = refs_fit[i] if refs_fit is not None else _target(ann, fit[i], device)
+            batch = fit[i]
+            target = refs_fit[i] if refs_fit is not None else _target(ann, batch, device)
             with torch.enable_grad():
-                outs = output_tensors(call_model(snn, fit[i], device))
-                err, ref2 = _sq_errors(outs, target, _mask(fit[i], outs[0]) if outs else None)
+                outs = output_tensors(call_model(snn, batch, device))
+                err, ref2 = _sq_errors(outs, target, _mask(batch, outs[0]) if outs else None)
                 loss = err / ref2.clamp_min(1e-30)
                 if not torch.isfinite(loss):
                     raise CalibrationError("reconstruction: the output error is not finite (NaN or inf in the SNN's output)")
