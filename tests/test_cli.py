@@ -150,7 +150,7 @@ def test_eval_and_tune_preprocess_as_convert_did(tmp_path, capsys, rng):
     _image_tree(tmp_path / "imgs", rng_np, {"train": ("a", "b"), "val": ("a", "b")})
     out = tmp_path / "snn.pth"
     assert cli.main(["convert", "resnet18", "--allow-random-weights", "--data", str(tmp_path / "imgs"), "--num-classes", "2",
-                     "--batch-size", "4", "--calib-samples", "4", "--out", str(out), "--quiet"]) == 0
+                     "--batch-size", "4", "--calib-samples", "4", "--out", str(out), "--quiet", "--reconstruct", "0"]) == 0
     capsys.readouterr()
     _, meta = cli.load_converted(str(out))
     model = timm.create_model("resnet18", num_classes=2)

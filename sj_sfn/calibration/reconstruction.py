@@ -157,7 +157,7 @@ class _TrainableSite:
     clipped to the site's range, so ``∂o/∂x = 1`` inside the range and ``∂o/∂Δ = q − u``.
     """
 
-    def __init__(self, node: SFNode):
+    def __init__(self, node: SFNode, learn: bool):
         if node.step_mode != "s":
             raise CalibrationError("reconstruction needs single-step sites (step_mode='s'), as sj_sfn.convert makes them")
         self.node = node
@@ -165,6 +165,7 @@ class _TrainableSite:
         self.log_pos = torch.zeros_like(self.theta0[0], requires_grad=True)
         self.log_neg = None if self.theta0[1] is None else torch.zeros_like(self.theta0[1], requires_grad=True)
         self.top = float(node.max_spikes if node.levels is None else node.levels[-1])
+        self.learn = learn  # steps fixed: the node's thresholds (and its fast-fire plan) stay untouched
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.log_pos] + ([] if self.log_neg is None else [self.log_neg])
@@ -184,7 +185,8 @@ class _TrainableSite:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         node = self.node
-        self.write()
+        if self.learn:
+            self.write()
         with torch.no_grad():
             exact = type(node).forward(node, x.detach())
         lam = node.lam
@@ -280,7 +282,7 @@ def reconstruct(
         raise ValueError(f"threshold_lr must be a number >= 0, got {threshold_lr!r}")
     if not isinstance(holdout, int | float) or isinstance(holdout, bool) or not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
-    sites = [_TrainableSite(m) for m in snn.modules() if isinstance(m, SFNode)]
+    sites = [_TrainableSite(m, threshold_lr > 0) for m in snn.modules() if isinstance(m, SFNode)]
     if not sites:
         raise ValueError("the model has no SFNode sites: convert it first (sj_sfn.convert)")
     device = model_device(snn) if device is None else torch.device(device)
