@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from fixtures_small_nets import InvertedResidualNet, he_init_
 
 import sj_sfn
 from sj_sfn import SFNode
@@ -89,34 +90,10 @@ def test_level_helpers():
             F.float_levels(*bad)
 
 
-class _Net(nn.Module):
-    """A small MobileNet-like block stack: 1×1 expansion (expensive inputs), depthwise (cheap), projection."""
-
-    def __init__(self, c: int = 8, e: int = 32):
-        super().__init__()
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, e, 1), nn.ReLU6(), nn.Conv2d(e, e, 3, padding=1, groups=e), nn.ReLU6(), nn.Conv2d(e, c, 1))
-            for _ in range(3)
-        )
-        self.head = nn.Linear(c, 10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for b in self.blocks:
-            x = x + b(x)
-        return self.head(x.mean((2, 3)))
-
-
 @pytest.fixture(scope="module")
 def net_and_data():
     g = torch.Generator().manual_seed(0)
-    net = _Net()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d | nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    net = he_init_(InvertedResidualNet(), g)
     x = torch.randn(48, 3, 16, 16, generator=g) * torch.rand(48, 1, 1, 1, generator=g) * 3
     return net.eval(), x
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from fixtures_small_nets import InvertedResidualNet, he_init_
 
 import sj_sfn
 from sj_sfn import SFNode
@@ -18,34 +19,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-class _Net(nn.Module):
-    """Inverted residual blocks (1×1 expansion, depthwise, projection) with ReLU6, a global pool and a head."""
-
-    def __init__(self, c: int = 8, e: int = 24):
-        super().__init__()
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, e, 1), nn.ReLU6(), nn.Conv2d(e, e, 3, padding=1, groups=e), nn.ReLU6(), nn.Conv2d(e, c, 1))
-            for _ in range(3)
-        )
-        self.head = nn.Linear(c, 10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for b in self.blocks:
-            x = x + b(x)
-        return self.head(x.mean((2, 3)))
-
-
 @pytest.fixture(scope="module")
 def net_and_data():
     g = torch.Generator().manual_seed(0)
-    net = _Net()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d | nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    net = he_init_(InvertedResidualNet(e=24), g)
     x = torch.randn(96, 3, 12, 12, generator=g) * torch.rand(96, 1, 1, 1, generator=g) * 3
     return net.eval(), x
 
