@@ -162,8 +162,9 @@ class _TrainableSite:
             raise CalibrationError("reconstruction needs single-step sites (step_mode='s'), as sj_sfn.convert makes them")
         self.node = node
         self.theta0 = (node.theta_pos.detach().clone(), None if node.theta_neg is None else node.theta_neg.detach().clone())
-        self.log_pos = torch.zeros_like(self.theta0[0], requires_grad=True)
-        self.log_neg = None if self.theta0[1] is None else torch.zeros_like(self.theta0[1], requires_grad=True)
+        # fixed steps (learn=False): no gradient is taken for them, so none accumulates step after step
+        self.log_pos = torch.zeros_like(self.theta0[0], requires_grad=learn)
+        self.log_neg = None if self.theta0[1] is None else torch.zeros_like(self.theta0[1], requires_grad=learn)
         self.top = float(node.max_spikes if node.levels is None else node.levels[-1])
         self.learn = learn  # steps fixed: the node's thresholds (and its fast-fire plan) stay untouched
 
