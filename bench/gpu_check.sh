@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU check of the CuPy kernels, in one go and without network access (< 5 minutes):
+# GPU check of the CuPy kernels, in one go and without network access (< 8 minutes):
 #   1. reports the machine (GPU, CUDA driver, torch, CuPy, SpikingJelly);
 #   2. installs sj-sfn from this checkout without network (editable, no dependencies, no
 #      build isolation), or falls back to PYTHONPATH; missing pure-Python dependencies are
 #      installed from a local wheel folder ($SJ_SFN_WHEELS, default ./wheels) if there is one;
 #   3. runs the GPU parity tests (tests/test_cuda_gpu.py) plus the CPU dispatch and compile tests;
-#   4. runs the kernel benchmark (bench/neuron_kernels.py) and writes its JSON and table.
+#   4. runs the kernel benchmark (bench/neuron_kernels.py) and writes its JSON and table;
+#   5. times converted networks against their ANNs on the device (bench/overhead.py --device cuda).
 #
 #   bash bench/gpu_check.sh                  # results in $OUT (if set) or runs/gpu_check/
 #   PYTHON=/path/to/python bash bench/gpu_check.sh
@@ -51,7 +52,7 @@ if [ "$cuda_ok" != "1" ] && [ -z "${SJ_SFN_ALLOW_CPU:-}" ]; then
 fi
 
 say "dependencies"
-for pair in spikingjelly:spikingjelly pytest:pytest tqdm:tqdm numpy:numpy; do
+for pair in loguru:loguru spikingjelly:spikingjelly pytest:pytest tqdm:tqdm numpy:numpy; do
   mod=${pair%%:*}; pkg=${pair##*:}
   if ! "$PYTHON" -c "import $mod" 2>/dev/null; then
     if [ -d "$WHEELS" ]; then
@@ -100,6 +101,17 @@ timeout 110 "$PYTHON" bench/neuron_kernels.py "${bench_args[@]}" --out "$RESULTS
   2>>"$LOG" | tee "$RESULTS/neuron_kernels.txt" | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || { say "benchmark FAILED (exit $rc)"; status=1; }
+
+say "SNN/ANN time and memory on the device (bench/overhead.py)"
+if [ "$cuda_ok" = "1" ]; then
+  oh_args=(--device cuda --models vit_tiny mobilenet_v2 causal_lm --batches 1 32 --threads 1 --repeats 20)
+else
+  oh_args=(--models vit_tiny --batches 1 --threads 1 --repeats 2)
+fi
+timeout "${SJ_SFN_OVERHEAD_TIMEOUT:-200}" "$PYTHON" bench/overhead.py "${oh_args[@]}" --quiet --out "$RESULTS/overhead.json" \
+  2>>"$LOG" | tee "$RESULTS/overhead.txt" | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || { say "overhead benchmark FAILED (exit $rc)"; status=1; }
 
 say "done in $(( $(date +%s) - start )) s, status $status; results in $RESULTS"
 exit $status

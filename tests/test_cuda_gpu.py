@@ -220,3 +220,39 @@ def test_nan_and_inf_inputs_match_the_reference(dtype, cuda_rng):
         for name, a, b in zip(("spike", "v", "count", "v_seq"), out, ref):
             torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True, msg=f"{what}: {name}")
         assert torch.isnan(ref.spike_seq).any(), what  # the case is not vacuous
+
+
+def _small_models():
+    from fixtures_small_nets import InvertedResidualNet, he_init_
+
+    yield "cnn", he_init_(InvertedResidualNet(), torch.Generator().manual_seed(0)).eval(), (3, 16, 16)
+    try:
+        import timm
+    except ImportError:
+        return
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10)
+    yield "vit", vit.eval(), (3, 32, 32)
+
+
+def test_default_conversion_on_cuda_matches_the_same_snn_on_the_cpu():
+    """``sj_sfn.convert`` with its defaults (budget calibration, reconstruction) runs on CUDA end to end; the
+    converted network gives the same outputs on the GPU (CuPy fire) as on the CPU (torch reference), up to
+    convolution round-off that may move a value across a fire boundary: relative error ≤ 1e-2."""
+    g = torch.Generator().manual_seed(0)
+    for name, ann, shape in _small_models():
+        dev = torch.device("cuda")
+        ann = ann.to(dev)
+        calib = [torch.randn((8, *shape), generator=g).to(dev) for _ in range(4)]
+        snn = sj_sfn.convert(ann, calib, reconstruct=5, progress=False)
+        impl = {n: i.name for n, i in sj_sfn.implementation(snn).items()}
+        assert impl and set(impl.values()) == {"cupy"}, f"{name}: {impl}"
+        x = torch.randn((16, *shape), generator=g)
+        with torch.no_grad():
+            out_gpu = snn(x.to(dev)).float().cpu()
+            sjf.reset_net(snn)
+            out_cpu = snn.cpu()(x).float()
+        rel = ((out_gpu - out_cpu).norm() / out_cpu.norm()).item()
+        assert rel <= 1e-2, f"{name}: CUDA vs CPU relative error {rel:.3g}"
+        report = sj_sfn.energy.measure_energy(snn.to(dev), calib, ann=ann)
+        assert 0 < report.ratio < 5, f"{name}: energy ratio {report.ratio}"
