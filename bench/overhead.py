@@ -231,6 +231,31 @@ def measure(ann: torch.nn.Module, snn: torch.nn.Module, x, repeats: int, mem_rep
     }
 
 
+def sync_points(model: torch.nn.Module, x) -> list[str]:
+    """CUDA: where one forward makes the host wait for the device (``torch.cuda.set_sync_debug_mode('warn')``),
+    as the ``file:line`` the warning names, most frequent first; empty on the CPU."""
+    import collections
+    import warnings
+
+    if _device_of(model).type != "cuda":
+        return []
+    where: collections.Counter = collections.Counter()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        old = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            _call(model, x)
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+    for w in caught:
+        if "synchroniz" not in str(w.message):
+            continue
+        where[f"{w.filename}:{w.lineno}"] += 1
+    return [f"{k} ×{n}" for k, n in where.most_common(10)]
+
+
 def exact(snn: torch.nn.Module, x) -> bool | None:
     """Whether the default fire path gives the reference fire rule's output bit for bit (``None``: no fast path to check)."""
     try:
@@ -314,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                 # elementwise results do not depend on the thread count: check each input once (the reference is slow)
                 same = [r for r in rows if r["model"] == name and r["batch"] == batch]
                 row["exact"] = same[0]["exact"] if same else exact(snn, x)
+                if device.type == "cuda":
+                    row["ann_syncs"], row["snn_syncs"] = sync_points(ann, x), sync_points(snn, x)
+                    log(f"  host syncs: ANN {row['ann_syncs']}, SNN {row['snn_syncs']}")
                 rows.append(row)
                 log(f"  batch {batch}, {threads} thread(s): time ×{row['time_ratio']:.2f}, memory ×{row['mem_ratio']:.2f}, "
                     f"exact {row['exact']}")

@@ -44,7 +44,7 @@ __all__ = [
     "reference_fire",
 ]
 
-BACKENDS = ("torch", "cupy")
+BACKENDS = ("auto", "torch", "cupy")
 
 _UNSET: Any = object()
 _reference_only = False
@@ -116,7 +116,8 @@ class MultiLevelNode(BaseNode):
         ``functional.reset_net`` (SpikingJelly's contract). ``False``: every step starts from the
         initial membrane and no membrane is kept between calls; a multi-step forward then equals
         a loop of single steps, each from rest.
-    :param backend: ``'torch'`` (reference) or ``'cupy'`` (fused CUDA kernel)
+    :param backend: ``'auto'`` (default: the fused CUDA kernel on CUDA inputs when CuPy is usable, torch
+        otherwise), ``'torch'`` (the reference on every device) or ``'cupy'`` (the kernel; an error without it)
     :param store_counts: keep the integer spike counts of the last forward in ``last_counts``
     """
 
@@ -128,7 +129,7 @@ class MultiLevelNode(BaseNode):
         detach_reset: bool = False,
         step_mode: str = "s",
         store_v_seq: bool = False,
-        backend: str = "torch",
+        backend: str = "auto",
         store_counts: bool = False,
         stateful: bool = True,
     ):
@@ -332,7 +333,7 @@ class MTNode(MultiLevelNode):
         v_init: float = 0.0,
         detach_reset: bool = False,
         step_mode: str = "s",
-        backend: str = "torch",
+        backend: str = "auto",
         store_v_seq: bool = False,
         store_counts: bool = False,
         surrogate_function: Any = None,
@@ -431,7 +432,7 @@ class SFNode(MultiLevelNode):
         ceiling: float | None = None,
         detach_reset: bool = False,
         step_mode: str = "s",
-        backend: str = "torch",
+        backend: str = "auto",
         store_v_seq: bool = False,
         store_counts: bool = False,
         kind: str = "",
@@ -674,7 +675,7 @@ class SFNode(MultiLevelNode):
             and not self.stateful
             and not self.store_counts
             and not self._store_v_seq
-            and self.backend == "torch"
+            and self.backend != "cupy"
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in self._buffers.values())))

@@ -24,7 +24,7 @@ Which implementation runs on a CUDA tensor:
 ``torch``                         torch              torch              torch
 ================================  =================  =================  =================
 
-``backend`` is the neuron's (``MTNode``/``SFNode``; ``'torch'`` by default) or the argument of
+``backend`` is the neuron's (``MTNode``/``SFNode``; ``'auto'`` by default) or the argument of
 :func:`mtn` / :func:`sfn` (``'auto'`` by default). CPU tensors always get torch, except that
 ``backend='cupy'`` on a CPU tensor is an error. In eager mode torch is called directly (no op
 dispatch); under ``torch.compile`` every forward goes through the custom op.

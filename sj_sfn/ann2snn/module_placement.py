@@ -268,7 +268,7 @@ def place_input_sites(
     device: torch.device | str | None = None,
     progress: bool = True,
     call: Callable[[nn.Module, Any, torch.device], Any] | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> ModulePlacement:
     r"""Place a calibrated SFN on the input of every weight layer of ``model`` whose input is not spiking (in place).
 

@@ -98,7 +98,7 @@ class SFNRecipe(FXConversionRecipe):
     :param num_batches: calibrate on at most this many batches
     :param fuse_bn: fold BatchNorm into the preceding convolution
     :param max_samples: per-batch subsample size of the quantile estimate
-    :param backend: neuron backend (``'torch'`` or ``'cupy'``)
+    :param backend: neuron backend (``'auto'``: the CUDA kernel on CUDA inputs when usable; ``'torch'`` or ``'cupy'``)
     :param progress: show a progress bar while calibrating
     :param spike_inputs: the placement rule for every architecture: a signed SFN in front of every
         weight layer whose input is not already spiking (after a residual addition, an average pool,
@@ -122,7 +122,7 @@ class SFNRecipe(FXConversionRecipe):
         num_batches: int | None = None,
         fuse_bn: bool = True,
         max_samples: int = 1 << 17,
-        backend: str = "torch",
+        backend: str = "auto",
         progress: bool = True,
         spike_inputs: bool = True,
         keep_state: bool = False,
@@ -324,7 +324,7 @@ class MTNRecipe(RateCodingRecipe):
         mode: str | float = "Max",
         momentum: float = 0.1,
         fuse_flag: bool = True,
-        backend: str = "torch",
+        backend: str = "auto",
     ) -> None:
         super().__init__(dataloader, mode=mode, momentum=momentum, fuse_flag=fuse_flag)
         self.time_steps = time_steps

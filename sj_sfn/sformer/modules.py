@@ -132,7 +132,7 @@ def _fast_ok(site: SFNode, x: torch.Tensor) -> bool:
         and not site.store_v_seq
         and site.levels is None
         and site.step_mode == "s"
-        and site.backend == "torch"
+        and site.backend != "cupy"
         and x.dtype in (torch.float32, torch.float64)
         and not (torch.is_grad_enabled() and x.requires_grad)
         and not site._forward_hooks
