@@ -260,6 +260,12 @@ def test_implementation_of_modules(monkeypatch):
     assert set(report) == {"1", "2.0"}
     assert all(r.name == "torch" and r.device == "cpu" for r in report.values())
     assert sj_sfn.implementation(sfn).name == "torch"
+    on_cuda = sj_sfn.implementation(sfn, device="cuda")  # backend='auto' by default: the kernel where usable
+    if sj_sfn.cuda.cupy_status()[0]:
+        assert on_cuda.name == "cupy" and "torch" in on_cuda.unavailable
+    else:
+        assert on_cuda.name == "torch" and "cupy" in on_cuda.unavailable
+    sfn.backend = "torch"
     on_cuda = sj_sfn.implementation(sfn, device="cuda")
     assert on_cuda.name == "torch" and "cupy" in on_cuda.unavailable
     with pytest.raises(TypeError, match="module or a device"):
