@@ -13,7 +13,7 @@ CONFIGS = ROOT / "detection" / "configs" / "shapes"
 VIT_CFG = str(CONFIGS / "mask-rcnn_sformer-vit-tiny_shapes.py")
 CNN_CFG = str(CONFIGS / "mask-rcnn_sfn-resnet-tiny_shapes.py")
 RETINA_CFG = str(CONFIGS / "retinanet_sformer-vit-tiny_shapes.py")
-EPOCHS = {"vit": 40, "cnn": 16}
+EPOCHS = {"vit": 28, "cnn": 16}
 
 
 def _have_mmdet() -> bool:

@@ -90,7 +90,7 @@ def test_tradeoff_prefers_lower_energy(tune_cnn_snn, tune_search_loader, tune_cn
 
 
 def test_pareto_front_non_dominated(tune_cnn_snn, tune_search_loader, tmp_path):
-    res = tune_lambda(tune_cnn_snn, tune_search_loader, objective="pareto", trials=6, seed=0, progress=False)
+    res = tune_lambda(tune_cnn_snn, tune_search_loader, objective="pareto", trials=4, seed=0, progress=False)
     done = [t for t in res.trials if t.ok]
     front_ids = {t.index for t in res.pareto}
     assert res.pareto and res.best_index in front_ids
