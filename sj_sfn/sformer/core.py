@@ -46,6 +46,7 @@ from ..ann2snn.inputs import calibration_loader, check_model
 from ..calibration import SiteObserver, calibrate
 from ..checks import check_max_spikes, check_offset, check_positive_float, check_quantile
 from ..neuron import SFNode
+from ..utils import model_device
 from . import variants as _variants  # noqa: F401  (registers the attention variants)
 from .modules import SITE_KINDS, HeadSite, SFormerAttention, SFormerMlp, attention_types, mlp_types, wrapper_for
 
@@ -248,7 +249,11 @@ def place_calibrated_sites(
     offset: float,
     device: torch.device | str | None = None,
 ) -> None:
-    """Replace every calibrated observer of :func:`site_observers` by its SFN (see the module doc for the SoftMax cap)."""
+    """Replace every calibrated observer of :func:`site_observers` by its SFN (see the module doc for the SoftMax cap).
+
+    The SFNs go to ``device``, or to the device of ``snn``'s weights (not to the observers' CPU statistics).
+    """
+    home = model_device(snn) if device is None else torch.device(device)
     for name, kind, site in site_modules(snn):
         parent_name, _, attr = name.rpartition(".")
         parent = snn.get_submodule(parent_name) if parent_name else snn
@@ -274,7 +279,7 @@ def place_calibrated_sites(
                 stats, lam=lam, max_spikes=max_spikes, signed=True, offset=offset, kind=kind,
                 channel_dim=-1 if per_channel else None,
             )
-        setattr(parent, attr, node.to(stats["pos"].device if device is None else device))
+        setattr(parent, attr, node.to(home))
 
 
 @torch.no_grad()
