@@ -40,6 +40,8 @@ from collections.abc import Callable
 
 import torch
 
+from sj_sfn.utils import model_device
+
 MODELS = ("mobilenet_v2", "vit_tiny", "minilm", "causal_lm")
 
 
@@ -156,19 +158,14 @@ def _stderr_silenced():
             os.close(saved)
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def peak_alloc_mb(model: torch.nn.Module, x) -> float:
     """Peak of the bytes held by torch's allocator during one forward, MB (weights and input excluded).
 
-    On CUDA: ``torch.cuda.max_memory_allocated`` during the forward minus what was allocated before it.
-
-    Every allocation and free of the forward is recorded by ``torch.profiler`` (``profile_memory=True``);
+    On CUDA: ``torch.cuda.max_memory_allocated`` during the forward minus what was allocated before it. On the
+    CPU: every allocation and free of the forward is recorded by ``torch.profiler`` (``profile_memory=True``);
     the peak is the largest running sum of their sizes, in time order.
     """
-    device = _device_of(model)
+    device = model_device(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -200,7 +197,7 @@ def peak_alloc_mb(model: torch.nn.Module, x) -> float:
 
 def timed(model: torch.nn.Module, x) -> float:
     """Wall seconds of one forward (on CUDA, from a synchronised start to a synchronised end)."""
-    device = _device_of(model)
+    device = model_device(model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
     with torch.no_grad():
         sync(device)
@@ -237,7 +234,7 @@ def sync_points(model: torch.nn.Module, x) -> list[str]:
     import collections
     import warnings
 
-    if _device_of(model).type != "cuda":
+    if model_device(model).type != "cuda":
         return []
     where: collections.Counter = collections.Counter()
     torch.cuda.synchronize()

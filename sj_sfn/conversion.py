@@ -26,6 +26,7 @@ from .calibration.reconstruction import DEFAULT_RECONSTRUCTION_STEPS
 from .calibration.reconstruction import reconstruct as reconstruct_outputs
 from .checks import check_max_spikes, check_offset, check_positive_float, check_quantile
 from .neuron import MultiLevelNode, set_lambda, set_stateful
+from .utils import model_device
 
 if TYPE_CHECKING:
     from .ann2snn.module_placement import ModulePlacement
@@ -194,7 +195,7 @@ def convert(
             snn = _module_convert(model, dataloader, device=device, **common, **optional, **kwargs)
             path = "module"
     snn.sfn_conversion_path = path
-    _neurons_to(snn, _conversion_device(model, device))  # sites made on the CPU join the model (e.g. on CUDA)
+    _neurons_to(snn, model_device(model) if device is None else torch.device(device))  # sites made on the CPU join the model (e.g. on CUDA)
     set_stateful(snn, keep_state)  # Transformers: the SFormer/HF sites follow keep_state too
     if calibration == "budget":
         sets = {} if level_sets is None else {"level_sets": level_sets}
@@ -207,15 +208,6 @@ def convert(
         snn.sfn_reconstruction = reconstruct_outputs(snn, model, dataloader, steps=reconstruct, num_batches=num_batches,
                                                      device=device, progress=progress)
     return snn
-
-
-def _conversion_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    """``device`` if given, else the device of the model's first parameter or buffer (the CPU if it has none)."""
-    if device is not None:
-        return torch.device(device)
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _neurons_to(snn: nn.Module, device: torch.device) -> None:
