@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from spikingjelly.activation_based.neuron import BaseNode
 
+from . import cpu, ops
 from . import functional as F
-from . import ops
 from .checks import check_finite_positive, check_levels, check_max_spikes, check_offset, check_positive_float
 
 __all__ = [
@@ -738,6 +738,24 @@ class SFNode(MultiLevelNode):
         if plan is None:
             return None
         tp, tn, cap = plan["tp"], plan["tn"], plan["cap"]
+        if cpu.available():  # one pass over memory (sj_sfn.cpu); else the torch ops below
+            kernel = plan.get("cpu")
+            if kernel is None:
+                levels = None if self.levels is None else self.levels.to(torch.float32)
+                kernel = plan["cpu"] = cpu.FirePlan(tn is not None, cap is not None, self.max_spikes, self.offset,
+                                                    plan["table"], plan["table_neg"], levels)  # fmt: skip
+            # thresholds shaped for an input of this rank (the kernel checks them against the input's sizes)
+            shaped = plan.setdefault("shaped", {})
+            ranked = shaped.get(x.dim())
+            if ranked is None:
+                d = self.channel_dim
+                ranked = shaped[x.dim()] = tuple(
+                    None if t is None else F.broadcast_threshold(t, x, d, name) for t, name in ((tp, "theta_pos"), (tn, "theta_neg"), (cap, "ceiling"))
+                )  # fmt: skip
+            try:
+                return kernel(x, *ranked)
+            except ValueError:  # thresholds that do not fit this input, or a layout the kernel does not take (more than
+                pass  # 4 non-mergeable dimensions): the torch path below checks and fires it
         if F.broadcast_threshold(tp, x, self.channel_dim, "theta_pos").dim() == 0:  # with the reference's shape checks
             h = x.view(-1) if x.is_contiguous() or x.dim() < 2 else x
 
@@ -770,7 +788,9 @@ class SFNode(MultiLevelNode):
         if isinstance(x, torch.Tensor) and self._fast_ok(x):
             out = self._fast_fire(x)
             if out is not None:
-                self.last_counts = None
+                d = self.__dict__  # a plain attribute: skip MemoryModule.__setattr__ (slow) when nothing changes
+                if d.get("last_counts") is not None:
+                    self.last_counts = None
                 return out
         return super().single_step_forward(x, *args, **kwargs)
 

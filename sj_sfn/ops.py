@@ -9,7 +9,9 @@ implementation (``torch.compile`` traces each forward as one node) and a straigh
 backward that replays the reference under autograd, so gradients equal the reference's (to
 ``x`` and ``v``; a call whose thresholds, ``λ`` or ceiling need a gradient runs the reference itself).
 
-"torch" means the reference's own operations in the same order: with autograd it is
+"torch" means the reference's own operations in the same order (on the CPU, a stateless float32
+inference step of an SFN fires in one pass through the C kernel of :mod:`sj_sfn.cpu` when it could be
+built, else through torch ops; bit for bit the same result either way): with autograd it is
 :mod:`sj_sfn.functional` itself; without autograd (inference) the same operations run in
 place on preallocated buffers (identical results, fewer passes over memory); custom levels
 always use :mod:`sj_sfn.functional`.
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checks, cuda
+from . import checks, cpu, cuda
 from . import functional as F
 
 __all__ = [
@@ -116,7 +118,12 @@ def _resolve(device: torch.device, backend: str) -> Implementation:
         if backend == "cupy" and env != "torch":
             why = f"backend='cupy' needs CUDA tensors, got input on {dev}; move the model to a CUDA device or use backend='torch'"
             return Implementation("cupy", dev, "backend='cupy'", {"torch": "backend='cupy' was requested"}, error=why)
-        return Implementation("torch", dev, f"torch runs on {device.type}", {"cupy": f"the CuPy kernels run on CUDA devices only, not {device.type}"})
+        notes = ()
+        if device.type == "cpu":
+            ok, why = cpu.status()
+            notes = (f"stateless float32 inference steps fire in one pass through the C kernel of sj_sfn.cpu ({why})" if ok
+                     else f"stateless float32 inference steps fire through torch ops (the C kernel of sj_sfn.cpu is unusable: {why})",)  # fmt: skip
+        return Implementation("torch", dev, f"torch runs on {device.type}", {"cupy": f"the CuPy kernels run on CUDA devices only, not {device.type}"}, notes=notes)
     if env == "torch":
         return Implementation("torch", dev, f"{ENV_VAR}=torch", {"cupy": f"disabled by {ENV_VAR}=torch"})
     ok, status = cuda.cupy_status()

@@ -1,6 +1,7 @@
 """The fast inference fire of a stateless SFNode equals the reference fire rule bit for bit.
 
-The fast path (``functional.fast_fire`` with the lookup tables of ``functional.level_table``) is
+Both fast paths — the one-pass C kernel (``sj_sfn.cpu``) and the torch ops of ``functional.fast_fire``,
+each with the lookup tables of ``functional.level_table`` — run every test (the ``fast_path`` fixture), and are
 compared with the same node inside ``neuron.reference_fire()`` (``functional.multi_threshold_fire``):
 float32 bit patterns equal (the sign of zero included) wherever the reference is not NaN, NaN where
 it is NaN. Inputs hold exact level edges, zeros of both signs, infinities, NaN and tiny values.
@@ -11,9 +12,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sj_sfn import SFNode
+from sj_sfn import SFNode, cpu
 from sj_sfn import functional as F
 from sj_sfn.neuron import reference_fire
+
+
+@pytest.fixture(params=["kernel", "torch"], autouse=True)
+def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test on the C kernel (the torch fast path then must not run) and on the torch fast path."""
+    if request.param == "torch":
+        monkeypatch.setenv(cpu.kernels.ENV_VAR, "0")
+        return "torch"
+    monkeypatch.delenv(cpu.kernels.ENV_VAR, raising=False)
+    if cpu.kernels._compiler() is None:
+        pytest.skip("no C compiler: the CPU fire kernel cannot be built")
+    ok, why = cpu.status()
+    assert ok, f"a C compiler is present but the CPU fire kernel is unusable: {why}"
+
+    def torch_path_taken(*args, **kwargs):
+        raise AssertionError("the torch fast path ran where the C kernel should have")
+
+    monkeypatch.setattr(F, "fast_fire", torch_path_taken)
+    return "kernel"
 
 LEVELS = {
     "uniform": None,
@@ -145,7 +165,7 @@ def test_fast_fire_empty_inputs_and_reloaded_thresholds(rng: torch.Generator) ->
     _assert_bitwise_equal(node(x), _fire_both(other, x)[1])
 
 
-def test_channel_first_thresholds_follow_the_batch_size():
+def test_channel_first_thresholds_follow_the_batch_size(fast_path: str):
     """Per-channel thresholds on a channel-first input are repeated per row once per batch size and kept: a change of
     batch size between calls (2, 3, 2, 5) still fires exactly as the reference."""
     import sj_sfn
@@ -160,4 +180,50 @@ def test_channel_first_thresholds_follow_the_batch_size():
             fast = node(x)
             with reference_fire():
                 assert torch.equal(fast, node(x)), batch
-    assert list(node.__dict__["_fast_cache"][1]["repeated"]) == [5]  # the fast path ran, with the last batch size
+    if fast_path == "torch":  # the torch fast path ran, with the last batch size (the kernel reads strided thresholds)
+        assert list(node.__dict__["_fast_cache"][1]["repeated"]) == [5]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernel_splits_any_layout_across_threads(threads: int, fast_path: str, rng: torch.Generator,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Every thread's share starts and ends mid-row (odd sizes, a tiny share per thread): the result is the reference's."""
+    if fast_path != "kernel":
+        pytest.skip("the thread split is the C kernel's")
+    monkeypatch.setattr(cpu.kernels, "MIN_PER_THREAD", 5)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape, channel_dim, permute in (((3, 7, 5, 11), 1, None), ((4, 13, 9), -1, None), ((5, 3, 7, 6), None, (2, 0, 3, 1)),
+                                            ((3, 6, 5, 4), 1, (0, 2, 1, 3))):  # fmt: skip
+            seen = shape if permute is None else tuple(shape[i] for i in permute)
+            c = 1 if channel_dim is None else seen[channel_dim]
+            for lv in (None, F.float_levels(3, 4)):
+                for ceiling in (None, 2.0):
+                    node = SFNode(torch.rand(c, generator=rng) + 0.2, torch.rand(c, generator=rng) + 0.2, lam=0.9, levels=lv,
+                                  max_spikes=None if lv is not None else 16, offset=0.5, ceiling=ceiling,
+                                  channel_dim=channel_dim, stateful=False)  # fmt: skip
+                    x = _input(shape, node, rng)
+                    if permute is not None:
+                        x = x.permute(*permute)  # a strided view: the kernel reads it in place
+                    _assert_bitwise_equal(*_fire_both(node, x))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_kernel_refuses_layouts_it_cannot_walk_and_the_node_falls_back(fast_path: str, rng: torch.Generator,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A view with five dimensions that do not merge is refused with a ValueError; the node then takes the torch fast path."""
+    if fast_path != "kernel":
+        pytest.skip("the layout check is the C kernel's")
+    monkeypatch.undo()  # the torch fast path is the fallback here
+    node = SFNode(torch.tensor(0.4), torch.tensor(0.3), levels=F.float_levels(3, 4), offset=0.5, stateful=False)
+    x = _input((2, 3, 4, 5, 6, 7), node, rng)[:, :, :, :, :, ::2]  # every dimension strided differently
+    x = x.permute(5, 4, 3, 2, 1, 0)
+    tp = torch.tensor(0.4)
+    with pytest.raises(ValueError, match="more than 4 non-mergeable"):
+        cpu.fire(x, tp, None, 32, 0.5)
+    _assert_bitwise_equal(*_fire_both(node, x))
+    contiguous = x.contiguous()  # the same values as a flat run: the kernel takes it
+    _assert_bitwise_equal(cpu.fire(contiguous, tp * node.lam, torch.tensor(0.3) * node.lam, 32, 0.5,
+                                   table=F.level_table(node.levels, 0.5, signed=False)), _fire_both(node, x)[1].contiguous())  # fmt: skip

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
             devs.append("cuda")
         for dev in devs:
             impl = implementation(dev)
-            kernels[dev] = {"name": impl.name, "reason": impl.reason, "unavailable": impl.unavailable, "error": impl.error}
+            kernels[dev] = {"name": impl.name, "reason": impl.reason, "unavailable": impl.unavailable, "error": impl.error,
+                            "notes": list(impl.notes)}  # fmt: skip
     except Exception as e:  # noqa: BLE001 - info must not fail
         kernels["error"] = str(e).splitlines()[0]
     info["kernels"] = kernels
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         why = "; ".join(f"{n}: {r}" for n, r in (k["unavailable"] or {}).items())
         print(f"  {dev:7s} -> {k['name']} ({k['reason']}){'  [' + why + ']' if why else ''}")
+        if dev == "cpu":
+            for note in k["notes"]:
+                print(f"            {note}")
     print("data: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["data"].items())
           + ("" if info["data"]["fashion-mnist"] else "  (Fashion-MNIST: apt-get install dataset-fashion-mnist)"))
     return 0

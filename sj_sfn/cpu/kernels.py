@@ -1,0 +1,357 @@
+"""Build, cache and call the one-pass CPU fire kernel (``fire.c``) through ``ctypes``.
+
+The kernel is plain C (no torch headers): it compiles in about a second with the system C
+compiler (``$CC``, else ``cc``/``gcc``/``clang``), with OpenMP when the compiler has it, and is
+cached under ``$SJ_SFN_CACHE_DIR`` (default ``~/.cache/sj-sfn``) keyed by the source, the
+compiler, its flags and the CPU. It shares torch's OpenMP runtime (the same ``libgomp.so.1`` is
+already loaded), so it adds no thread pool of its own.
+
+``SJ_SFN_CPU_KERNEL=0`` (or ``off``/``torch``) disables it; without a compiler, or when the build
+fails, :func:`status` says why and the neurons keep their torch fast path (same results, several
+passes over memory instead of one).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.resources
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["ENV_VAR", "SOURCE_FILE", "FLAGS", "Lookup", "FirePlan", "enabled", "status", "available", "library", "fire", "cache_dir"]
+
+ENV_VAR = "SJ_SFN_CPU_KERNEL"
+SOURCE_FILE = "fire.c"
+ABI_VERSION = 2
+# IEEE arithmetic: no fast-math, no multiply-add contraction (h/θ and θ·k must round as torch's do);
+# no trapping math (FP exception flags are not observed) lets the loops vectorise
+FLAGS: tuple[str, ...] = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math")
+NATIVE = ("-march=native",)
+OPENMP = ("-fopenmp",)
+# mode flags of fire.c
+SELECT, TABLE, CAP, NEG, TABLE_NEG, FLOAT = 1, 2, 4, 8, 16, 32
+MIN_PER_THREAD = 1 << 15  # elements: below this a parallel region costs more than it saves
+
+_i64_4 = ctypes.c_int64 * 4
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: ``$SJ_SFN_CACHE_DIR``, else ``$XDG_CACHE_HOME/sj-sfn``, else ``~/.cache/sj-sfn``."""
+    root = os.environ.get("SJ_SFN_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "sj-sfn"
+
+
+def enabled() -> bool:
+    """Whether the kernel may be used: ``SJ_SFN_CPU_KERNEL`` is not ``0``/``off``/``false``/``no``/``torch`` (read on every call)."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no", "torch")
+
+
+@functools.cache
+def source() -> str:
+    """The C source of the kernel, read from the installed package."""
+    return importlib.resources.files(__package__).joinpath(SOURCE_FILE).read_text(encoding="utf-8")
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc.split()[0]):
+        return cc.split()[0]
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU the native build is for: the model name and feature flags of ``/proc/cpuinfo`` (or the platform)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return platform.machine() + "\n".join(sorted(set(keep)))
+
+
+def _torch_openmp() -> Path | None:
+    """The OpenMP runtime bundled with torch, when its name differs from the system's ``libgomp.so.1``."""
+    lib = Path(torch.__file__).parent / "lib"
+    for pattern in ("libgomp*.so*", "libiomp5*.so*", "libomp*.so*", "libomp*.dylib"):
+        for path in sorted(lib.glob(pattern)):
+            return None if path.name == "libgomp.so.1" else path  # same soname: the loaded copy is shared anyway
+    return None
+
+
+def _commands(cc: str, flags: tuple[str, ...], src: Path, obj: Path, out: Path) -> list[list[str]]:
+    """Compile (and link) commands. With OpenMP, link against torch's own runtime when it is bundled under another
+    name, so that the kernel and torch share one thread pool."""
+    runtime = _torch_openmp() if OPENMP[0] in flags else None
+    if runtime is None:
+        return [[cc, *flags, str(src), "-o", str(out), "-lm"]]
+    compile_flags = [f for f in flags if f != "-shared"]
+    return [[cc, *compile_flags, "-c", str(src), "-o", str(obj)],
+            [cc, "-shared", str(obj), "-o", str(out), str(runtime), f"-Wl,-rpath,{runtime.parent}", "-lm"]]  # fmt: skip
+
+
+def _try_build(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile to ``target`` (atomically); the compiler's message on failure, else ``None``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / SOURCE_FILE
+        src.write_text(source(), encoding="utf-8")
+        out = Path(tmp) / target.name
+        for cmd in _commands(cc, flags, src, Path(tmp) / "fire.o", out):
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                return f"{type(e).__name__}: {e}"
+            if proc.returncode != 0:
+                return (proc.stderr or proc.stdout).strip()[-2000:] or f"exit status {proc.returncode}"
+        os.replace(out, target)
+    return None
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install gcc/clang)"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"the C compiler {cc!r} does not run ({type(e).__name__}: {e})"
+    errors = []
+    # the fastest build that compiles: native code with OpenMP, then without either
+    for extra in (NATIVE + OPENMP, OPENMP, NATIVE, ()):
+        flags = FLAGS + extra
+        parts = [source(), cc, version, *flags, _cpu_signature() if NATIVE[0] in flags else "", str(_torch_openmp())]
+        key = hashlib.sha256("\0".join(parts).encode())
+        target = cache_dir() / "cpu" / f"fire-{key.hexdigest()[:20]}.so"
+        if not target.exists():
+            err = _try_build(cc, flags, target)
+            if err is not None:
+                errors.append(f"{' '.join(extra) or 'plain'}: {err.splitlines()[-1] if err else err}")
+                continue
+        try:
+            lib = ctypes.CDLL(str(target))
+            if lib.sj_sfn_abi_version() != ABI_VERSION:
+                raise OSError(f"ABI version {lib.sj_sfn_abi_version()} != {ABI_VERSION}")
+        except (OSError, AttributeError) as e:
+            errors.append(f"{target.name}: {e}")
+            continue
+        f = lib.sj_sfn_fire_f32
+        f.restype = ctypes.c_int
+        P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        f.argtypes = [P, _i64_4, _i64_4, P, P, P, P, _i64_4, ctypes.c_int, F32, F32, P, P, ctypes.c_int, I64]
+        how = "with OpenMP" if OPENMP[0] in flags else "single-threaded (the compiler has no OpenMP)"
+        return lib, f"built with {cc} {' '.join(extra)} ({how}), cached in {target.parent}"
+    return None, "the build failed: " + "; ".join(errors)
+
+
+def status() -> tuple[bool, str]:
+    """``(usable, reason)``: whether the kernel is enabled, built and loaded (built on the first call)."""
+    if not enabled():
+        return False, f"disabled by {ENV_VAR}={os.environ.get(ENV_VAR)}"
+    lib, why = _load()
+    return lib is not None, why
+
+
+def available() -> bool:
+    """Whether the neurons fire through :func:`fire` (enabled, and built on the first call)."""
+    return enabled() and _load()[0] is not None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library; raises ``RuntimeError`` with the reason when it is unusable."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU fire kernel is unavailable: {why}")
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class Lookup(ctypes.Structure):
+    """A level function ``u -> T[u]`` as ``fire.c`` reads it: a table, or the float levels computed from the bits."""
+
+    _fields_ = [
+        ("table", ctypes.c_void_p), ("shift", ctypes.c_int32), ("mask", ctypes.c_uint32),
+        ("first_edge", ctypes.c_float), ("top_edge", ctypes.c_float), ("top", ctypes.c_float),
+        ("pos", ctypes.c_float), ("neg", ctypes.c_float), ("add", ctypes.c_uint32), ("trunc", ctypes.c_uint32),
+    ]  # fmt: skip
+
+
+def _float_format(levels: torch.Tensor, offset: float) -> tuple[int, int] | None:
+    """``(m, r·2^(23-m))`` when ``levels`` are :func:`~sj_sfn.functional.float_levels` ``(m, ·)`` and ``r`` is dyadic, else ``None``."""
+    from ..functional import float_levels
+
+    n = levels.numel()
+    for m in range(5):
+        if n % (1 << m) == 0 and torch.equal(levels.to(torch.float32), float_levels(m, n >> m)):
+            add = float(offset) * (1 << (23 - m))
+            if 0.0 <= offset <= 1.0 and add == int(add):
+                return m, int(add)
+    return None
+
+
+def _bucket_probe(table) -> torch.Tensor:
+    """The smallest and largest float32 of every bucket of ``table``, both signs (every value the level function can take)."""
+    shift = int(table.shift)
+    lo = torch.arange(1 << (32 - shift), dtype=torch.int64) << shift
+    hi = lo + ((1 << shift) - 1)
+    bits = torch.cat([lo, hi])
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+
+
+class FirePlan:
+    """The arguments of one node's kernel call that do not depend on the input: mode, level functions, ``N``, ``r``.
+
+    ``levels`` (with a ``table``) lets float levels take the gather-free level function; it is used only
+    after checking that it equals the table on every bucket boundary of both signs.
+    """
+
+    def __init__(self, signed: bool, capped: bool, max_spikes: int, offset: float, table=None, table_neg=None,
+                 levels: torch.Tensor | None = None) -> None:  # fmt: skip
+        self.lib = library()
+        select = signed and table_neg is None and (table is not None or not capped)
+        self.flags = (SELECT if select else 0) | (TABLE if table is not None else 0) | (CAP if capped and not select else 0)
+        self.flags |= (NEG if signed else 0) | (TABLE_NEG if table_neg is not None else 0)
+        self.max_spikes, self.offset = float(max_spikes), float(offset)
+        self._tables = (table, table_neg)  # kept alive: the structures point into them
+        self.pos = None if table is None else self._lookup(table)
+        self.neg = None if table_neg is None else self._lookup(table_neg)
+        fmt = None if levels is None or table is None else _float_format(levels, offset)
+        if fmt is not None:
+            float_pos = None if table is None else self._float_lookup(table, levels, offset, fmt)
+            float_neg = None if table_neg is None else self._float_lookup(table_neg, levels, offset, fmt)
+            if all(self._same_levels(t, a, b) for t, a, b in ((table, self.pos, float_pos), (table_neg, self.neg, float_neg)) if t is not None):
+                self.pos, self.neg, self.flags = float_pos, float_neg, self.flags | FLOAT
+
+    @staticmethod
+    def _lookup(table) -> Lookup:
+        return Lookup(table=table.values.data_ptr(), shift=int(table.shift), mask=int(table.mask))
+
+    @staticmethod
+    def _float_lookup(table, levels: torch.Tensor, offset: float, fmt: tuple[int, int]) -> Lookup:
+        from ..functional import level_edges
+
+        m, add = fmt
+        edges = level_edges(levels, offset)
+        top = float(levels[-1])
+        far = torch.tensor([4 * top, -4 * top]).view(torch.int32) >> int(table.shift) & int(table.mask)
+        pos, neg = (float(v) / top for v in table.values[far.long()])  # the sign factor of each half: T[±4·y_top] / y_top
+        trunc = (0xFFFFFFFF << (23 - m)) & 0xFFFFFFFF
+        return Lookup(table=table.values.data_ptr(), shift=int(table.shift), mask=int(table.mask),
+                      first_edge=float(edges[0]), top_edge=float(edges[-1]), top=top,
+                      pos=pos, neg=neg, add=add, trunc=trunc)  # fmt: skip
+
+    def _same_levels(self, table, as_table: Lookup, as_float: Lookup) -> bool:
+        u = _bucket_probe(table)
+        one = torch.ones(())
+        a, b = torch.empty_like(u), torch.empty_like(u)
+        for out, lk, flags in ((a, as_table, TABLE), (b, as_float, TABLE | FLOAT)):
+            self._call(u, out, one, None, None, flags, lk, None, 1)
+        nan = torch.isnan(a)
+        return bool(torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0).view(torch.int32), b.masked_fill(nan, 0).view(torch.int32)))
+
+    def _layout(self, h: torch.Tensor, t: torch.Tensor, others: tuple = ()) -> tuple:
+        """The 4-D sizes and strides of ``h`` and of thresholds shaped like ``t`` (ctypes arrays), cached per layout.
+
+        ``others`` (``θ-``, the cap) must have ``t``'s shape and strides.
+        """
+        key = (h.shape, h.stride(), t.shape, t.stride(), *((o.shape, o.stride()) for o in others if o is not None))
+        cache = self.__dict__.setdefault("_layouts", {})
+        found = cache.get(key)
+        if found is None:
+            if len(cache) > 64:  # a model feeds a node a handful of shapes; bound the cache anyway
+                cache.clear()
+            if t.dim() not in (0, h.dim()) or any(a not in (1, b) for a, b in zip(t.shape, h.shape)):
+                raise ValueError(f"thresholds of shape {tuple(t.shape)} do not broadcast against an input of shape {tuple(h.shape)}")
+            if any(o is not None and (o.shape, o.stride()) != (t.shape, t.stride()) for o in others):
+                raise ValueError("theta_pos, theta_neg and cap must have the same shape and layout")
+            ts = [0] * h.dim() if t.dim() == 0 else [0 if a == 1 else b for a, b in zip(t.shape, t.stride())]
+            n, hs, tss = _layout(tuple(h.shape), h.stride(), ts)
+            found = cache[key] = (_i64_4(*n), _i64_4(*hs), _i64_4(*tss))
+        return found
+
+    def _call(self, h, out, tp, tn, cap, flags, pos, neg, threads: int) -> None:
+        n, hs, ts = self._layout(h, tp, (tn, cap))
+        rc = self.lib.sj_sfn_fire_f32(
+            h.data_ptr(), n, hs, out.data_ptr(), tp.data_ptr(), _ptr(tn), _ptr(cap), ts, flags,
+            self.max_spikes, self.offset, None if pos is None else ctypes.byref(pos), None if neg is None else ctypes.byref(neg),
+            threads, MIN_PER_THREAD,
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"the CPU fire kernel rejected mode {flags}")
+
+    def __call__(self, h: torch.Tensor, theta_pos: torch.Tensor, theta_neg: torch.Tensor | None = None,
+                 cap: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:  # fmt: skip
+        """The spike for input ``h`` (float32, CPU, any layout of at most 4 non-mergeable dimensions) and scaled
+        thresholds that broadcast against it (0-d, or a view of ``h``'s rank; all three of one shape and
+        layout); a new contiguous tensor."""
+        out = torch.empty_like(h, memory_format=torch.contiguous_format)
+        if h.numel() == 0:
+            return out
+        self._call(h, out, theta_pos, theta_neg, cap, self.flags, self.pos, self.neg, torch.get_num_threads() if threads is None else threads)
+        return out
+
+
+def fire(
+    h: torch.Tensor,
+    theta_pos: torch.Tensor,
+    theta_neg: torch.Tensor | None,
+    max_spikes: int,
+    offset: float,
+    cap: torch.Tensor | None = None,
+    table=None,
+    table_neg=None,
+    levels: torch.Tensor | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """:func:`sj_sfn.functional.fast_fire` in one pass: the same arguments and the same result, bit for bit.
+
+    ``h`` is float32 on the CPU, of any layout (at most four non-mergeable dimensions); the
+    thresholds (scaled ``θ±`` and ``cap``, float32) broadcast against it (0-d, or any shape that
+    broadcasts, read through stride-0 views). ``table``/``table_neg`` are
+    :class:`sj_sfn.functional.LevelTable`\\ s, ``levels`` the levels they were built from (optional:
+    float levels then need no table gather). A node keeps its :class:`FirePlan` instead of calling this.
+    """
+    plan = FirePlan(theta_neg is not None, cap is not None, max_spikes, offset, table, table_neg, levels)
+    return plan(h, theta_pos, theta_neg, cap, threads)
+
+
+def _layout(shape: tuple[int, ...], h_strides: tuple[int, ...], t_strides: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """4-D sizes with the strides of ``h`` and of the thresholds over them.
+
+    Dimensions are merged where both ``h`` and the thresholds are contiguous across them (and size-1 ones
+    dropped), so a contiguous input with a per-tensor threshold is one flat run.
+    """
+    ms: list[int] = []
+    mh: list[int] = []
+    mt: list[int] = []
+    for s, a, b in zip(shape, h_strides, t_strides):
+        if s == 1:
+            continue
+        if ms and mh[-1] == a * s and mt[-1] == b * s:
+            ms[-1] *= s
+            mh[-1], mt[-1] = a, b
+        else:
+            ms.append(s)
+            mh.append(a)
+            mt.append(b)
+    if len(ms) > 4:
+        raise ValueError(f"an input of shape {shape} and strides {h_strides} has more than 4 non-mergeable dimensions")
+    pad = 4 - len(ms)
+    return [1] * pad + ms, [0] * pad + mh, [0] * pad + mt
