@@ -116,3 +116,17 @@ def test_thresholds_that_do_not_fit_the_input_are_refused() -> None:
     with pytest.raises(ValueError, match="has 4 channels"):  # the node's own check names the problem
         with torch.no_grad():
             node(x)
+
+
+@needs_compiler
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("SJ_SFN_CACHE_DIR", str(blocked / "cache"))  # cannot be created: a file is in the way
+    monkeypatch.setattr(K.tempfile, "tempdir", str(tmp_path / "tmp"))
+    K._load.cache_clear()
+    try:
+        ok, why = cpu.status()
+        assert ok and str(tmp_path / "tmp") in why
+    finally:
+        K._load.cache_clear()

@@ -52,6 +52,19 @@ def cache_dir() -> Path:
     return Path(xdg) / "sj-sfn"
 
 
+def _writable(folder: Path) -> Path:
+    """``folder`` if it can be created and written, else a per-user folder under the system's temporary directory."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"sj-sfn-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "cpu"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
 def enabled() -> bool:
     """Whether the kernel may be used: ``SJ_SFN_CPU_KERNEL`` is not ``0``/``off``/``false``/``no``/``torch`` (read on every call)."""
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no", "torch")
@@ -136,7 +149,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         flags = FLAGS + extra
         parts = [source(), cc, version, *flags, _cpu_signature() if NATIVE[0] in flags else "", str(_torch_openmp())]
         key = hashlib.sha256("\0".join(parts).encode())
-        target = cache_dir() / "cpu" / f"fire-{key.hexdigest()[:20]}.so"
+        target = _writable(cache_dir() / "cpu") / f"fire-{key.hexdigest()[:20]}.so"
         if not target.exists():
             err = _try_build(cc, flags, target)
             if err is not None:
