@@ -196,12 +196,17 @@ class SpikingAttention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         scores = (q * scaling) @ k.transpose(-2, -1)  # scale the spikes of q (L·D values), not the L·S scores
-        if attention_mask is not None:
+        if attention_mask is not None:  # in place where the mask broadcasts into the scores: one L·S buffer, not two
             if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+                keep = attention_mask
+                fill = torch.finfo(scores.dtype).min
+                inplace = torch.broadcast_shapes(scores.shape, keep.shape) == scores.shape
+                scores = scores.masked_fill_(~keep, fill) if inplace else scores.masked_fill(~keep, fill)
             else:
-                scores = scores + attention_mask[..., : k.shape[-2]]
+                bias = attention_mask[..., : k.shape[-2]]
+                scores = scores.add_(bias) if torch.broadcast_shapes(scores.shape, bias.shape) == scores.shape else scores + bias
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        del scores  # freed before the SoftMax site fires
         probs = nn.functional.dropout(probs, p=dropout, training=self.training)
         probs = run_site(self.sfn_attn, probs, "attn")
         out = probs @ v
