@@ -192,10 +192,6 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 class Lookup(ctypes.Structure):
     """A level function ``u -> T[u]`` as ``fire.c`` reads it: a table, or the float levels computed from the bits."""
 
@@ -242,6 +238,9 @@ class FirePlan:
         self.flags = (SELECT if select else 0) | (TABLE if table is not None else 0) | (CAP if capped and not select else 0)
         self.flags |= (NEG if signed else 0) | (TABLE_NEG if table_neg is not None else 0)
         self.max_spikes, self.offset = float(max_spikes), float(offset)
+        self._n, self._r = ctypes.c_float(self.max_spikes), ctypes.c_float(self.offset)  # converted once, not per call
+        self._fn = self.lib.sj_sfn_fire_f32
+        self._layouts: dict = {}
         self._tables = (table, table_neg)  # kept alive: the structures point into them
         self.pos = None if table is None else self._lookup(table)
         self.neg = None if table_neg is None else self._lookup(table_neg)
@@ -279,32 +278,32 @@ class FirePlan:
         nan = torch.isnan(a)
         return bool(torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0).view(torch.int32), b.masked_fill(nan, 0).view(torch.int32)))
 
-    def _layout(self, h: torch.Tensor, t: torch.Tensor, others: tuple = ()) -> tuple:
+    def _layout(self, h: torch.Tensor, t: torch.Tensor, tn: torch.Tensor | None, cap: torch.Tensor | None) -> tuple:
         """The 4-D sizes and strides of ``h`` and of thresholds shaped like ``t`` (ctypes arrays), cached per layout.
 
-        ``others`` (``θ-``, the cap) must have ``t``'s shape and strides.
+        ``tn`` and ``cap`` (when given) must have ``t``'s shape and strides.
         """
-        key = (h.shape, h.stride(), t.shape, t.stride(), *((o.shape, o.stride()) for o in others if o is not None))
-        cache = self.__dict__.setdefault("_layouts", {})
-        found = cache.get(key)
+        key = (h.shape, h.stride(), t.shape, t.stride(), None if tn is None else (tn.shape, tn.stride()),
+               None if cap is None else (cap.shape, cap.stride()))  # fmt: skip
+        found = self._layouts.get(key)
         if found is None:
-            if len(cache) > 64:  # a model feeds a node a handful of shapes; bound the cache anyway
-                cache.clear()
+            if len(self._layouts) > 64:  # a model feeds a node a handful of shapes; bound the cache anyway
+                self._layouts.clear()
             if t.dim() not in (0, h.dim()) or any(a not in (1, b) for a, b in zip(t.shape, h.shape)):
                 raise ValueError(f"thresholds of shape {tuple(t.shape)} do not broadcast against an input of shape {tuple(h.shape)}")
-            if any(o is not None and (o.shape, o.stride()) != (t.shape, t.stride()) for o in others):
+            if any(o is not None and (o.shape, o.stride()) != (t.shape, t.stride()) for o in (tn, cap)):
                 raise ValueError("theta_pos, theta_neg and cap must have the same shape and layout")
             ts = [0] * h.dim() if t.dim() == 0 else [0 if a == 1 else b for a, b in zip(t.shape, t.stride())]
             n, hs, tss = _layout(tuple(h.shape), h.stride(), ts)
-            found = cache[key] = (_i64_4(*n), _i64_4(*hs), _i64_4(*tss))
+            found = self._layouts[key] = (_i64_4(*n), _i64_4(*hs), _i64_4(*tss))
         return found
 
     def _call(self, h, out, tp, tn, cap, flags, pos, neg, threads: int) -> None:
-        n, hs, ts = self._layout(h, tp, (tn, cap))
-        rc = self.lib.sj_sfn_fire_f32(
-            h.data_ptr(), n, hs, out.data_ptr(), tp.data_ptr(), _ptr(tn), _ptr(cap), ts, flags,
-            self.max_spikes, self.offset, None if pos is None else ctypes.byref(pos), None if neg is None else ctypes.byref(neg),
-            threads, MIN_PER_THREAD,
+        n, hs, ts = self._layout(h, tp, tn, cap)
+        rc = self._fn(
+            h.data_ptr(), n, hs, out.data_ptr(), tp.data_ptr(), None if tn is None else tn.data_ptr(),
+            None if cap is None else cap.data_ptr(), ts, flags, self._n, self._r,
+            None if pos is None else ctypes.byref(pos), None if neg is None else ctypes.byref(neg), threads, MIN_PER_THREAD,
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"the CPU fire kernel rejected mode {flags}")
@@ -315,9 +314,8 @@ class FirePlan:
         thresholds that broadcast against it (0-d, or a view of ``h``'s rank; all three of one shape and
         layout); a new contiguous tensor."""
         out = torch.empty_like(h, memory_format=torch.contiguous_format)
-        if h.numel() == 0:
-            return out
-        self._call(h, out, theta_pos, theta_neg, cap, self.flags, self.pos, self.neg, torch.get_num_threads() if threads is None else threads)
+        if h.numel():
+            self._call(h, out, theta_pos, theta_neg, cap, self.flags, self.pos, self.neg, torch.get_num_threads() if threads is None else threads)
         return out
 
 

@@ -109,8 +109,8 @@ def set_fire_path(path: str) -> str:
     """Choose how SFormer sites fire in inference; returns the previous choice.
 
     ``'module'`` (default): every site runs its :class:`SFNode` forward (a stateless float32 CPU
-    site takes the node's fast inference fire, :func:`~sj_sfn.functional.fast_fire`, bit for bit the
-    reference's). ``'compiled'``: in eval without autograd, a site whose spike counts and
+    site takes the node's fast inference fire: one pass through the C kernel of :mod:`sj_sfn.cpu`, or
+    :func:`~sj_sfn.functional.fast_fire` without a compiler; bit for bit the reference's either way). ``'compiled'``: in eval without autograd, a site whose spike counts and
     hooks nobody asked for fires through the reference :func:`~sj_sfn.functional.multi_threshold_fire` compiled by ``torch.compile`` into
     one fused loop (the same arithmetic as the reference, bit for bit; the first call compiles
     for tens of seconds and needs a C++ compiler on CPU). Energy measurement, hooks,
