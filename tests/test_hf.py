@@ -232,3 +232,31 @@ def test_unsupported_architecture_and_attention() -> None:
         hf.prepare(snn)
     with pytest.raises(TypeError, match="mappings"):
         sj_sfn.convert(_model("bert"), [(torch.zeros(2, 3, dtype=torch.long),)], progress=False)
+
+
+@pytest.mark.parametrize("arch", ["bert", "qwen2", "mistral", "gpt2"])
+def test_attention_in_pieces_equals_the_whole(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference runs the attention products in (batch, head) pieces (sformer.ATTENTION_CHUNK scores each): bit for bit
+    the output of the whole, padding and causal masks, GQA and sliding windows included; counts and
+    output_attentions keep the whole."""
+    from sj_sfn.sformer import modules as sm
+
+    model = _model(arch)
+    snn = sj_sfn.convert(model, _batches(7), progress=False, reconstruct=0)
+    batch = _batches(8, n=1, batch=3, length=10)[0]
+    with torch.no_grad():
+        whole = _main_output(snn(**batch))
+        monkeypatch.setattr(sm, "ATTENTION_CHUNK", 7)  # one (batch, head) matrix of 100 scores per piece
+        calls = []
+        real = sm.attention_chunks
+        monkeypatch.setattr(hf.sites, "attention_chunks", lambda *a: calls.append(real(*a)) or calls[-1])
+        pieces = _main_output(snn(**batch))
+        assert calls and all(c is not None and len(c) > 1 for c in calls), "the attention did not run in pieces"
+        assert torch.equal(pieces, whole)
+        out = snn(**batch, output_attentions=True)  # the probabilities are asked for: one piece
+        assert torch.equal(_main_output(out), whole)
+        if arch != "gpt2":  # GPT-2 does not tell its attention function (it returns none, as with sdpa)
+            assert out.attentions is not None and out.attentions[0] is not None
+    report = measure_energy(snn, [batch], progress=False)  # counts: one piece
+    monkeypatch.setattr(sm, "ATTENTION_CHUNK", 1 << 30)
+    assert measure_energy(snn, [batch], progress=False).ratio == report.ratio

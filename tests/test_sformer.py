@@ -454,3 +454,29 @@ def test_compiled_fire_path_falls_back_when_counts_or_hooks_are_needed(vit_digit
         finally:
             sformer.set_fire_path(prev)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("make", [_tiny_vit, _tiny_eva])
+def test_attention_in_pieces_equals_the_whole(make, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In inference the attention products run in (batch, head) pieces of sformer.ATTENTION_CHUNK scores: bit for bit
+    the whole; with counts (energy) the whole runs."""
+    from sj_sfn.sformer import modules as sm
+
+    torch.manual_seed(0)
+    ann = make()
+    calib = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    snn = sj_sfn.convert(ann, calib, progress=False, reconstruct=0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        whole = snn(x)
+        monkeypatch.setattr(sm, "ATTENTION_CHUNK", 17)  # one (batch, head) matrix of 17·17 scores per piece
+        calls = []
+        real = sm.attention_chunks
+        monkeypatch.setattr(sm, "attention_chunks", lambda *a: calls.append(real(*a)) or calls[-1])
+        pieces = snn(x)
+    assert calls and all(c is not None and len(c) == 3 * 2 for c in calls), "the attention did not run in pieces"
+    assert torch.equal(pieces, whole)
+    energy = sj_sfn.energy.measure_energy(snn, [x], progress=False)
+    assert all(c is None for c in calls[-2:])  # counts were kept: no pieces
+    monkeypatch.setattr(sm, "ATTENTION_CHUNK", 0)
+    assert sj_sfn.energy.measure_energy(snn, [x], progress=False).ratio == energy.ratio

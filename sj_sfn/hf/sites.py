@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..calibration import SiteObserver
-from ..sformer.modules import SFormerAttention, fire
+from ..sformer.modules import SFormerAttention, attention_chunks, fire
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -195,7 +195,20 @@ class SpikingAttention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        scores = (q * scaling) @ k.transpose(-2, -1)  # scale the spikes of q (L·D values), not the L·S scores
+        q = q * scaling  # scale the spikes of q (L·D values), not the L·S scores
+        mask = attention_mask
+        pieces = None
+        if not (self.training or kwargs.get("output_attentions")) and (mask is None or mask.dim() == 4):
+            pieces = attention_chunks(self.sfn_attn, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        if pieces is not None:  # inference, nobody reads the probabilities: the scores one piece at a time
+            out = v.new_empty(*q.shape[:3], v.shape[-1])
+            for b, h in pieces:
+                part = None
+                if mask is not None:
+                    part = mask[b if mask.shape[0] > 1 else slice(None), h if mask.shape[1] > 1 else slice(None)]
+                out[b, h] = self._products(q[b, h], k[b, h], v[b, h], part)
+            return out.transpose(1, 2).contiguous(), None
+        scores = q @ k.transpose(-2, -1)
         if attention_mask is not None:  # in place where the mask broadcasts into the scores: one L·S buffer, not two
             if attention_mask.dtype == torch.bool:
                 keep = attention_mask
@@ -211,6 +224,18 @@ class SpikingAttention(nn.Module):
         probs = run_site(self.sfn_attn, probs, "attn")
         out = probs @ v
         return out.transpose(1, 2).contiguous(), probs
+
+    def _products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``s_a(softmax(q·kᵀ + mask))·v`` for one piece (``q`` already scaled, no dropout)."""
+        scores = q @ k.transpose(-2, -1)
+        if mask is not None:  # in place: a piece of the mask broadcasts into its piece of the scores
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores.add_(mask[..., : k.shape[-2]])
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        del scores
+        return run_site(self.sfn_attn, probs, "attn") @ v
 
     def energy_ops(self) -> list[dict]:
         """Counts of ``q·kᵀ`` and ``P·v`` of the last forward, as :meth:`SFormerAttention.energy_ops`."""

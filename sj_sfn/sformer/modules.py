@@ -165,6 +165,49 @@ def fire(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return site(x)
 
 
+#: score elements per piece when attention runs in pieces (:func:`attention_chunks`); 0 keeps every attention whole
+ATTENTION_CHUNK = 1 << 16
+
+
+def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int) -> list[tuple[slice, slice]] | None:
+    """``(batch, heads)`` slices to run the attention products in, one piece at a time, or ``None`` (in one piece).
+
+    The ``[B, H, L, S]`` scores, their SoftMax and the SoftMax site's spikes are the buffers a spiking
+    attention adds to the ANN's fused attention; in pieces of at most :data:`ATTENTION_CHUNK` scores
+    they stay small. Pieces are taken only in plain inference, where nothing else reads the whole
+    tensor: the SoftMax site is a stateless :class:`SFNode` without counts, hooks or autograd, and its
+    thresholds are not per batch or per head; a Hugging Face attention also keeps the whole when the
+    layer asks for its probabilities (``output_attentions``; GPT-2 does not say so, and then returns
+    none, as with ``sdpa``). Every piece computes the same values as the whole (the products, SoftMax
+    and fire are per (batch, head) matrix).
+    """
+    from torch.nn.modules import module as _m
+
+    total = b * h * length * keys
+    if ATTENTION_CHUNK <= 0 or total <= ATTENTION_CHUNK or not isinstance(site, SFNode):
+        return None
+    channel = site.channel_dim
+    if (
+        site.stateful
+        or site.store_counts
+        or site.store_v_seq
+        or site.step_mode != "s"
+        or torch.is_grad_enabled()
+        or site._forward_hooks
+        or site._forward_pre_hooks
+        or _m._global_forward_hooks
+        or _m._global_forward_pre_hooks
+        or (channel is not None and (channel if channel >= 0 else channel + 4) < 2)
+    ):
+        return None
+    per_sample = h * length * keys
+    if per_sample <= ATTENTION_CHUNK:
+        step = ATTENTION_CHUNK // per_sample
+        return [(slice(i, i + step), slice(None)) for i in range(0, b, step)]
+    step = max(1, ATTENTION_CHUNK // (length * keys))
+    return [(slice(i, i + 1), slice(j, j + step)) for i in range(b) for j in range(0, h, step)]
+
+
 def adopt_parameters(dst: nn.Module, src: nn.Module) -> None:
     """Move ``src``'s parameters, buffers (with their persistence) and children onto ``dst``."""
     for name, p in src._parameters.items():
@@ -253,11 +296,19 @@ class SFormerAttention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # scale the spikes of q (N·D values), not the N·N scores
-        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        attn = fire(self.sfn_attn, attn)
-        x = attn @ v
+        q = q * self.scale  # scale the spikes of q (N·D values), not the N·N scores
+        pieces = None if (attn_mask is not None or is_causal or self.training) else attention_chunks(self.sfn_attn, B, q.shape[1], N, N)
+        if pieces is None:
+            attn = q @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            attn = fire(self.sfn_attn, attn)
+            x = attn @ v
+        else:  # inference without a mask: the scores one piece at a time (attention_chunks)
+            x = v.new_empty(B, q.shape[1], N, v.shape[-1])
+            for b, h in pieces:
+                attn = fire(self.sfn_attn, (q[b, h] @ k[b, h].transpose(-2, -1)).softmax(dim=-1))
+                x[b, h] = attn @ v[b, h]
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
