@@ -166,7 +166,7 @@ def fire(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 #: score elements per piece when attention runs in pieces (:func:`attention_chunks`); 0 keeps every attention whole
-ATTENTION_CHUNK = 1 << 16
+ATTENTION_CHUNK = 1 << 18
 
 
 def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int) -> list[tuple[slice, slice]] | None:
