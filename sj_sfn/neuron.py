@@ -584,6 +584,11 @@ class SFNode(MultiLevelNode):
         self.kind = kind
         self._load_state_extra(state)
 
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_fast_cache", None)  # derived from the buffers (and holds the CPU kernel's ctypes handles): rebuilt
+        return state
+
     def __setstate__(self, state: dict) -> None:
         if "offset" not in state and "v_init" in state:  # a whole-module pickle from before the rename
             state = dict(state)

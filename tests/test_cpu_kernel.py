@@ -130,3 +130,22 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, mon
         assert ok and str(tmp_path / "tmp") in why
     finally:
         K._load.cache_clear()
+
+
+def test_a_node_that_fired_copies_and_pickles(rng: torch.Generator) -> None:
+    """The plan cached by a forward (the kernel's ctypes handles) is not part of the state: deepcopy and torch.save work."""
+    import copy
+    import io
+
+    node = SFNode(torch.tensor(0.3), torch.tensor(0.2), levels=F.float_levels(3, 4), offset=0.5, stateful=False)
+    x = torch.randn(3, 40, generator=rng)
+    with torch.no_grad():
+        out = node(x)
+        assert "_fast_cache" in node.__dict__
+        twin = copy.deepcopy(node)
+        buf = io.BytesIO()
+        torch.save(node, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert "_fast_cache" not in twin.__dict__ and "_fast_cache" not in loaded.__dict__
+        assert torch.equal(twin(x), out) and torch.equal(loaded(x), out)
