@@ -206,36 +206,31 @@ class SpikingAttention(nn.Module):
                 part = None
                 if mask is not None:
                     part = mask[b if mask.shape[0] > 1 else slice(None), h if mask.shape[1] > 1 else slice(None)]
-                out[b, h] = self._products(q[b, h], k[b, h], v[b, h], part)
+                out[b, h] = run_site(self.sfn_attn, self._probabilities(q[b, h], k[b, h], part, query.dtype), "attn") @ v[b, h]
             return out.transpose(1, 2).contiguous(), None
-        scores = q @ k.transpose(-2, -1)
-        if attention_mask is not None:  # in place where the mask broadcasts into the scores: one L·S buffer, not two
-            if attention_mask.dtype == torch.bool:
-                keep = attention_mask
-                fill = torch.finfo(scores.dtype).min
-                inplace = torch.broadcast_shapes(scores.shape, keep.shape) == scores.shape
-                scores = scores.masked_fill_(~keep, fill) if inplace else scores.masked_fill(~keep, fill)
-            else:
-                bias = attention_mask[..., : k.shape[-2]]
-                scores = scores.add_(bias) if torch.broadcast_shapes(scores.shape, bias.shape) == scores.shape else scores + bias
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        del scores  # freed before the SoftMax site fires
-        probs = nn.functional.dropout(probs, p=dropout, training=self.training)
+        probs = nn.functional.dropout(self._probabilities(q, k, mask, query.dtype), p=dropout, training=self.training)
         probs = run_site(self.sfn_attn, probs, "attn")
         out = probs @ v
         return out.transpose(1, 2).contiguous(), probs
 
-    def _products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``s_a(softmax(q·kᵀ + mask))·v`` for one piece (``q`` already scaled, no dropout)."""
+    @staticmethod
+    def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """``softmax(q·kᵀ + mask)`` (``q`` already scaled; a boolean mask keeps where True), in float32, returned in ``dtype``.
+
+        The mask goes into the scores in place where it broadcasts into them (one ``L·S`` buffer, not two),
+        and the scores are freed before the caller fires the probabilities.
+        """
         scores = q @ k.transpose(-2, -1)
-        if mask is not None:  # in place: a piece of the mask broadcasts into its piece of the scores
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                mask = mask[..., : k.shape[-2]]
+            inplace = torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape
             if mask.dtype == torch.bool:
-                scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+                fill = torch.finfo(scores.dtype).min
+                scores = scores.masked_fill_(~mask, fill) if inplace else scores.masked_fill(~mask, fill)
             else:
-                scores.add_(mask[..., : k.shape[-2]])
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        del scores
-        return run_site(self.sfn_attn, probs, "attn") @ v
+                scores = scores.add_(mask) if inplace else scores + mask
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
     def energy_ops(self) -> list[dict]:
         """Counts of ``q·kᵀ`` and ``P·v`` of the last forward, as :meth:`SFormerAttention.energy_ops`."""
