@@ -476,6 +476,13 @@ def test_attention_in_pieces_equals_the_whole(make, monkeypatch: pytest.MonkeyPa
         pieces = snn(x)
     assert calls and all(c is not None and len(c) == 3 * 2 for c in calls), "the attention did not run in pieces"
     assert torch.equal(pieces, whole)
+    seen = []  # a hook on attn_drop (how timm's attention maps are read) sees the whole probabilities
+    handle = next(m for m in snn.modules() if isinstance(m, SFormerAttention)).attn_drop.register_forward_hook(
+        lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        assert torch.equal(snn(x), whole)
+    handle.remove()
+    assert seen == [torch.Size([3, 2, 17, 17])]
     energy = sj_sfn.energy.measure_energy(snn, [x], progress=False)
     assert all(c is None for c in calls[-2:])  # counts were kept: no pieces
     monkeypatch.setattr(sm, "ATTENTION_CHUNK", 0)

@@ -135,7 +135,7 @@ static inline __attribute__((always_inline)) void run(
 
 #define SJ_MODES(X)                                                                                        \
     X(SJ_SELECT | SJ_NEG) X(SJ_SELECT | SJ_NEG | SJ_TABLE) X(SJ_SELECT | SJ_NEG | SJ_TABLE | SJ_FLOAT)          \
-    X(0) X(SJ_CAP) X(SJ_NEG) X(SJ_CAP | SJ_NEG)                                                               \
+    X(0) X(SJ_CAP) X(SJ_CAP | SJ_NEG) /* signed without a cap is always SELECT */                             \
     X(SJ_TABLE) X(SJ_TABLE | SJ_CAP) X(SJ_TABLE | SJ_NEG | SJ_TABLE_NEG) X(SJ_TABLE | SJ_CAP | SJ_NEG | SJ_TABLE_NEG) \
     X(SJ_TABLE | SJ_FLOAT) X(SJ_TABLE | SJ_CAP | SJ_FLOAT) X(SJ_TABLE | SJ_NEG | SJ_TABLE_NEG | SJ_FLOAT)      \
     X(SJ_TABLE | SJ_CAP | SJ_NEG | SJ_TABLE_NEG | SJ_FLOAT)

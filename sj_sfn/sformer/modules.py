@@ -297,14 +297,16 @@ class SFormerAttention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         q = q * self.scale  # scale the spikes of q (N·D values), not the N·N scores
-        pieces = None if (attn_mask is not None or is_causal or self.training) else attention_chunks(self.sfn_attn, B, q.shape[1], N, N)
+        drop = self.attn_drop  # a hook on it (a common way to read timm's attention maps) must see the whole
+        whole = attn_mask is not None or is_causal or self.training or drop._forward_hooks or drop._forward_pre_hooks
+        pieces = None if whole else attention_chunks(self.sfn_attn, B, q.shape[1], N, N)
         if pieces is None:
             attn = q @ k.transpose(-2, -1)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
             attn = self.attn_drop(attn.softmax(dim=-1))
             attn = fire(self.sfn_attn, attn)
             x = attn @ v
-        else:  # inference without a mask: the scores one piece at a time (attention_chunks)
+        else:  # inference without a mask: the scores one piece at a time (attention_chunks); attn_drop is the identity
             x = v.new_empty(B, q.shape[1], N, v.shape[-1])
             for b, h in pieces:
                 attn = fire(self.sfn_attn, (q[b, h] @ k[b, h].transpose(-2, -1)).softmax(dim=-1))
