@@ -6,7 +6,8 @@ test accuracy and energy ratio of:
 * the ANN;
 * SpikingJelly's ``RateCodingRecipe`` IF network run for T = 1, 2, 4, 8, 16, 32 steps;
 * ``MTNRecipe`` at ONE step with N = T (Theorem 2: the same IF network, folded in time);
-* SFN at one step, N = 32, over a λ grid, with floor (``v_init=0``) and rounding (``v_init=0.5``);
+* SFN at one step, N = 32, over a λ grid, with floor (``v_init=0``) and rounding (``v_init=0.5``),
+  and with ``sj_sfn.convert``'s default calibration (steps allocated for ``--budgets``);
   the λ picked on the validation split is marked.
 
 Writes a table to stdout, ``results.json`` and ``accuracy_vs_t.png`` under ``--out``.
@@ -28,6 +29,7 @@ from spikingjelly.activation_based.ann2snn import Converter, RateCodingRecipe
 from torch.utils.data import DataLoader, Subset
 
 from sj_sfn import MTNRecipe, convert, set_lambda, zoo
+from sj_sfn.conversion import DEFAULT_ENERGY_BUDGET
 from sj_sfn.data import make_splits
 from sj_sfn.energy import measure_energy
 
@@ -87,6 +89,9 @@ def main() -> None:
     ap.add_argument("--energy-images", type=int, default=1000)
     ap.add_argument("--lams", type=float, nargs="+", default=[0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5])
     ap.add_argument("--max-spikes", type=int, default=32)
+    ap.add_argument("--budgets", type=float, nargs="*", default=[DEFAULT_ENERGY_BUDGET],
+                    help="energy budgets of sj_sfn.convert's default calibration (none: skip it)")
+    ap.add_argument("--only-budget", action="store_true", help="run only the default calibration's rows (budget.json)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = ap.parse_args()
     if args.epochs is None:
@@ -109,6 +114,12 @@ def main() -> None:
 
     res["ann"] = zoo.accuracy(ann, test)
     print(f"ANN test accuracy {res['ann']:.2f}%")
+    if args.only_budget:  # the default calibration's rows alone, in their own file
+        res["budget"] = budget_rows(args, ann, calib, test, val, energy_loader)
+        with open(os.path.join(args.out, "budget.json"), "w") as f:
+            json.dump(json.loads(json.dumps(res, default=str)), f, indent=1)
+        print(f"wrote {args.out}/budget.json")
+        return
 
     # rate-coding IF (SpikingJelly), T steps
     t0 = time.time()
@@ -129,7 +140,7 @@ def main() -> None:
     t0 = time.time()
     res["sfn"] = {}
     for v_init in (0.0, 0.5):
-        snn = convert(ann, calib, lam=args.lams[0], max_spikes=args.max_spikes, v_init=v_init, progress=False)
+        snn = convert(ann, calib, lam=args.lams[0], max_spikes=args.max_spikes, offset=v_init, progress=False)
         rows = {}
         for lam in args.lams:
             set_lambda(snn, lam)
@@ -140,6 +151,8 @@ def main() -> None:
         best = max(args.lams, key=lambda lam: (rows[lam]["val_acc"], -lam))
         res["sfn"][v_init] = {"grid": rows, "best_val_lam": best}
     print(f"SFN done ({time.time() - t0:.0f} s)")
+
+    res["budget"] = budget_rows(args, ann, calib, test, val, energy_loader)
 
     # table
     what = "digits, 3-conv CNN" if args.dataset == "digits" else "Fashion-MNIST, small ResNet"
@@ -158,6 +171,10 @@ def main() -> None:
         sb = "*" if b["best_val_lam"] == lam else ""
         lines.append(f"| {lam:g} | {a['grid'][lam]['acc']:.2f}{sa} | {a['grid'][lam]['energy']:.3f} | "
                      f"{b['grid'][lam]['acc']:.2f}{sb} | {b['grid'][lam]['energy']:.3f} |")
+    lines += ["", f"SFN, 1 step, N={args.max_spikes}, sj_sfn.convert's default calibration (thresholds allocated for the energy "
+              "budget, graded levels, output reconstruction)", "", "| energy budget | acc | energy |", "|---|---|---|"]
+    for budget, r in res["budget"].items():
+        lines.append(f"| {budget:g} | {r['acc']:.2f} | {r['energy']:.3f} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -166,6 +183,20 @@ def main() -> None:
         f.write(table + "\n")
     plot(res, args, os.path.join(args.out, "accuracy_vs_t.png"))
     print(f"wrote {args.out}/results.json, table.md, accuracy_vs_t.png")
+
+
+def budget_rows(args, ann, calib, test, val, energy_loader) -> dict:
+    """``sj_sfn.convert``'s defaults at each of ``--budgets``: thresholds allocated for the energy budget, graded
+    levels, output reconstruction."""
+    t0 = time.time()
+    rows = {}
+    for budget in args.budgets:
+        snn = convert(ann, calib, energy_budget=budget, max_spikes=args.max_spikes, progress=False)
+        rows[budget] = {"acc": zoo.accuracy(snn, test), "val_acc": zoo.accuracy(snn, val),
+                        "energy": measure_energy(snn, energy_loader, ann=ann).ratio}
+        print(f"default calibration, energy budget {budget:g}: {rows[budget]['acc']:.2f}%, energy {rows[budget]['energy']:.3f}")
+    print(f"budget calibration done ({time.time() - t0:.0f} s)")
+    return rows
 
 
 def plot(res: dict, args, path: str) -> None:

@@ -12,7 +12,8 @@
 For each model: the paper's calibration (``calibration='quantile'``, the old default λ), the
 energy-budget calibration with evenly spaced levels only (``level_sets='uniform'``), the default
 (``calibration='budget'``: evenly spaced or graded float levels per site, at the default energy
-budget) and a sweep of budgets (the Pareto front of fidelity vs energy). Prints a table, writes ``results.json`` and ``pareto.png`` under ``--out``.
+budget) and a sweep of budgets (the Pareto front of fidelity vs energy). ``--levels 64 128`` adds more levels per
+sign than the paper's N = 32 at ``--level-budgets`` (what limits the fidelity; ``--levels-only`` runs just that). Prints a table, writes ``results.json`` and ``pareto.png`` under ``--out``.
 
     python bench/real_models.py --out runs/real_models
 """
@@ -230,12 +231,17 @@ def plot(rows: list[dict], path: str) -> None:
                 ("quantile", None, False, "s--", "quantile (the paper's rule)")):
             pts = sorted((r["energy_ratio"], r[key]) for r in rs
                          if r.get("calibration", "budget") == calib and r.get("level_sets") == levels
-                         and ("reconstruction" in r) == fitted)
+                         and ("reconstruction" in r) == fitted and r.get("max_spikes", 32) == 32)
             if pts:
                 ax.plot(*zip(*pts), marker, label=name)
+        more = sorted((r["max_spikes"], r["energy_ratio"], r[key]) for r in rs if r.get("max_spikes", 32) != 32)
+        if more:  # the same budget with more levels per sign: what N = 32 costs
+            ax.plot([e for _, e, _ in more], [v for _, _, v in more], "kx", label="budget, no reconstruction, N > 32")
+            for n, e, v in more:
+                ax.annotate(f"N={n}", (e, v), textcoords="offset points", xytext=(4, 2), fontsize=7)
         ax.set_xlabel("energy ratio E_SNN / E_ANN")
         ax.set_ylabel(label)
-        ax.set_title(f"{model}, T = 1, N = 32")
+        ax.set_title(f"{model}, T = 1, N = 32" + (" (x: more levels)" if more else ""))
         if key == "rel_err":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -248,12 +254,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/real_models")
     ap.add_argument("--models", nargs="+", default=["mobilenet_v2", "minilm"], choices=["mobilenet_v2", "minilm"])
-    ap.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.5, 0.75, 1.0],
+    ap.add_argument("--budgets", nargs="*", type=float, default=[0.2, 0.5, 0.75, 1.0],
                     help="energy budgets swept besides the default")
-    ap.add_argument("--lams", nargs="+", type=float, default=[0.025, 0.05, 0.1],
+    ap.add_argument("--lams", nargs="*", type=float, default=[0.025, 0.05, 0.1],
                     help="λ of the quantile calibration (MobileNetV2; MiniLM uses 2× these)")
-    ap.add_argument("--uniform-budgets", nargs="+", type=float, default=[DEFAULT_ENERGY_BUDGET],
+    ap.add_argument("--uniform-budgets", nargs="*", type=float, default=[DEFAULT_ENERGY_BUDGET],
                     help="energy budgets also run with evenly spaced levels only (level_sets='uniform')")
+    ap.add_argument("--levels", nargs="*", type=int, default=[],
+                    help="levels per sign N > 32, also run at --level-budgets without reconstruction (what N = 32 costs)")
+    ap.add_argument("--level-budgets", nargs="+", type=float, default=[DEFAULT_ENERGY_BUDGET])
+    ap.add_argument("--levels-only", action="store_true", help="run only N = 32 and --levels at --level-budgets, no reconstruction")
     ap.add_argument("--views", type=int, default=20, help="evaluation views per photo")
     ap.add_argument("--calib-views", type=int, default=4, help="calibration views per photo")
     ap.add_argument("--energy-views", type=int, default=20)
@@ -271,18 +281,23 @@ def main() -> None:
     uniform = [(f"budget {b:g}, uniform levels", {"calibration": "budget", "energy_budget": b, "level_sets": "uniform",
                                                   "reconstruct": 0}) for b in args.uniform_budgets]
     uniform += [(f"budget {DEFAULT_ENERGY_BUDGET:g}, no reconstruction", {"calibration": "budget", "reconstruct": 0})]
+    levels = [(f"budget {b:g}, N={n}, no reconstruction", {"calibration": "budget", "energy_budget": b, "reconstruct": 0,
+                                                           "max_spikes": n}) for b in args.level_budgets for n in args.levels]
+    if args.levels_only:  # the fidelity floor against N: N = 32 and more levels, at the same budgets
+        levels = [(f"budget {b:g}, N=32, no reconstruction", {"calibration": "budget", "energy_budget": b, "reconstruct": 0})
+                  for b in args.level_budgets] + levels
     if "mobilenet_v2" in args.models:
         configs = [(f"quantile λ={lam:g}", {"calibration": "quantile", "lam": lam}) for lam in args.lams]
         configs += uniform
         configs += [(f"budget {b:g}" + (" (default)" if b == DEFAULT_ENERGY_BUDGET else ""), {"calibration": "budget",
                      "energy_budget": b}) for b in budgets]
-        rows += run_mobilenet(args, configs)
+        rows += run_mobilenet(args, levels if args.levels_only else configs + levels)
     if "minilm" in args.models:
         configs = [(f"quantile λ={2 * lam:g}", {"calibration": "quantile", "lam": 2 * lam}) for lam in args.lams]
         configs += uniform
         configs += [(f"budget {b:g}" + (" (default)" if b == DEFAULT_ENERGY_BUDGET else ""), {"calibration": "budget",
                      "energy_budget": b}) for b in budgets]
-        rows += run_minilm(args, configs)
+        rows += run_minilm(args, levels if args.levels_only else configs + levels)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"rows": rows, "args": vars(args)}, f, indent=2)
     plot(rows, os.path.join(args.out, "pareto.png"))

@@ -31,7 +31,9 @@ import time
 import torch
 from torch.utils.data import DataLoader, Subset
 
+import sj_sfn
 from sj_sfn import sformer, zoo
+from sj_sfn.conversion import DEFAULT_ENERGY_BUDGET
 from sj_sfn.data import make_splits
 from sj_sfn.energy import measure_energy
 
@@ -108,6 +110,13 @@ def fmnist_study(args) -> dict:
         r.update(name=name, lam=pick["lam"], **{f"kw_{k}": v for k, v in kw.items()})
         res["variants"].append(r)
         print(f"  {name:<50} val {r['val']:.2f}%  test {r['test']:.2f}%  ratio {r['ratio']:.3f}")
+    res["budget"] = []
+    for budget in args.budgets:  # sj_sfn.convert's defaults: steps allocated for the budget, graded levels, reconstruction
+        r = evaluate(sj_sfn.convert(ann, calib, energy_budget=budget, max_spikes=args.max_spikes, num_batches=args.calib_batches,
+                                    progress=False).eval(), loaders, energy_loader, ann)  # fmt: skip
+        r["energy_budget"] = budget
+        res["budget"].append(r)
+        print(f"  default calibration, energy budget {budget:<5g} val {r['val']:.2f}%  test {r['test']:.2f}%  ratio {r['ratio']:.3f}")
     from sj_sfn.sformer.plots import plot_site_histograms
 
     x = next(iter(DataLoader(splits.test, batch_size=64)))[0]
@@ -244,6 +253,8 @@ def main() -> None:
     ap.add_argument("--energy-images", type=int, default=1000)
     ap.add_argument("--lams", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
     ap.add_argument("--max-spikes", type=int, default=32)
+    ap.add_argument("--budgets", type=float, nargs="*", default=[DEFAULT_ENERGY_BUDGET],
+                    help="energy budgets of sj_sfn.convert's default calibration (none: skip it)")
     ap.add_argument("--latency-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", choices=["fmnist", "latency"], nargs="*", default=[])

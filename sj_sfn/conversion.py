@@ -115,7 +115,7 @@ def convert(
         ``'quantile'`` (the default when ``lam`` is given): the paper's ``θ = p``-quantile, step ``λθ``
     :param energy_budget: the target ``E_SNN / E_ANN`` of ``calibration='budget'``
     :param level_sets: the level sets ``calibration='budget'`` chooses from per site (``None``: evenly spaced,
-        ``'float2'`` and ``'float3'``; ``'uniform'`` = evenly spaced only; see
+        ``'float2s'`` and ``'float3s'``; ``'uniform'`` = evenly spaced only; see
         :func:`sj_sfn.calibration.allocate_thresholds` and docs/calibration.md)
     :param v_init: deprecated name of ``offset``
     :param num_batches: calibrate on at most this many batches

@@ -127,13 +127,16 @@ def power_levels(max_spikes: int, gamma: float = 2.0) -> torch.Tensor:
     return (max_spikes * (i / max_spikes) ** gamma).to(torch.float32)
 
 
-def float_levels(mantissa_bits: int, octaves: int) -> torch.Tensor:
+def float_levels(mantissa_bits: int, octaves: int, subnormal: bool = False) -> torch.Tensor:
     """Floating-point-like levels: ``y = (1 + j/2^m)·2^e`` for ``e = 0..octaves-1``, ``j = 0..2^m-1``.
 
     ``m = 0`` gives powers of two (``1, 2, 4, ...``): every level is one graded spike, a shift and an
     add in the layer it feeds; with ``m`` mantissa bits a level is the sum of at most ``m + 1`` powers
     of two (:func:`level_terms`). ``2^m · octaves`` levels, the smallest ``1``, the largest
     ``(2 - 2^{-m})·2^{octaves-1}``: constant relative resolution over ``octaves`` octaves.
+    ``subnormal=True`` puts the ``2^m - 1`` levels ``j/2^m`` (``j = 1..2^m-1``) below ``1``, as IEEE
+    subnormal numbers do: the first octave's spacing continues down to zero, so small values are
+    rounded to a multiple of ``2^{-m}`` instead of to zero (``2^m·(octaves + 1) - 1`` levels).
     """
     if isinstance(mantissa_bits, bool) or not isinstance(mantissa_bits, int) or not 0 <= mantissa_bits <= 4:
         raise ValueError(f"mantissa_bits must be an integer in [0, 4], got {mantissa_bits!r}")
@@ -142,7 +145,10 @@ def float_levels(mantissa_bits: int, octaves: int) -> torch.Tensor:
     m = 1 << mantissa_bits
     e = torch.arange(octaves, dtype=torch.float64).repeat_interleave(m)
     j = torch.arange(m, dtype=torch.float64).repeat(octaves)
-    return ((1 + j / m) * torch.pow(2.0, e)).to(torch.float32)
+    y = (1 + j / m) * torch.pow(2.0, e)
+    if subnormal:
+        y = torch.cat([torch.arange(1, m, dtype=torch.float64) / m, y])
+    return y.to(torch.float32)
 
 
 def level_edges(levels: torch.Tensor, offset: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import sj_sfn
 from sj_sfn import SFNode
 from sj_sfn import functional as F
 from sj_sfn.calibration import CalibrationError, allocate_thresholds
-from sj_sfn.calibration.budget import level_set, quantization_table
+from sj_sfn.calibration.budget import LEVEL_SETS, level_set, quantization_table
 from sj_sfn.energy import measure_energy
 
 
@@ -36,12 +36,14 @@ def test_quantization_table_is_the_node_fire_rule(rng, signed, ceiling, offset):
         torch.testing.assert_close(cnt[g], ref.last_counts.abs().float().mean(1), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("subnormal", [False, True])
 @pytest.mark.parametrize("signed,ceiling", [(True, None), (False, 6.0), (False, None)])
-def test_quantization_table_with_graded_levels_is_the_node_fire_rule(rng, signed, ceiling):
+def test_quantization_table_with_graded_levels_is_the_node_fire_rule(rng, signed, ceiling, subnormal):
     """Against the node and against an independent oracle: the nearest allowed level, by brute force."""
     x = torch.randn(3, 500, generator=rng) * torch.tensor([[0.5], [2.0], [8.0]])
-    levels = F.float_levels(2, 6)  # (1 + j/4)·2^e: 1 + popcount(j) graded spikes
-    spikes = torch.tensor([0.0] + [1.0 + bin(j).count("1") for _ in range(6) for j in range(4)])
+    levels = F.float_levels(2, 6, subnormal=subnormal)  # (1 + j/4)·2^e: 1 + popcount(j) graded spikes
+    spikes = torch.tensor([0.0] * subnormal + [1.0, 1.0, 2.0] * subnormal  # 0 (prepended below), j/4: popcount(j)
+                          + [0.0] * (not subnormal) + [1.0 + bin(j).count("1") for _ in range(6) for j in range(4)])
     target = x if signed else x.clamp(0, ceiling if ceiling is not None else float("inf"))
     steps = torch.tensor([0.01, 0.05, 0.3])
     node = SFNode(1.0, 1.0 if signed else None, levels=levels, offset=0.5, ceiling=ceiling)
@@ -76,6 +78,21 @@ def test_graded_levels_beat_uniform_on_heavy_tailed_data_at_equal_cost(rng):
         assert best_f < 0.25 * best_u, (cost, best_f.item(), best_u.item())
 
 
+def test_subnormal_levels_beat_plain_float_levels_at_equal_cost(rng):
+    """Heavy-tailed signed data with many small values: with 32 levels, the subnormal sets (one octave of range
+    traded for 2^m - 1 levels under Δ) reach a lower error than the plain float sets at every spike cost."""
+    x = torch.randn(1, 20000, generator=rng) * torch.exp(torch.randn(1, 20000, generator=rng))
+    node = SFNode(1.0, 1.0, offset=0.5)
+    steps = x.pow(2).mean().sqrt() * torch.pow(2.0, torch.arange(-60, 12, dtype=torch.float32) / 4)
+    best = {}
+    for name in ("float2", "float3", "float2s", "float3s"):
+        mse, cnt = quantization_table(x, x, steps, node, levels=level_set(name, 32))
+        best[name] = [float(mse[cnt[:, 0] <= cost, 0].min()) for cost in (1.0, 2.0, 3.0)]
+    for plain in ("float2", "float3"):
+        assert all(s < p for s, p in zip(best[plain + "s"], best[plain])), best
+    assert all(s < 0.5 * p for s, p in zip(best["float3s"], best["float3"])), best  # 4 octaves are too few here
+
+
 def test_level_helpers():
     torch.testing.assert_close(F.float_levels(0, 4), torch.tensor([1.0, 2.0, 4.0, 8.0]))
     torch.testing.assert_close(F.float_levels(1, 2), torch.tensor([1.0, 1.5, 2.0, 3.0]))
@@ -88,6 +105,17 @@ def test_level_helpers():
     for bad in ((-1, 3), (5, 3), (1, 0), (True, 2)):
         with pytest.raises(ValueError):
             F.float_levels(*bad)
+    # subnormal levels: the first octave's spacing continues down to zero, each j/2^m costs popcount(j) spikes
+    torch.testing.assert_close(F.float_levels(2, 2, subnormal=True), torch.tensor([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5]))
+    assert F.level_terms(F.float_levels(3, 1, subnormal=True)[:7]).tolist() == [1, 1, 2, 1, 2, 2, 3]
+    for name in LEVEL_SETS[1:]:
+        for n in range(2, 80):  # never more levels than N; two octaves at least, or a clear error
+            try:
+                lv = level_set(name, n)
+            except ValueError as e:
+                assert "needs N >=" in str(e)
+                continue
+            assert lv.numel() <= n and bool((lv.diff() > 0).all()), (name, n)
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +317,13 @@ def test_level_sets_per_site_kind():
         allocate_thresholds(snn, [x], 0.5, level_sets={"softmax": "all"}, progress=False)
     with pytest.raises(ValueError, match=r"level_sets\['attn'\]"):
         allocate_thresholds(snn, [x], 0.5, level_sets={"attn": "float9"}, progress=False)
+    # the operands of q·kᵀ are offered the plain float sets in place of the subnormal ones unless named
+    alloc = allocate_thresholds(snn, [x], 0.5, level_sets=("float3s",), progress=False)
+    assert {s.levels for s in alloc.sites if s.kind in ("q", "k")} == {"float3"}
+    assert {s.levels for s in alloc.sites if s.kind not in ("q", "k")} == {"float3s"}
+    snn = sj_sfn.convert(vit, [x], calibration="quantile", lam=1.0, progress=False)  # levels allocated before are kept
+    alloc = allocate_thresholds(snn, [x], 0.5, level_sets={"q": "float3s", "k": "float3s", "*": "float3s"}, progress=False)
+    assert {s.levels for s in alloc.sites} == {"float3s"}, [(s.kind, s.levels) for s in alloc.sites]
 
 
 @pytest.mark.parametrize("signed,ceiling,graded", [(True, None, False), (False, 6.0, False), (False, 6.0, True), (True, None, True)])

@@ -70,17 +70,18 @@ def test_the_environment_variable_disables_it(value: str, monkeypatch: pytest.Mo
 
 
 @needs_compiler
-@pytest.mark.parametrize("m,octaves", [(0, 6), (2, 8), (3, 4)])
+@pytest.mark.parametrize("m,octaves,subnormal", [(0, 6, False), (2, 8, False), (3, 4, False), (2, 7, True), (3, 3, True), (1, 4, True)])
 @pytest.mark.parametrize("offset", [0.0, 0.25, 0.5, 1.0])
-def test_float_levels_take_the_gather_free_function_and_match_the_table(m: int, octaves: int, offset: float) -> None:
-    """Float levels with a dyadic offset are computed from the bits, equal to the table on every float32 that marks
-    a bucket boundary (both signs, NaN and infinities included); the guard compares exactly that."""
-    levels = F.float_levels(m, octaves)
+def test_float_levels_take_the_gather_free_function_and_match_the_table(m: int, octaves: int, subnormal: bool, offset: float) -> None:
+    """Float levels (with or without subnormal levels) and a dyadic offset are computed from the bits, equal to the
+    table on every float32 that marks a bucket boundary (both signs, NaN and infinities included); the guard
+    compares exactly that."""
+    levels = F.float_levels(m, octaves, subnormal=subnormal)
     for signed in (False, True):
         table = F.level_table(levels, offset, signed=signed)
         assert table is not None
         plan = K.FirePlan(False, False, levels.numel(), offset, table, None, levels)
-        assert plan.flags & K.FLOAT
+        assert plan.flags & K.FLOAT and bool(plan.flags & K.SUBNORMAL) == subnormal
         u = K._bucket_probe(table)
         as_table = K.FirePlan(False, False, levels.numel(), offset, table)
         assert not as_table.flags & K.FLOAT
@@ -98,11 +99,17 @@ def test_the_float_function_is_refused_where_it_would_differ() -> None:
     assert odd is None or not K.FirePlan(False, False, 32, 0.3, odd, None, levels).flags & K.FLOAT
     other = F.float_levels(2, 8)
     assert not K.FirePlan(False, False, 32, 0.5, F.level_table(other, 0.5, signed=False), None, other * 1.5).flags & K.FLOAT
+    sub = F.float_levels(3, 3, subnormal=True)
+    assert not K.FirePlan(False, False, 31, 0.5, F.level_table(sub, 0.5, signed=False), None, sub[1:]).flags & K.FLOAT
     # a table that is not the levels' own: the equality check on the bucket boundaries refuses the float form
     values = table.values.clone()
     values[torch.tensor([1.3]).view(torch.int32).long() >> int(table.shift)] = 7.0  # the bucket of u = 1.3
     wrong = table._replace(values=values)
     assert not K.FirePlan(False, False, 32, 0.5, wrong, None, levels).flags & K.FLOAT
+    sub_table = F.level_table(sub, 0.5, signed=False)  # the same in the subnormal range (u = 0.3)
+    values = sub_table.values.clone()
+    values[torch.tensor([0.3]).view(torch.int32).long() >> int(sub_table.shift)] = 7.0
+    assert not K.FirePlan(False, False, 31, 0.5, sub_table._replace(values=values), None, sub).flags & K.FLOAT
 
 
 @needs_compiler

@@ -40,6 +40,8 @@ LEVELS = {
     "float_m3": F.float_levels(3, 4),
     "float_m2": F.float_levels(2, 8),
     "pow2": F.float_levels(0, 6),
+    "float_m3_subnormal": F.float_levels(3, 3, subnormal=True),  # the default level sets
+    "float_m2_subnormal": F.float_levels(2, 7, subnormal=True),
 }
 
 

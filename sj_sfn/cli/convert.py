@@ -8,7 +8,7 @@ import os
 import time
 import warnings
 
-from ..calibration.budget import LEVEL_SETS
+from ..calibration.budget import DEFAULT_LEVEL_SETS, LEVEL_SETS
 from ..conversion import DEFAULT_ENERGY_BUDGET, convert
 from ..data import BUNDLED_DATA, data_config, data_info, load_data
 from ..distributed import init_from_env, is_main
@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--energy-budget", type=common.positive_float, default=DEFAULT_ENERGY_BUDGET,
                    help=f"target energy ratio E_SNN/E_ANN of the default calibration (default {DEFAULT_ENERGY_BUDGET})")
     c.add_argument("--level-sets", nargs="+", choices=LEVEL_SETS + ("all",), default=None,
-                   help="level sets each site may take in the energy-budget calibration (default: uniform float2 float3)")
+                   help="level sets each site may take in the energy-budget calibration (default: "
+                        f"{' '.join(DEFAULT_LEVEL_SETS)})")
     c.add_argument("--reconstruct", type=common.non_negative_int, default=None, metavar="STEPS",
                    help="steps of output reconstruction after the thresholds (default: 100 with the energy budget, "
                         "none with --lam; 0: none, the weights stay the ANN's)")

@@ -21,6 +21,8 @@
  * y = (1 + j/2^m)·2^e (sj_sfn.functional.float_levels) with a dyadic offset r, the same function computed
  * from the bits (FLOAT): the level of |u| is 0 below the first edge 1 - r, 1 below 1, y_top from the top
  * edge on, and else |u| + r·ulp_m(|u|) truncated to m mantissa bits (one integer add and mask: no gather).
+ * With subnormal levels j/2^m below 1 (SUBNORMAL), the level of |u| < 1 is j/2^m with t = |u|·2^m (exact),
+ * j = floor(t) + (t - floor(t) >= 1 - r) (both exact): the comparison with the edges (j - r)/2^m, bit for bit.
  */
 #include <math.h>
 #include <stdint.h>
@@ -35,6 +37,7 @@
 #define SJ_NEG 8
 #define SJ_TABLE_NEG 16
 #define SJ_FLOAT 32
+#define SJ_SUBNORMAL 64
 
 /* A level function u -> T[u]: a table, or the float levels (see above). */
 typedef struct {
@@ -43,9 +46,10 @@ typedef struct {
     uint32_t mask;
     float first_edge, top_edge, top, pos, neg; /* pos/neg: the sign factor of each half (1, -1 or 0) */
     uint32_t add, trunc;
+    float sub, inv_sub, sub_edge; /* subnormal levels: 2^m, 2^-m and 1 - r */
 } Lookup;
 
-int sj_sfn_abi_version(void) { return 2; }
+int sj_sfn_abi_version(void) { return 3; }
 
 static inline float clip(float x, float hi) {
     /* torch.clamp(x, 0, hi): NaN and -0 pass through */
@@ -65,14 +69,21 @@ static inline float lookup(float u, const Lookup *t) {
     return t->table[(bits >> t->shift) & t->mask];
 }
 
-static inline float float_level(float u, const Lookup *t) {
+static inline float float_level(float u, const Lookup *t, const int subnormal) {
     const float a = fabsf(u);
     uint32_t bits;
     memcpy(&bits, &a, sizeof bits);
     bits = (bits + t->add) & t->trunc;
     float rounded;
     memcpy(&rounded, &bits, sizeof rounded);
-    float y = a < t->first_edge ? 0.0f : (a < 1.0f ? 1.0f : (a >= t->top_edge ? t->top : rounded));
+    float low; /* the level of a < 1 */
+    if (subnormal) {
+        const float s = a * t->sub, k = floorf(s);
+        low = (k + (s - k >= t->sub_edge ? 1.0f : 0.0f)) * t->inv_sub;
+    } else {
+        low = a < t->first_edge ? 0.0f : 1.0f;
+    }
+    float y = a < 1.0f ? low : (a >= t->top_edge ? t->top : rounded);
     y = a != a ? a : y; /* NaN stays NaN */
     uint32_t sign;
     memcpy(&sign, &u, sizeof sign);
@@ -80,7 +91,7 @@ static inline float float_level(float u, const Lookup *t) {
     return ((sign >> 31) ? t->neg : t->pos) * y + 0.0f;
 }
 
-#define LEVEL(F, u, t) (((F) & SJ_FLOAT) ? float_level((u), (t)) : lookup((u), (t)))
+#define LEVEL(F, u, t) (((F) & SJ_FLOAT) ? float_level((u), (t), (F) & SJ_SUBNORMAL) : lookup((u), (t)))
 
 typedef struct {
     const float *tp, *tn, *cap;
@@ -138,7 +149,10 @@ static inline __attribute__((always_inline)) void run(
     X(0) X(SJ_CAP) X(SJ_CAP | SJ_NEG) /* signed without a cap is always SELECT */                             \
     X(SJ_TABLE) X(SJ_TABLE | SJ_CAP) X(SJ_TABLE | SJ_NEG | SJ_TABLE_NEG) X(SJ_TABLE | SJ_CAP | SJ_NEG | SJ_TABLE_NEG) \
     X(SJ_TABLE | SJ_FLOAT) X(SJ_TABLE | SJ_CAP | SJ_FLOAT) X(SJ_TABLE | SJ_NEG | SJ_TABLE_NEG | SJ_FLOAT)      \
-    X(SJ_TABLE | SJ_CAP | SJ_NEG | SJ_TABLE_NEG | SJ_FLOAT)
+    X(SJ_TABLE | SJ_CAP | SJ_NEG | SJ_TABLE_NEG | SJ_FLOAT)                                                  \
+    X(SJ_SELECT | SJ_NEG | SJ_TABLE | SJ_FLOAT | SJ_SUBNORMAL) X(SJ_TABLE | SJ_FLOAT | SJ_SUBNORMAL)              \
+    X(SJ_TABLE | SJ_CAP | SJ_FLOAT | SJ_SUBNORMAL) X(SJ_TABLE | SJ_NEG | SJ_TABLE_NEG | SJ_FLOAT | SJ_SUBNORMAL)  \
+    X(SJ_TABLE | SJ_CAP | SJ_NEG | SJ_TABLE_NEG | SJ_FLOAT | SJ_SUBNORMAL)
 
 static void dispatch(int flags, const float *h, int64_t hs3, float *o, int64_t len, const Params *p, int64_t toff, int64_t ts3) {
 #define SJ_CASE(F) case (F): SJ_RUN(F); break;

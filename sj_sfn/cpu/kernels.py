@@ -30,14 +30,14 @@ __all__ = ["ENV_VAR", "SOURCE_FILE", "FLAGS", "Lookup", "FirePlan", "enabled", "
 
 ENV_VAR = "SJ_SFN_CPU_KERNEL"
 SOURCE_FILE = "fire.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 # IEEE arithmetic: no fast-math, no multiply-add contraction (h/θ and θ·k must round as torch's do);
 # no trapping math (FP exception flags are not observed) lets the loops vectorise
 FLAGS: tuple[str, ...] = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math")
 NATIVE = ("-march=native",)
 OPENMP = ("-fopenmp",)
 # mode flags of fire.c
-SELECT, TABLE, CAP, NEG, TABLE_NEG, FLOAT = 1, 2, 4, 8, 16, 32
+SELECT, TABLE, CAP, NEG, TABLE_NEG, FLOAT, SUBNORMAL = 1, 2, 4, 8, 16, 32, 64
 MIN_PER_THREAD = 1 << 15  # elements: below this a parallel region costs more than it saves
 
 _i64_4 = ctypes.c_int64 * 4
@@ -199,19 +199,25 @@ class Lookup(ctypes.Structure):
         ("table", ctypes.c_void_p), ("shift", ctypes.c_int32), ("mask", ctypes.c_uint32),
         ("first_edge", ctypes.c_float), ("top_edge", ctypes.c_float), ("top", ctypes.c_float),
         ("pos", ctypes.c_float), ("neg", ctypes.c_float), ("add", ctypes.c_uint32), ("trunc", ctypes.c_uint32),
+        ("sub", ctypes.c_float), ("inv_sub", ctypes.c_float), ("sub_edge", ctypes.c_float),
     ]  # fmt: skip
 
 
-def _float_format(levels: torch.Tensor, offset: float) -> tuple[int, int] | None:
-    """``(m, r·2^(23-m))`` when ``levels`` are :func:`~sj_sfn.functional.float_levels` ``(m, ·)`` and ``r`` is dyadic, else ``None``."""
+def _float_format(levels: torch.Tensor, offset: float) -> tuple[int, int, bool] | None:
+    """``(m, r·2^(23-m), subnormal)`` when ``levels`` are :func:`~sj_sfn.functional.float_levels` ``(m, ·, subnormal)``
+    and ``r`` is dyadic, else ``None``."""
     from ..functional import float_levels
 
-    n = levels.numel()
+    n, y = levels.numel(), levels.to(torch.float32)
     for m in range(5):
-        if n % (1 << m) == 0 and torch.equal(levels.to(torch.float32), float_levels(m, n >> m)):
+        s = 1 << m
+        for subnormal in (False, True) if m else (False,):
+            octaves = (n + 1) // s - 1 if subnormal else n // s
+            if octaves < 1 or (n + 1 if subnormal else n) % s or not torch.equal(y, float_levels(m, octaves, subnormal=subnormal)):
+                continue
             add = float(offset) * (1 << (23 - m))
             if 0.0 <= offset <= 1.0 and add == int(add):
-                return m, int(add)
+                return m, int(add), subnormal
     return None
 
 
@@ -248,18 +254,19 @@ class FirePlan:
         if fmt is not None:
             float_pos = None if table is None else self._float_lookup(table, levels, offset, fmt)
             float_neg = None if table_neg is None else self._float_lookup(table_neg, levels, offset, fmt)
-            if all(self._same_levels(t, a, b) for t, a, b in ((table, self.pos, float_pos), (table_neg, self.neg, float_neg)) if t is not None):
-                self.pos, self.neg, self.flags = float_pos, float_neg, self.flags | FLOAT
+            bits = FLOAT | (SUBNORMAL if fmt[2] else 0)
+            if all(self._same_levels(t, a, b, bits) for t, a, b in ((table, self.pos, float_pos), (table_neg, self.neg, float_neg)) if t is not None):
+                self.pos, self.neg, self.flags = float_pos, float_neg, self.flags | bits
 
     @staticmethod
     def _lookup(table) -> Lookup:
         return Lookup(table=table.values.data_ptr(), shift=int(table.shift), mask=int(table.mask))
 
     @staticmethod
-    def _float_lookup(table, levels: torch.Tensor, offset: float, fmt: tuple[int, int]) -> Lookup:
+    def _float_lookup(table, levels: torch.Tensor, offset: float, fmt: tuple[int, int, bool]) -> Lookup:
         from ..functional import level_edges
 
-        m, add = fmt
+        m, add, subnormal = fmt
         edges = level_edges(levels, offset)
         top = float(levels[-1])
         far = torch.tensor([4 * top, -4 * top]).view(torch.int32) >> int(table.shift) & int(table.mask)
@@ -267,13 +274,14 @@ class FirePlan:
         trunc = (0xFFFFFFFF << (23 - m)) & 0xFFFFFFFF
         return Lookup(table=table.values.data_ptr(), shift=int(table.shift), mask=int(table.mask),
                       first_edge=float(edges[0]), top_edge=float(edges[-1]), top=top,
-                      pos=pos, neg=neg, add=add, trunc=trunc)  # fmt: skip
+                      pos=pos, neg=neg, add=add, trunc=trunc, sub=float(1 << m) if subnormal else 0.0,
+                      inv_sub=1.0 / (1 << m), sub_edge=1.0 - float(offset))  # fmt: skip
 
-    def _same_levels(self, table, as_table: Lookup, as_float: Lookup) -> bool:
+    def _same_levels(self, table, as_table: Lookup, as_float: Lookup, bits: int) -> bool:
         u = _bucket_probe(table)
         one = torch.ones(())
         a, b = torch.empty_like(u), torch.empty_like(u)
-        for out, lk, flags in ((a, as_table, TABLE), (b, as_float, TABLE | FLOAT)):
+        for out, lk, flags in ((a, as_table, TABLE), (b, as_float, TABLE | bits)):
             self._call(u, out, one, None, None, flags, lk, None, 1)
         nan = torch.isnan(a)
         return bool(torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0).view(torch.int32), b.masked_fill(nan, 0).view(torch.int32)))
