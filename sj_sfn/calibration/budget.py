@@ -486,6 +486,7 @@ class _SiteTable:
 #: Level sets that :func:`allocate_thresholds` may choose per site (``level_sets=`` names them).
 LEVEL_SETS = ("uniform", "log2", "float1", "float2", "float3", "float2s", "float3s")
 _MANTISSA_BITS = {"log2": 0, "float1": 1, "float2": 2, "float3": 3, "float2s": 2, "float3s": 3}
+_SUBNORMAL = {"float2s": "float2", "float3s": "float3"}  # the sets with subnormal levels, and their plain sets
 #: What each site chooses from by default. Measured on MobileNetV2 and MiniLM (docs/calibration.md): with the
 #: subnormal sets offered, ``float2``/``float3`` were (almost) never chosen, nor ``log2``/``float1`` before them.
 DEFAULT_LEVEL_SETS = ("uniform", "float2s", "float3s")
@@ -504,7 +505,7 @@ def level_set(name: str, max_spikes: int) -> torch.Tensor | None:
     bits = _MANTISSA_BITS.get(name)
     if bits is None:
         raise ValueError(f"unknown level set {name!r}; choose from {LEVEL_SETS}")
-    subnormal = name.endswith("s")
+    subnormal = name in _SUBNORMAL
     octaves = min(16, (max_spikes + 1 >> bits) - 1 if subnormal else max_spikes >> bits)
     if octaves < 2:
         raise ValueError(f"level set {name!r} needs N >= {_min_levels(name)} levels, the site has {max_spikes}")
@@ -514,7 +515,7 @@ def level_set(name: str, max_spikes: int) -> torch.Tensor | None:
 def _min_levels(name: str) -> int:
     """The fewest levels per sign a named set needs (two octaves)."""
     bits = _MANTISSA_BITS[name]
-    return (3 << bits) - 1 if name.endswith("s") else 2 << bits
+    return (3 << bits) - 1 if name in _SUBNORMAL else 2 << bits
 
 
 def _check_level_sets(requested: Iterable[str] | str, what: str = "level_sets") -> tuple[str, ...]:
@@ -538,7 +539,7 @@ def _sets_for(kind: str, sets_by_kind: dict[str, tuple[str, ...]]) -> tuple[str,
         return sets_by_kind[kind]
     sets = sets_by_kind["*"]
     if kind in _MUTUAL_PRODUCT_KINDS:
-        sets = tuple(dict.fromkeys(ls[:-1] if ls in ("float2s", "float3s") else ls for ls in sets))
+        sets = tuple(dict.fromkeys(_SUBNORMAL.get(ls, ls) for ls in sets))
     return sets
 
 
