@@ -485,8 +485,9 @@ class _SiteTable:
 
 #: Level sets that :func:`allocate_thresholds` may choose per site (``level_sets=`` names them).
 LEVEL_SETS = ("uniform", "log2", "float1", "float2", "float3", "float2s", "float3s")
-_MANTISSA_BITS = {"log2": 0, "float1": 1, "float2": 2, "float3": 3, "float2s": 2, "float3s": 3}
 _SUBNORMAL = {"float2s": "float2", "float3s": "float3"}  # the sets with subnormal levels, and their plain sets
+_MANTISSA_BITS = {"log2": 0, "float1": 1, "float2": 2, "float3": 3}
+_MANTISSA_BITS.update({s: _MANTISSA_BITS[plain] for s, plain in _SUBNORMAL.items()})
 #: What each site chooses from by default. Measured on MobileNetV2 and MiniLM (docs/calibration.md): with the
 #: subnormal sets offered, ``float2``/``float3`` were (almost) never chosen, nor ``log2``/``float1`` before them.
 DEFAULT_LEVEL_SETS = ("uniform", "float2s", "float3s")
