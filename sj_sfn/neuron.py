@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import operator
+import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -48,6 +50,7 @@ BACKENDS = ("auto", "torch", "cupy")
 
 _UNSET: Any = object()
 _reference_only = False
+_version = operator.attrgetter("_version")
 
 
 @contextlib.contextmanager
@@ -587,6 +590,7 @@ class SFNode(MultiLevelNode):
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state.pop("_fast_cache", None)  # derived from the buffers (and holds the CPU kernel's ctypes handles): rebuilt
+        state.pop("_hot", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -796,8 +800,91 @@ class SFNode(MultiLevelNode):
                 d = self.__dict__  # a plain attribute: skip MemoryModule.__setattr__ (slow) when nothing changes
                 if d.get("last_counts") is not None:
                     self.last_counts = None
+                if "_hot" not in d and self.step_mode == "s" and not torch.is_grad_enabled():
+                    d["_hot"] = _hot_fire(self, d["_fast_cache"][1])
                 return out
         return super().single_step_forward(x, *args, **kwargs)
+
+    # -- the inference hot path --------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """SpikingJelly's dispatch on ``step_mode``, after the hot path of a stateless CPU site in inference.
+
+        After one call has taken the fast fire (:meth:`_fast_fire`) through the CPU kernel without
+        autograd, the node keeps a bound call (:func:`_hot_fire`) that later single-step calls take
+        directly: the same kernel with the same arguments, so the same spike bit for bit. Assigning
+        any attribute of the node, moving it (``.to``) or changing a buffer (its in-place version)
+        drops it or makes it step aside.
+        """
+        hot = self.__dict__.get("_hot")
+        if hot is not None and len(args) == 1 and not kwargs and not _reference_only and not torch.is_grad_enabled():
+            out = hot(args[0])
+            if out is not None:
+                return out
+        return super().forward(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not (value is None and name in ("last_counts", "v_seq")):  # reset() clears these; the fire reads neither
+            self.__dict__.pop("_hot", None)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self.__dict__.pop("_hot", None)
+        super().__delattr__(name)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_hot", None)
+        return super()._apply(fn, *args, **kwargs)
+
+
+def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor | None] | None:
+    """A bound call of ``node``'s CPU kernel for stateless float32 inference, or ``None`` (no kernel in ``plan``).
+
+    The call returns the spike, or ``None`` when it does not apply (the caller then takes the full
+    path): an input that is not a float32 CPU tensor, under ``torch.compile``, a buffer of the node
+    replaced or changed in place since, ``SJ_SFN_CPU_KERNEL`` changed, or thresholds that do not fit the input.
+    The kernel's arguments are bound once per input layout (sizes and strides).
+    """
+    kernel = None if plan is None else plan.get("cpu")
+    if kernel is None:
+        return None
+    buffers = node._buffers
+    tensors = tuple(buffers.values())
+    held = [t for t in tensors if t is not None]
+    versions = list(map(_version, held))
+    env_var, env = cpu.kernels.ENV_VAR, os.environ.get(cpu.kernels.ENV_VAR)
+    channel_dim = node.channel_dim
+    thresholds = (plan["tp"], plan["tn"], plan["cap"])
+    layouts: dict = {}
+    f32, environ, threads, compiling, same = torch.float32, os.environ, torch.get_num_threads, torch.compiler.is_compiling, operator.is_
+
+    def hot(x: Any) -> torch.Tensor | None:
+        if (
+            type(x) is not torch.Tensor
+            or x.dtype != f32
+            or not x.is_cpu
+            or compiling()
+            or environ.get(env_var) != env
+            or len(buffers) != len(tensors)
+            or not all(map(same, buffers.values(), tensors))
+            or list(map(_version, held)) != versions
+        ):
+            return None
+        key = (x.shape, x.stride())
+        bound = layouts.get(key)
+        if bound is None:
+            if len(layouts) >= 64:  # a site sees a handful of layouts; bound the cache anyway
+                layouts.clear()
+            try:
+                ranked = tuple(
+                    None if t is None else F.broadcast_threshold(t, x, channel_dim, name)
+                    for t, name in zip(thresholds, ("theta_pos", "theta_neg", "ceiling"))
+                )  # fmt: skip
+                bound = layouts[key] = (*kernel.bind(x, *ranked), ranked)  # the thresholds' views stay alive with it
+            except ValueError:
+                return None
+        return kernel.fire_bound(x, bound[1], threads())
+
+    return hot
 
 
 def register_with_spikingjelly() -> None:

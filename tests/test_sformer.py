@@ -456,6 +456,29 @@ def test_compiled_fire_path_falls_back_when_counts_or_hooks_are_needed(vit_digit
     assert torch.equal(out, ref)
 
 
+def test_per_head_softmax_thresholds_take_pieces_of_whole_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SoftMax site with one threshold per head runs in pieces of whole samples (every head): bit for bit the whole."""
+    from sj_sfn.sformer import modules as sm
+
+    torch.manual_seed(0)
+    snn = sj_sfn.convert(_tiny_vit(), [torch.randn(4, 3, 32, 32) for _ in range(2)], progress=False, reconstruct=0)
+    for attn in (m for m in snn.modules() if isinstance(m, SFormerAttention)):
+        site = attn.sfn_attn
+        site.theta_pos = site.theta_pos * torch.tensor([0.5, 1.5])  # per head: [B, H, L, S] with channel_dim 1
+        site.channel_dim = 1
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        monkeypatch.setattr(sm, "ATTENTION_CHUNK", 0)
+        whole = snn(x)
+        monkeypatch.setattr(sm, "ATTENTION_CHUNK", 17)  # smaller than one sample's scores: one sample per piece
+        calls = []
+        real = sm.attention_chunks
+        monkeypatch.setattr(sm, "attention_chunks", lambda *a: calls.append(real(*a)) or calls[-1])
+        pieces = snn(x)
+    assert calls and all(c == [(slice(i, i + 1), slice(None)) for i in range(3)] for c in calls)
+    assert torch.equal(pieces, whole)
+
+
 @pytest.mark.parametrize("make", [_tiny_vit, _tiny_eva])
 def test_attention_in_pieces_equals_the_whole(make, monkeypatch: pytest.MonkeyPatch) -> None:
     """In inference the attention products run in (batch, head) pieces of sformer.ATTENTION_CHUNK scores: bit for bit

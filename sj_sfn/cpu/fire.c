@@ -49,7 +49,7 @@ typedef struct {
     float sub, inv_sub, sub_edge; /* subnormal levels: 2^m, 2^-m and 1 - r */
 } Lookup;
 
-int sj_sfn_abi_version(void) { return 3; }
+int sj_sfn_abi_version(void) { return 4; }
 
 static inline float clip(float x, float hi) {
     /* torch.clamp(x, 0, hi): NaN and -0 pass through */
@@ -225,4 +225,20 @@ int sj_sfn_fire_f32(const float *h, const int64_t *n, const int64_t *hs, float *
     span(flags, h, n, hs, out, ts, &p, 0, total);
 #endif
     return 0;
+}
+
+/* Every argument of sj_sfn_fire_f32 but the input, the output and the thread count: bound once per
+ * node and input layout, so that a call passes four values instead of fifteen. */
+typedef struct {
+    int64_t n[4], hs[4], ts[4];
+    const float *tp, *tn, *cap;
+    const Lookup *pos, *neg;
+    int64_t min_per_thread;
+    int32_t flags;
+    float max_spikes, offset;
+} Bound;
+
+int sj_sfn_fire_bound(const float *h, float *out, const Bound *b, int threads) {
+    return sj_sfn_fire_f32(h, b->n, b->hs, out, b->tp, b->tn, b->cap, b->ts, b->flags, b->max_spikes, b->offset,
+                           b->pos, b->neg, threads, b->min_per_thread);
 }

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_VAR", "SOURCE_FILE", "FLAGS", "Lookup", "FirePlan", "enabled", "status", "available", "library", "fire", "cache_dir"]
+__all__ = ["ENV_VAR", "SOURCE_FILE", "FLAGS", "Lookup", "Bound", "FirePlan", "enabled", "status", "available", "library", "fire", "cache_dir"]
 
 ENV_VAR = "SJ_SFN_CPU_KERNEL"
 SOURCE_FILE = "fire.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 # IEEE arithmetic: no fast-math, no multiply-add contraction (h/θ and θ·k must round as torch's do);
 # no trapping math (FP exception flags are not observed) lets the loops vectorise
 FLAGS: tuple[str, ...] = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math")
@@ -38,7 +38,8 @@ NATIVE = ("-march=native",)
 OPENMP = ("-fopenmp",)
 # mode flags of fire.c
 SELECT, TABLE, CAP, NEG, TABLE_NEG, FLOAT, SUBNORMAL = 1, 2, 4, 8, 16, 32, 64
-MIN_PER_THREAD = 1 << 15  # elements: below this a parallel region costs more than it saves
+MIN_PER_THREAD = 1 << 12  # elements per thread: below this a parallel region costs more than it saves (a site costs
+# about four ReLUs per element, so it splits four times earlier than torch's elementwise ops, whose grain is 32 K)
 
 _i64_4 = ctypes.c_int64 * 4
 
@@ -166,6 +167,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         f.restype = ctypes.c_int
         P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         f.argtypes = [P, _i64_4, _i64_4, P, P, P, P, _i64_4, ctypes.c_int, F32, F32, P, P, ctypes.c_int, I64]
+        g = lib.sj_sfn_fire_bound
+        g.restype = ctypes.c_int
+        g.argtypes = [P, P, P, ctypes.c_int]
         how = "with OpenMP" if OPENMP[0] in flags else "single-threaded (the compiler has no OpenMP)"
         return lib, f"built with {cc} {' '.join(extra)} ({how}), cached in {target.parent}"
     return None, "the build failed: " + "; ".join(errors)
@@ -200,6 +204,17 @@ class Lookup(ctypes.Structure):
         ("first_edge", ctypes.c_float), ("top_edge", ctypes.c_float), ("top", ctypes.c_float),
         ("pos", ctypes.c_float), ("neg", ctypes.c_float), ("add", ctypes.c_uint32), ("trunc", ctypes.c_uint32),
         ("sub", ctypes.c_float), ("inv_sub", ctypes.c_float), ("sub_edge", ctypes.c_float),
+    ]  # fmt: skip
+
+
+class Bound(ctypes.Structure):
+    """Every argument of one kernel call but the input, the output and the thread count (``fire.c``'s ``Bound``)."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64 * 4), ("hs", ctypes.c_int64 * 4), ("ts", ctypes.c_int64 * 4),
+        ("tp", ctypes.c_void_p), ("tn", ctypes.c_void_p), ("cap", ctypes.c_void_p),
+        ("pos", ctypes.POINTER(Lookup)), ("neg", ctypes.POINTER(Lookup)),
+        ("min_per_thread", ctypes.c_int64), ("flags", ctypes.c_int32), ("max_spikes", ctypes.c_float), ("offset", ctypes.c_float),
     ]  # fmt: skip
 
 
@@ -246,6 +261,7 @@ class FirePlan:
         self.max_spikes, self.offset = float(max_spikes), float(offset)
         self._n, self._r = ctypes.c_float(self.max_spikes), ctypes.c_float(self.offset)  # converted once, not per call
         self._fn = self.lib.sj_sfn_fire_f32
+        self._bound = self.lib.sj_sfn_fire_bound
         self._layouts: dict = {}
         self._tables = (table, table_neg)  # kept alive: the structures point into them
         self.pos = None if table is None else self._lookup(table)
@@ -315,6 +331,28 @@ class FirePlan:
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"the CPU fire kernel rejected mode {flags}")
+
+    def bind(self, h: torch.Tensor, theta_pos: torch.Tensor, theta_neg: torch.Tensor | None = None,
+             cap: torch.Tensor | None = None) -> tuple[Bound, int]:  # fmt: skip
+        """The call's arguments for inputs of ``h``'s sizes and strides, and the address to pass to :meth:`fire_bound`.
+
+        The structure points into the thresholds, the lookups and this plan: keep all of them (and the
+        structure) alive while the address is used. ``ValueError`` as :meth:`__call__` for thresholds
+        that do not fit, or a layout the kernel does not take.
+        """
+        n, hs, ts = self._layout(h, theta_pos, theta_neg, cap)
+        b = Bound(n=n, hs=hs, ts=ts, tp=theta_pos.data_ptr(), tn=None if theta_neg is None else theta_neg.data_ptr(),
+                  cap=None if cap is None else cap.data_ptr(), pos=None if self.pos is None else ctypes.pointer(self.pos),
+                  neg=None if self.neg is None else ctypes.pointer(self.neg), min_per_thread=MIN_PER_THREAD,
+                  flags=self.flags, max_spikes=self.max_spikes, offset=self.offset)  # fmt: skip
+        return b, ctypes.addressof(b)
+
+    def fire_bound(self, h: torch.Tensor, address: int, threads: int) -> torch.Tensor:
+        """The spike for ``h`` (of the sizes and strides :meth:`bind` was given) with the bound arguments at ``address``."""
+        out = torch.empty_like(h, memory_format=torch.contiguous_format)
+        if self._bound(h.data_ptr(), out.data_ptr(), address, threads) != 0:
+            raise RuntimeError(f"the CPU fire kernel rejected mode {self.flags}")
+        return out
 
     def __call__(self, h: torch.Tensor, theta_pos: torch.Tensor, theta_neg: torch.Tensor | None = None,
                  cap: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:  # fmt: skip

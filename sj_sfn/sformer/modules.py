@@ -176,7 +176,7 @@ def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int) ->
     attention adds to the ANN's fused attention; in pieces of at most :data:`ATTENTION_CHUNK` scores
     they stay small. Pieces are taken only in plain inference, where nothing else reads the whole
     tensor: the SoftMax site is a stateless :class:`SFNode` without counts, hooks or autograd, and its
-    thresholds are not per batch or per head; a Hugging Face attention also keeps the whole when the
+    thresholds are not per batch (per-head thresholds take pieces of whole samples); a Hugging Face attention also keeps the whole when the
     layer asks for its probabilities (``output_attentions``; GPT-2 does not say so, and then returns
     none, as with ``sdpa``). Every piece computes the same values as the whole (the products, SoftMax
     and fire are per (batch, head) matrix).
@@ -197,12 +197,13 @@ def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int) ->
         or site._forward_pre_hooks
         or _m._global_forward_hooks
         or _m._global_forward_pre_hooks
-        or (channel is not None and (channel if channel >= 0 else channel + 4) < 2)
+        or (channel is not None and (channel if channel >= 0 else channel + 4) == 0)
     ):
         return None
+    per_head = channel is not None and (channel if channel >= 0 else channel + 4) == 1 and site.theta_pos.numel() > 1
     per_sample = h * length * keys
-    if per_sample <= ATTENTION_CHUNK:
-        step = ATTENTION_CHUNK // per_sample
+    if per_sample <= ATTENTION_CHUNK or per_head:  # per-head thresholds: pieces of whole samples (every head)
+        step = max(1, ATTENTION_CHUNK // per_sample)
         return [(slice(i, i + step), slice(None)) for i in range(0, b, step)]
     step = max(1, ATTENTION_CHUNK // (length * keys))
     return [(slice(i, i + 1), slice(j, j + step)) for i in range(b) for j in range(0, h, step)]

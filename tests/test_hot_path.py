@@ -1,0 +1,166 @@
+"""The inference hot path of a stateless CPU site (``SFNode.forward`` through a bound kernel call).
+
+After one fast fire, later calls skip the node's checks and plan lookup; everything here checks that
+the spike stays the reference's bit for bit, and that the hot path steps aside whenever what it
+bound may have changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from sj_sfn import SFNode, cpu, set_lambda
+from sj_sfn import functional as F
+from sj_sfn.cpu import kernels as K
+from sj_sfn.neuron import reference_fire
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU fire kernel is unavailable (no C compiler)")
+
+
+def _reference(node: SFNode, x: torch.Tensor) -> torch.Tensor:
+    with reference_fire():
+        return node(x)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _node(per_channel: bool = False, channel_dim: int | None = None) -> SFNode:
+    if per_channel:
+        tp, tn = torch.linspace(0.1, 0.5, 6), torch.linspace(0.3, 0.05, 6)
+    else:
+        tp, tn = torch.tensor(0.3), torch.tensor(0.2)
+    return SFNode(tp, tn, levels=F.float_levels(3, 4, subnormal=True), offset=0.5, stateful=False, channel_dim=channel_dim)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["contiguous", "permuted", "per-channel last", "per-channel dim 1", "unsigned capped"],
+)
+def test_the_hot_path_fires_the_reference_bit_for_bit(layout: str, rng: torch.Generator) -> None:
+    if layout == "per-channel last":
+        node, shape = _node(True, -1), (4, 7, 6)
+    elif layout == "per-channel dim 1":
+        node, shape = _node(True, 1), (3, 6, 5, 4)
+    elif layout == "unsigned capped":
+        node, shape = SFNode(torch.tensor(0.25), levels=F.float_levels(2, 7), offset=0.5, ceiling=3.0, stateful=False), (5, 33)
+    else:
+        node, shape = _node(), (2, 3, 9, 8)
+    with torch.no_grad():
+        for i in range(4):  # the first call binds, the next ones take the hot path
+            x = torch.randn(shape, generator=rng) * 2
+            if layout == "permuted":
+                x = x.transpose(1, 2)  # read in place, as attention's q/k/v
+            out = node(x)
+            hot = node.__dict__["_hot"](x)  # what the next call of this layout returns
+            ref = _reference(node, x)
+            assert _bits_equal(out, ref) and _bits_equal(hot, ref), f"call {i}"
+            assert out.is_contiguous()
+
+
+def test_in_place_and_replaced_buffers_make_it_step_aside(rng: torch.Generator) -> None:
+    node = _node()
+    x = torch.randn(4, 50, generator=rng)
+    with torch.no_grad():
+        before = node(x)
+        node(x)
+        node.theta_pos.mul_(2)  # in place: the buffer's version moves
+        assert _bits_equal(node(x), _reference(node, x)) and not torch.equal(node(x), before)
+        set_lambda(node, 0.5)
+        assert _bits_equal(node(x), _reference(node, x))
+        node._buffers["theta_neg"] = torch.tensor(0.05)  # replaced without __setattr__
+        out = node(x)
+        assert _bits_equal(out, _reference(node, x)) and (out < 0).any()
+
+
+def test_attribute_changes_drop_it(rng: torch.Generator) -> None:
+    node = _node()
+    x = torch.randn(4, 50, generator=rng)
+    with torch.no_grad():
+        node(x)
+        assert "_hot" in node.__dict__
+        node.offset = 0.0
+        assert "_hot" not in node.__dict__
+        assert _bits_equal(node(x), _reference(node, x))
+        node.store_counts = True  # counts asked for: the hot path must not skip them
+        out = node(x)
+        assert "_hot" not in node.__dict__ and node.last_counts is not None and node.last_counts.shape == x.shape
+        assert _bits_equal(out, _reference(node, x))
+        node.store_counts = False
+        node(x)
+        node.step_mode = "m"
+        seq = torch.randn(3, 4, 50, generator=rng)
+        assert _bits_equal(node(seq), _reference(node, seq))
+        node.step_mode = "s"
+        node(x)
+        node.reset()  # clears the counts only: keeps the bound call
+        assert "_hot" in node.__dict__
+
+
+def test_other_dtypes_autograd_hooks_and_the_environment(rng: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = _node()
+    x = torch.randn(4, 50, generator=rng)
+    with torch.no_grad():
+        node(x)
+    assert "_hot" in node.__dict__
+    # float64 input: the hot call steps aside, the node fires it in float64
+    x64 = x.double()
+    with torch.no_grad():
+        assert node(x64).dtype == torch.float64 and torch.equal(node(x64), _reference(node, x64))
+    # autograd: the straight-through gradient still flows
+    xg = x.clone().requires_grad_()
+    node(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    # a forward hook still sees every output
+    seen = []
+    handle = node.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        out = node(x)
+    handle.remove()
+    assert len(seen) == 1 and seen[0] is out
+    # the environment variable turns the kernel off for bound nodes too
+    with torch.no_grad():
+        node(x)
+        hot = node.__dict__["_hot"]
+        monkeypatch.setenv(K.ENV_VAR, "0")
+        assert hot(x) is None
+        assert _bits_equal(node(x), _reference(node, x))
+
+
+def test_a_new_layout_binds_anew_and_copies_drop_it(rng: torch.Generator) -> None:
+    node = _node(True, -1)
+    with torch.no_grad():
+        for shape in [(2, 6), (3, 5, 6), (2, 6), (1, 1, 6), (0, 6)]:
+            x = torch.randn(shape, generator=rng)
+            assert _bits_equal(node(x), _reference(node, x)), shape
+        with pytest.raises(ValueError, match="theta"):  # thresholds that do not fit: the full path's error
+            node(torch.randn(2, 5, generator=rng))
+        twin = copy.deepcopy(node)
+        buf = io.BytesIO()
+        torch.save(node, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert "_hot" not in twin.__dict__ and "_hot" not in loaded.__dict__
+        x = torch.randn(3, 6, generator=rng)
+        assert _bits_equal(twin(x), node(x)) and _bits_equal(loaded(x), node(x))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_hot_path_splits_across_threads(threads: int, rng: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shares that start and end mid-row, on the bound call: still the reference's spike."""
+    monkeypatch.setattr(K, "MIN_PER_THREAD", 7)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        node = _node(True, 1)
+        with torch.no_grad():
+            for _ in range(3):
+                x = torch.randn(3, 6, 5, 7, generator=rng).transpose(2, 3)
+                assert _bits_equal(node(x), _reference(node, x))
+    finally:
+        torch.set_num_threads(old)
