@@ -801,7 +801,9 @@ class SFNode(MultiLevelNode):
                 if d.get("last_counts") is not None:
                     self.last_counts = None
                 if "_hot" not in d and self.step_mode == "s" and not torch.is_grad_enabled():
-                    d["_hot"] = _hot_fire(self, d["_fast_cache"][1])
+                    hot = _hot_fire(self, d["_fast_cache"][1])
+                    if hot is not None:
+                        d["_hot"] = hot
                 return out
         return super().single_step_forward(x, *args, **kwargs)
 
@@ -815,11 +817,13 @@ class SFNode(MultiLevelNode):
         any attribute of the node, moving it (``.to``) or changing a buffer (its in-place version)
         drops it or makes it step aside.
         """
-        hot = self.__dict__.get("_hot")
+        d = self.__dict__
+        hot = d.get("_hot")
         if hot is not None and len(args) == 1 and not kwargs and not _reference_only and not torch.is_grad_enabled():
             out = hot(args[0])
             if out is not None:
                 return out
+            del d["_hot"]  # stale (a buffer changed) or not for this input: the full path binds anew when it can
         return super().forward(*args, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -837,7 +841,8 @@ class SFNode(MultiLevelNode):
 
 
 def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor | None] | None:
-    """A bound call of ``node``'s CPU kernel for stateless float32 inference, or ``None`` (no kernel in ``plan``).
+    """A bound call of ``node``'s CPU kernel for stateless float32 inference, or ``None`` (no kernel in ``plan``, or
+    the kernel is turned off).
 
     The call returns the spike, or ``None`` when it does not apply (the caller then takes the full
     path): an input that is not a float32 CPU tensor, under ``torch.compile``, a buffer of the node
@@ -845,7 +850,7 @@ def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor |
     The kernel's arguments are bound once per input layout (sizes and strides).
     """
     kernel = None if plan is None else plan.get("cpu")
-    if kernel is None:
+    if kernel is None or not cpu.available():  # a plan keeps its kernel after SJ_SFN_CPU_KERNEL turned it off
         return None
     buffers = node._buffers
     tensors = tuple(buffers.values())

@@ -76,6 +76,8 @@ def test_in_place_and_replaced_buffers_make_it_step_aside(rng: torch.Generator) 
         node._buffers["theta_neg"] = torch.tensor(0.05)  # replaced without __setattr__
         out = node(x)
         assert _bits_equal(out, _reference(node, x)) and (out < 0).any()
+        hot = node.__dict__["_hot"]  # bound anew for the new buffers, not left stale
+        assert hot(x) is not None and _bits_equal(hot(x), out)
 
 
 def test_attribute_changes_drop_it(rng: torch.Generator) -> None:
@@ -130,6 +132,12 @@ def test_other_dtypes_autograd_hooks_and_the_environment(rng: torch.Generator, m
         monkeypatch.setenv(K.ENV_VAR, "0")
         assert hot(x) is None
         assert _bits_equal(node(x), _reference(node, x))
+        assert "_hot" not in node.__dict__  # nor bound anew while the kernel is off
+        node(x)
+        assert "_hot" not in node.__dict__
+        monkeypatch.delenv(K.ENV_VAR)
+        node(x)
+        assert node.__dict__["_hot"](x) is not None  # bound again once it is back
 
 
 def test_a_new_layout_binds_anew_and_copies_drop_it(rng: torch.Generator) -> None:
