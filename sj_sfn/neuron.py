@@ -753,16 +753,8 @@ class SFNode(MultiLevelNode):
                 levels = None if self.levels is None else self.levels.to(torch.float32)
                 kernel = plan["cpu"] = cpu.FirePlan(tn is not None, cap is not None, self.max_spikes, self.offset,
                                                     plan["table"], plan["table_neg"], levels)  # fmt: skip
-            # thresholds shaped for an input of this rank (the kernel checks them against the input's sizes)
-            shaped = plan.setdefault("shaped", {})
-            ranked = shaped.get(x.dim())
-            if ranked is None:
-                d = self.channel_dim
-                ranked = shaped[x.dim()] = tuple(
-                    None if t is None else F.broadcast_threshold(t, x, d, name) for t, name in ((tp, "theta_pos"), (tn, "theta_neg"), (cap, "ceiling"))
-                )  # fmt: skip
             try:
-                return kernel(x, *ranked)
+                return kernel(x, *_shaped_thresholds(plan, x, self.channel_dim))
             except ValueError:  # thresholds that do not fit this input, or a layout the kernel does not take (more than
                 pass  # 4 non-mergeable dimensions): the torch path below checks and fires it
         if F.broadcast_threshold(tp, x, self.channel_dim, "theta_pos").dim() == 0:  # with the reference's shape checks
@@ -840,6 +832,19 @@ class SFNode(MultiLevelNode):
         return super()._apply(fn, *args, **kwargs)
 
 
+def _shaped_thresholds(plan: dict, x: torch.Tensor, channel_dim: int | None) -> tuple:
+    """The plan's scaled ``θ+``, ``θ-`` and cap shaped for an input of ``x``'s rank, cached in the plan per rank (the
+    kernel checks them against the input's sizes); ``ValueError`` when they do not broadcast against ``x``."""
+    shaped = plan.setdefault("shaped", {})
+    ranked = shaped.get(x.dim())
+    if ranked is None:
+        ranked = shaped[x.dim()] = tuple(
+            None if t is None else F.broadcast_threshold(t, x, channel_dim, name)
+            for t, name in ((plan["tp"], "theta_pos"), (plan["tn"], "theta_neg"), (plan["cap"], "ceiling"))
+        )  # fmt: skip
+    return ranked
+
+
 def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor | None] | None:
     """A bound call of ``node``'s CPU kernel for stateless float32 inference, or ``None`` (no kernel in ``plan``, or
     the kernel is turned off).
@@ -858,7 +863,6 @@ def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor |
     versions = list(map(_version, held))
     env_var, env = cpu.kernels.ENV_VAR, os.environ.get(cpu.kernels.ENV_VAR)
     channel_dim = node.channel_dim
-    thresholds = (plan["tp"], plan["tn"], plan["cap"])
     layouts: dict = {}
     f32, environ, threads, compiling, same = torch.float32, os.environ, torch.get_num_threads, torch.compiler.is_compiling, operator.is_
 
@@ -880,10 +884,7 @@ def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor |
             if len(layouts) >= 64:  # a site sees a handful of layouts; bound the cache anyway
                 layouts.clear()
             try:
-                ranked = tuple(
-                    None if t is None else F.broadcast_threshold(t, x, channel_dim, name)
-                    for t, name in zip(thresholds, ("theta_pos", "theta_neg", "ceiling"))
-                )  # fmt: skip
+                ranked = _shaped_thresholds(plan, x, channel_dim)
                 bound = layouts[key] = (*kernel.bind(x, *ranked), ranked)  # the thresholds' views stay alive with it
             except ValueError:
                 return None
