@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from spikingjelly.activation_based.neuron import BaseNode
+from torch.autograd.graph import increment_version
 
 from . import cpu, ops
 from . import functional as F
@@ -818,6 +819,20 @@ class SFNode(MultiLevelNode):
             del d["_hot"]  # stale (a buffer changed) or not for this input: the full path binds anew when it can
         return super().forward(*args, **kwargs)
 
+    def fire_inplace(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The spike of ``x`` written over ``x`` (returned) on the hot path, else ``None`` (call the node instead).
+
+        For a caller whose ``x`` is a temporary nothing else reads (as ``nn.ReLU(inplace=True)``):
+        it runs no hooks, so callers take it only when the node has none
+        (:func:`sj_sfn.sformer.modules.fire` checks). Only a call that :meth:`forward` would send to its
+        bound kernel call takes it; every other call (the first, autograd, a reference fire, a
+        changed buffer) returns ``None``, and the node's own call then fires (out of place).
+        """
+        hot = self.__dict__.get("_hot")
+        if hot is None or _reference_only or torch.is_grad_enabled():
+            return None
+        return hot(x, True)
+
     def __setattr__(self, name: str, value: Any) -> None:
         if not (value is None and name in ("last_counts", "v_seq")):  # reset() clears these; the fire reads neither
             self.__dict__.pop("_hot", None)
@@ -852,7 +867,8 @@ def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor |
     The call returns the spike, or ``None`` when it does not apply (the caller then takes the full
     path): an input that is not a float32 CPU tensor, under ``torch.compile``, a buffer of the node
     replaced or changed in place since, ``SJ_SFN_CPU_KERNEL`` changed, or thresholds that do not fit the input.
-    The kernel's arguments are bound once per input layout (sizes and strides).
+    The kernel's arguments are bound once per input layout (sizes and strides). ``inplace=True`` writes the
+    spike over ``x`` and returns ``x`` (when ``x`` has one memory element per index; else a new tensor).
     """
     kernel = None if plan is None else plan.get("cpu")
     if kernel is None or not cpu.available():  # a plan keeps its kernel after SJ_SFN_CPU_KERNEL turned it off
@@ -866,7 +882,7 @@ def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor |
     layouts: dict = {}
     f32, environ, threads, compiling, same = torch.float32, os.environ, torch.get_num_threads, torch.compiler.is_compiling, operator.is_
 
-    def hot(x: Any) -> torch.Tensor | None:
+    def hot(x: Any, inplace: bool = False) -> torch.Tensor | None:
         if (
             type(x) is not torch.Tensor
             or x.dtype != f32
@@ -885,9 +901,14 @@ def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor |
                 layouts.clear()
             try:
                 ranked = _shaped_thresholds(plan, x, channel_dim)
-                bound = layouts[key] = (*kernel.bind(x, *ranked), ranked)  # the thresholds' views stay alive with it
+                # the thresholds' views stay alive with the structure
+                bound = layouts[key] = (*kernel.bind(x, *ranked), ranked, cpu.kernels.writable_in_place(*key))
             except ValueError:
                 return None
+        if inplace and bound[3]:
+            kernel.fire_bound(x, bound[1], threads(), inplace=True)
+            increment_version(x)
+            return x
         return kernel.fire_bound(x, bound[1], threads())
 
     return hot

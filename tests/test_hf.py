@@ -249,7 +249,7 @@ def test_attention_in_pieces_equals_the_whole(arch: str, monkeypatch: pytest.Mon
         monkeypatch.setattr(sm, "ATTENTION_CHUNK", 7)  # one (batch, head) matrix of 100 scores per piece
         calls = []
         real = sm.attention_chunks
-        monkeypatch.setattr(hf.sites, "attention_chunks", lambda *a: calls.append(real(*a)) or calls[-1])
+        monkeypatch.setattr(hf.sites, "attention_chunks", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
         pieces = _main_output(snn(**batch))
         assert calls and all(c is not None and len(c) > 1 for c in calls), "the attention did not run in pieces"
         assert torch.equal(pieces, whole)

@@ -172,3 +172,84 @@ def test_the_hot_path_splits_across_threads(threads: int, rng: torch.Generator, 
                 assert _bits_equal(node(x), _reference(node, x))
     finally:
         torch.set_num_threads(old)
+
+
+# -- firing in place (a caller's own temporary, as nn.ReLU(inplace=True)) ---------------------------------
+
+
+def test_writable_in_place_needs_one_element_per_index() -> None:
+    base = torch.zeros(2, 5, 3, 4)
+    assert K.writable_in_place(base.shape, base.stride())
+    assert K.writable_in_place(*(lambda v: (v.shape, v.stride()))(base.permute(0, 2, 1, 3)))
+    assert K.writable_in_place(*(lambda v: (v.shape, v.stride()))(base[:, 1:4, :, ::2]))
+    assert K.writable_in_place((1, 7), (99, 1))  # a size-1 dimension's stride does not matter
+    assert not K.writable_in_place(*(lambda v: (v.shape, v.stride()))(torch.zeros(4, 1).expand(4, 6)))
+    assert not K.writable_in_place((3, 4), (2, 1))  # rows overlap
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_the_kernel_fires_a_strided_view_in_place(per_channel: bool, rng: torch.Generator) -> None:
+    """q of a fused [B, N, 3, H, D] projection, overwritten in place: the spike bit for bit, k and v untouched."""
+    node = _node(per_channel, -1 if per_channel else None)
+    qkv = torch.randn(2, 5, 3, 4, 6, generator=rng) * 2
+    q = qkv.permute(2, 0, 3, 1, 4)[0]  # [B, H, N, D], strided
+    with torch.no_grad():
+        expected = _reference(node, q)
+        node(q)  # builds the node's kernel plan
+        fast = node._fast_plan()
+        ranked = tuple(F.broadcast_threshold(fast[k], q, node.channel_dim, "theta_pos") for k in ("tp", "tn"))
+        plan = fast["cpu"]
+        bound, address = plan.bind(q, *ranked)
+        rest = qkv[:, :, 1:].clone()
+        out = plan.fire_bound(q, address, 2, inplace=True)
+    assert out is q and _bits_equal(q.contiguous(), expected)
+    assert torch.equal(qkv[:, :, 1:], rest)
+
+
+def test_fire_inplace_takes_only_the_hot_path(rng: torch.Generator) -> None:
+    node = _node(True, -1)
+    x = torch.randn(4, 7, 6, generator=rng)
+    with torch.no_grad():
+        assert node.fire_inplace(x.clone()) is None  # nothing bound yet: the caller calls the node
+        expected = node(x)
+        y = x.clone()
+        version = y._version
+        out = node.fire_inplace(y)
+        assert out is y and _bits_equal(y, expected) and y._version > version
+        wide = torch.randn(4, 1, 6, generator=rng).expand(4, 7, 6)  # one element for many indices: a new tensor
+        out = node.fire_inplace(wide)
+        assert out is not None and out.data_ptr() != wide.data_ptr() and _bits_equal(out, _reference(node, wide))
+        with reference_fire():
+            assert node.fire_inplace(x.clone()) is None
+    assert node.fire_inplace(x.clone()) is None  # autograd on: never in place
+
+
+def test_sformer_fires_its_own_temporaries_in_place_and_nothing_else(rng: torch.Generator) -> None:
+    """A converted ViT leaves its input alone, gives the reference's output, and a hook on a module that makes a
+    site's input keeps what that module returned."""
+    import timm
+
+    import sj_sfn
+
+    torch.manual_seed(0)
+    ann = timm.create_model("test_vit", img_size=32, num_classes=5).eval()
+    calib = [torch.randn(4, 3, 32, 32, generator=rng) for _ in range(2)]
+    snn = sj_sfn.convert(ann, calib, progress=False)
+    x = torch.randn(2, 3, 32, 32, generator=rng)
+    with torch.no_grad():
+        snn(x)  # binds every site
+        kept = x.clone()
+        out = snn(x)
+        assert torch.equal(x, kept)
+        with reference_fire():
+            assert _bits_equal(out, snn(x))
+        mlp = snn.blocks[0].mlp
+        seen = []
+        handle = mlp.act.register_forward_hook(lambda m, a, o: seen.append((o, o.clone())))
+        try:
+            assert _bits_equal(snn(x), out)
+        finally:
+            handle.remove()
+        assert torch.equal(seen[0][0], seen[0][1])  # the GELU's output was not overwritten by the fc2_in site
+        site = mlp.sfn_fc2_in  # without the hook, that site does fire over the GELU's output
+        assert site.fire_inplace(seen[0][1]) is seen[0][1]

@@ -473,7 +473,7 @@ def test_per_head_softmax_thresholds_take_pieces_of_whole_samples(monkeypatch: p
         monkeypatch.setattr(sm, "ATTENTION_CHUNK", 17)  # smaller than one sample's scores: one sample per piece
         calls = []
         real = sm.attention_chunks
-        monkeypatch.setattr(sm, "attention_chunks", lambda *a: calls.append(real(*a)) or calls[-1])
+        monkeypatch.setattr(sm, "attention_chunks", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
         pieces = snn(x)
     assert calls and all(c == [(slice(i, i + 1), slice(None)) for i in range(3)] for c in calls)
     assert torch.equal(pieces, whole)
@@ -495,7 +495,7 @@ def test_attention_in_pieces_equals_the_whole(make, monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(sm, "ATTENTION_CHUNK", 17)  # one (batch, head) matrix of 17·17 scores per piece
         calls = []
         real = sm.attention_chunks
-        monkeypatch.setattr(sm, "attention_chunks", lambda *a: calls.append(real(*a)) or calls[-1])
+        monkeypatch.setattr(sm, "attention_chunks", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
         pieces = snn(x)
     assert calls and all(c is not None and len(c) == 3 * 2 for c in calls), "the attention did not run in pieces"
     assert torch.equal(pieces, whole)

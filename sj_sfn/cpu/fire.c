@@ -49,7 +49,7 @@ typedef struct {
     float sub, inv_sub, sub_edge; /* subnormal levels: 2^m, 2^-m and 1 - r */
 } Lookup;
 
-int sj_sfn_abi_version(void) { return 4; }
+int sj_sfn_abi_version(void) { return 5; }
 
 static inline float clip(float x, float hi) {
     /* torch.clamp(x, 0, hi): NaN and -0 pass through */
@@ -99,49 +99,63 @@ typedef struct {
     const Lookup *pos, *neg;
 } Params;
 
-/* One run of `len` elements along the last dimension; `ts` the threshold stride along it (0 or k). */
+/* The spike of one element x with its thresholds (tp, -tn or tn, cap at the same position). */
+static inline __attribute__((always_inline)) float fire_one(
+    const int flags, const float x, const float tp, const float *restrict tnp, const float *restrict cpp,
+    const float r, const float n, const Lookup *lp, const Lookup *ln) {
+    if (flags & SJ_SELECT) {
+        const float ntn = -*tnp; /* loaded unconditionally: the select becomes a blend */
+        const float s = x >= 0.0f ? tp : ntn;
+        const float u = x / s;
+        const float k = (flags & SJ_TABLE) ? LEVEL(flags, u, lp) : clip(floorf(u + r), n);
+        return k * s + 0.0f;
+    }
+    const float u = x / tp;
+    float k = (flags & SJ_TABLE) ? LEVEL(flags, u, lp) : clip(floorf(u + r), n);
+    if (flags & SJ_CAP) k = minimum(k, *cpp);
+    float y = k * tp;
+    if (flags & SJ_TABLE_NEG) {
+        const float tn = *tnp;
+        y = y + LEVEL(flags, x / tn, ln) * tn;
+    } else if (flags & SJ_NEG) {
+        const float tn = *tnp;
+        const float w = clip(floorf(-(x / tn) + r), n);
+        y = y - w * tn;
+    }
+    return y;
+}
+
+/* One run of `len` elements along the last dimension; `ts` the threshold stride along it (0 or k).
+ * The spike goes to o[j] (contiguous), or, with INPLACE, over the input itself (h[j·hs]). */
 static inline __attribute__((always_inline)) void run(
-    const int flags, const float *restrict h, const int64_t hs, float *restrict o, const int64_t len,
-    const Params *p, const int64_t toff, const int64_t ts) {
+    const int flags, const int inplace, const float *restrict h, const int64_t hs, float *restrict o,
+    const int64_t len, const Params *p, const int64_t toff, const int64_t ts) {
     const float r = p->r, n = p->n_max;
     const float *restrict tpp = p->tp + toff;
-    const float *restrict tnp = p->tn ? p->tn + toff : 0;
-    const float *restrict cpp = p->cap ? p->cap + toff : 0;
+    const float *restrict tnp = p->tn ? p->tn + toff : tpp; /* tpp: a valid address the SELECT load may read */
+    const float *restrict cpp = p->cap ? p->cap + toff : tpp;
     const Lookup lp = p->pos ? *p->pos : (Lookup){0}, ln = p->neg ? *p->neg : (Lookup){0};
-    for (int64_t j = 0; j < len; ++j) {
-        const float x = h[j * hs];
-        const float tp = tpp[j * ts];
-        float y;
-        if (flags & SJ_SELECT) {
-            const float ntn = -tnp[j * ts]; /* loaded unconditionally: the select becomes a blend */
-            const float s = x >= 0.0f ? tp : ntn;
-            const float u = x / s;
-            const float k = (flags & SJ_TABLE) ? LEVEL(flags, u, &lp) : clip(floorf(u + r), n);
-            y = k * s + 0.0f;
-        } else {
-            const float u = x / tp;
-            float k = (flags & SJ_TABLE) ? LEVEL(flags, u, &lp) : clip(floorf(u + r), n);
-            if (flags & SJ_CAP) k = minimum(k, cpp[j * ts]);
-            y = k * tp;
-            if (flags & SJ_TABLE_NEG) {
-                const float tn = tnp[j * ts];
-                y = y + LEVEL(flags, x / tn, &ln) * tn;
-            } else if (flags & SJ_NEG) {
-                const float tn = tnp[j * ts];
-                const float w = clip(floorf(-(x / tn) + r), n);
-                y = y - w * tn;
-            }
-        }
-        o[j] = y;
+    if (inplace) {
+        float *io = (float *)h; /* one pointer read and written at the same index: no aliasing between lanes */
+        for (int64_t j = 0; j < len; ++j)
+            io[j * hs] = fire_one(flags, io[j * hs], tpp[j * ts], tnp + j * ts, cpp + j * ts, r, n, &lp, &ln);
+    } else {
+        for (int64_t j = 0; j < len; ++j)
+            o[j] = fire_one(flags, h[j * hs], tpp[j * ts], tnp + j * ts, cpp + j * ts, r, n, &lp, &ln);
     }
 }
 
 /* Specialised copies of run() for every mode, with contiguous fast loops. */
+#define SJ_RUN_AS(F, IP)                                                           \
+    do {                                                                           \
+        if (hs3 == 1 && ts3 == 0) run((F), (IP), h, 1, o, len, p, toff, 0);        \
+        else if (hs3 == 1 && ts3 == 1) run((F), (IP), h, 1, o, len, p, toff, 1);   \
+        else run((F), (IP), h, hs3, o, len, p, toff, ts3);                         \
+    } while (0)
 #define SJ_RUN(F)                                                                  \
     do {                                                                           \
-        if (hs3 == 1 && ts3 == 0) run((F), h, 1, o, len, p, toff, 0);              \
-        else if (hs3 == 1 && ts3 == 1) run((F), h, 1, o, len, p, toff, 1);         \
-        else run((F), h, hs3, o, len, p, toff, ts3);                               \
+        if (inplace) SJ_RUN_AS(F, 1);                                              \
+        else SJ_RUN_AS(F, 0);                                                      \
     } while (0)
 
 #define SJ_MODES(X)                                                                                        \
@@ -154,7 +168,7 @@ static inline __attribute__((always_inline)) void run(
     X(SJ_TABLE | SJ_CAP | SJ_FLOAT | SJ_SUBNORMAL) X(SJ_TABLE | SJ_NEG | SJ_TABLE_NEG | SJ_FLOAT | SJ_SUBNORMAL)  \
     X(SJ_TABLE | SJ_CAP | SJ_NEG | SJ_TABLE_NEG | SJ_FLOAT | SJ_SUBNORMAL)
 
-static void dispatch(int flags, const float *h, int64_t hs3, float *o, int64_t len, const Params *p, int64_t toff, int64_t ts3) {
+static void dispatch(int flags, int inplace, const float *h, int64_t hs3, float *o, int64_t len, const Params *p, int64_t toff, int64_t ts3) {
 #define SJ_CASE(F) case (F): SJ_RUN(F); break;
     switch (flags) {
         SJ_MODES(SJ_CASE)
@@ -173,7 +187,7 @@ static int valid_flags(int flags) {
 }
 
 /* Elements [start, end) of the logical order, walked run by run along the last dimension. */
-static void span(int flags, const float *h, const int64_t *n, const int64_t *hs, float *out, const int64_t *ts,
+static void span(int flags, int inplace, const float *h, const int64_t *n, const int64_t *hs, float *out, const int64_t *ts,
                  const Params *p, int64_t start, int64_t end) {
     int64_t i3 = start % n[3], q = start / n[3];
     int64_t i2 = q % n[2];
@@ -185,7 +199,7 @@ static void span(int flags, const float *h, const int64_t *n, const int64_t *hs,
         if (len > end - idx) len = end - idx;
         const int64_t hoff = i0 * hs[0] + i1 * hs[1] + i2 * hs[2] + i3 * hs[3];
         const int64_t toff = i0 * ts[0] + i1 * ts[1] + i2 * ts[2] + i3 * ts[3];
-        dispatch(flags, h + hoff, hs[3], out + idx, len, p, toff, ts[3]);
+        dispatch(flags, inplace, h + hoff, hs[3], inplace ? 0 : out + idx, len, p, toff, ts[3]);
         idx += len;
         i3 = 0;
         if (++i2 == n[2]) {
@@ -198,7 +212,8 @@ static void span(int flags, const float *h, const int64_t *n, const int64_t *hs,
     }
 }
 
-/* Returns 0 on success, -1 for an unknown mode. `threads` <= 1 (or a small input) runs serially. */
+/* Returns 0 on success, -1 for an unknown mode. `threads` <= 1 (or a small input) runs serially.
+ * out == h fires in place: every spike overwrites its input element (h must not overlap itself). */
 int sj_sfn_fire_f32(const float *h, const int64_t *n, const int64_t *hs, float *out,
                     const float *tp, const float *tn, const float *cap, const int64_t *ts,
                     int flags, float max_spikes, float offset, const Lookup *pos, const Lookup *neg,
@@ -207,22 +222,23 @@ int sj_sfn_fire_f32(const float *h, const int64_t *n, const int64_t *hs, float *
     if ((flags & SJ_TABLE) && !pos) return -1;
     if ((flags & SJ_TABLE_NEG) && !neg) return -1;
     Params p = {tp, tn, cap, offset, max_spikes, pos, neg};
+    const int inplace = out == h;
     const int64_t total = n[0] * n[1] * n[2] * n[3];
     if (total <= 0) return 0;
     int nt = threads;
     if (min_per_thread > 0 && (int64_t)nt > total / min_per_thread) nt = (int)(total / min_per_thread);
     if (nt <= 1) {
-        span(flags, h, n, hs, out, ts, &p, 0, total);
+        span(flags, inplace, h, n, hs, out, ts, &p, 0, total);
         return 0;
     }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
     {
         const int64_t id = omp_get_thread_num(), k = omp_get_num_threads();
-        span(flags, h, n, hs, out, ts, &p, total * id / k, total * (id + 1) / k);
+        span(flags, inplace, h, n, hs, out, ts, &p, total * id / k, total * (id + 1) / k);
     }
 #else
-    span(flags, h, n, hs, out, ts, &p, 0, total);
+    span(flags, inplace, h, n, hs, out, ts, &p, 0, total);
 #endif
     return 0;
 }

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_VAR", "SOURCE_FILE", "FLAGS", "Lookup", "Bound", "FirePlan", "enabled", "status", "available", "library", "fire", "cache_dir"]
+__all__ = ["ENV_VAR", "SOURCE_FILE", "FLAGS", "Lookup", "Bound", "FirePlan", "enabled", "status", "available", "library", "fire", "cache_dir",
+           "writable_in_place"]
 
 ENV_VAR = "SJ_SFN_CPU_KERNEL"
 SOURCE_FILE = "fire.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 # IEEE arithmetic: no fast-math, no multiply-add contraction (h/θ and θ·k must round as torch's do);
 # no trapping math (FP exception flags are not observed) lets the loops vectorise
 FLAGS: tuple[str, ...] = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math")
@@ -347,9 +348,13 @@ class FirePlan:
                   flags=self.flags, max_spikes=self.max_spikes, offset=self.offset)  # fmt: skip
         return b, ctypes.addressof(b)
 
-    def fire_bound(self, h: torch.Tensor, address: int, threads: int) -> torch.Tensor:
-        """The spike for ``h`` (of the sizes and strides :meth:`bind` was given) with the bound arguments at ``address``."""
-        out = torch.empty_like(h, memory_format=torch.contiguous_format)
+    def fire_bound(self, h: torch.Tensor, address: int, threads: int, inplace: bool = False) -> torch.Tensor:
+        """The spike for ``h`` (of the sizes and strides :meth:`bind` was given) with the bound arguments at ``address``.
+
+        A new contiguous tensor, or with ``inplace`` ``h`` itself, every element overwritten by its spike
+        (``h`` must not overlap itself: :func:`writable_in_place`).
+        """
+        out = h if inplace else torch.empty_like(h, memory_format=torch.contiguous_format)
         if self._bound(h.data_ptr(), out.data_ptr(), address, threads) != 0:
             raise RuntimeError(f"the CPU fire kernel rejected mode {self.flags}")
         return out
@@ -387,6 +392,18 @@ def fire(
     """
     plan = FirePlan(theta_neg is not None, cap is not None, max_spikes, offset, table, table_neg, levels)
     return plan(h, theta_pos, theta_neg, cap, threads)
+
+
+def writable_in_place(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether a tensor of these sizes and strides has a separate memory element for every index (no stride-0 or
+    interleaved dimension), so that a spike can overwrite its own input element."""
+    dims = sorted((st, n) for n, st in zip(shape, strides) if n > 1)
+    span = 1
+    for st, n in dims:
+        if st < span:
+            return False
+        span = st * n
+    return True
 
 
 def _layout(shape: tuple[int, ...], h_strides: tuple[int, ...], t_strides: list[int]) -> tuple[list[int], list[int], list[int]]:

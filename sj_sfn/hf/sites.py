@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..calibration import SiteObserver
-from ..sformer.modules import SFormerAttention, attention_chunks, fire
+from ..sformer.modules import SFormerAttention, attention_chunks, fire, grouped_matmul, head_slice
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -79,8 +79,11 @@ def _real_tokens(x: torch.Tensor, layout: str, mask: torch.Tensor) -> torch.Tens
     return None
 
 
-def run_site(site: nn.Module, x: torch.Tensor, layout: str) -> torch.Tensor:
-    """Fire ``site`` on ``x`` at T=1; a calibration observer sees only the real tokens of ``x``."""
+def run_site(site: nn.Module, x: torch.Tensor, layout: str, inplace: bool = False) -> torch.Tensor:
+    """Fire ``site`` on ``x`` at T=1; a calibration observer sees only the real tokens of ``x``.
+
+    ``inplace``: ``x`` is the caller's own temporary (see :func:`sj_sfn.sformer.modules.fire`).
+    """
     obs = _observers(site)
     mask = _TOKEN_MASK.get()
     if obs is not None and mask is not None:
@@ -90,7 +93,7 @@ def run_site(site: nn.Module, x: torch.Tensor, layout: str) -> torch.Tensor:
                 if o.enabled:
                     o.observe(real)
             return x
-    return fire(site, x)
+    return fire(site, x, inplace)
 
 
 # -- input sites ---------------------------------------------------------------------------
@@ -192,35 +195,34 @@ class SpikingAttention(nn.Module):
         k = run_site(self.sfn_k, key, "heads")
         v = run_site(self.sfn_v, value, "heads")
         groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
         q = q * scaling  # scale the spikes of q (L·D values), not the L·S scores
         mask = attention_mask
         pieces = None
         if not (self.training or kwargs.get("output_attentions")) and (mask is None or mask.dim() == 4):
-            pieces = attention_chunks(self.sfn_attn, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            pieces = attention_chunks(self.sfn_attn, q.shape[0], q.shape[1], q.shape[2], k.shape[2], head_multiple=groups)
         if pieces is not None:  # inference, nobody reads the probabilities: the scores one piece at a time
             out = v.new_empty(*q.shape[:3], v.shape[-1])
             for b, h in pieces:
                 part = None
                 if mask is not None:
                     part = mask[b if mask.shape[0] > 1 else slice(None), h if mask.shape[1] > 1 else slice(None)]
-                out[b, h] = run_site(self.sfn_attn, self._probabilities(q[b, h], k[b, h], part, query.dtype), "attn") @ v[b, h]
+                kv = head_slice(h, groups, q.shape[1])
+                probs = run_site(self.sfn_attn, self._probabilities(q[b, h], k[b, kv], part, query.dtype), "attn", True)
+                out[b, h] = grouped_matmul(probs, v[b, kv])
             return out.transpose(1, 2).contiguous(), None
         probs = nn.functional.dropout(self._probabilities(q, k, mask, query.dtype), p=dropout, training=self.training)
-        probs = run_site(self.sfn_attn, probs, "attn")
-        out = probs @ v
-        return out.transpose(1, 2).contiguous(), probs
+        probs = run_site(self.sfn_attn, probs, "attn", True)  # the SoftMax's (or dropout's) own output
+        return grouped_matmul(probs, v).transpose(1, 2).contiguous(), probs
 
     @staticmethod
     def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """``softmax(q·kᵀ + mask)`` (``q`` already scaled; a boolean mask keeps where True), in float32, returned in ``dtype``.
+        """``softmax(q·kᵀ + mask)`` (``q`` already scaled; a boolean mask keeps where True), in float32, returned in ``dtype``;
+        ``k`` may have fewer heads than ``q`` (:func:`~sj_sfn.sformer.modules.grouped_matmul`).
 
         The mask goes into the scores in place where it broadcasts into them (one ``L·S`` buffer, not two),
         and the scores are freed before the caller fires the probabilities.
         """
-        scores = q @ k.transpose(-2, -1)
+        scores = grouped_matmul(q, k.transpose(-2, -1))
         if mask is not None:
             if mask.dtype != torch.bool:
                 mask = mask[..., : k.shape[-2]]

@@ -155,13 +155,31 @@ def _fire_compiled(site: SFNode, x: torch.Tensor) -> torch.Tensor:
     return _compiled_fire(x, tp, tn, int(site.max_spikes), None, float(site.v_init), ceiling).spike
 
 
-def fire(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run one site at T=1: an SFN starts from a zero membrane on every forward (see :func:`set_fire_path`)."""
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a call of any of ``modules`` runs hooks (its own forward/backward hooks, or global ones)."""
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks or _m._global_backward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
+
+
+def fire(site: nn.Module, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Run one site at T=1: an SFN starts from a zero membrane on every forward (see :func:`set_fire_path`).
+
+    ``inplace``: ``x`` is a temporary of the caller that nothing else reads (nor any hook of the
+    modules that made it); a site without hooks may then write its spike over ``x``
+    (:meth:`SFNode.fire_inplace`, stateless CPU inference), as ``nn.ReLU(inplace=True)`` does.
+    """
     if isinstance(site, SFNode):
         if site.stateful:  # a stateless site starts from rest anyway: no reset per call
             site.reset()
         if _fire_path == "compiled" and _fast_ok(site, x):
             return _fire_compiled(site, x)
+        if inplace and not hooked(site):
+            out = site.fire_inplace(x)
+            if out is not None:
+                return out
     return site(x)
 
 
@@ -169,7 +187,7 @@ def fire(site: nn.Module, x: torch.Tensor) -> torch.Tensor:
 ATTENTION_CHUNK = 1 << 18
 
 
-def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int) -> list[tuple[slice, slice]] | None:
+def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int, head_multiple: int = 1) -> list[tuple[slice, slice]] | None:
     """``(batch, heads)`` slices to run the attention products in, one piece at a time, or ``None`` (in one piece).
 
     The ``[B, H, L, S]`` scores, their SoftMax and the SoftMax site's spikes are the buffers a spiking
@@ -179,7 +197,8 @@ def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int) ->
     thresholds are not per batch (per-head thresholds take pieces of whole samples); a Hugging Face attention also keeps the whole when the
     layer asks for its probabilities (``output_attentions``; GPT-2 does not say so, and then returns
     none, as with ``sdpa``). Every piece computes the same values as the whole (the products, SoftMax
-    and fire are per (batch, head) matrix).
+    and fire are per (batch, head) matrix). Slices of heads hold a multiple of ``head_multiple`` heads
+    (the query heads that share one key/value head).
     """
     from torch.nn.modules import module as _m
 
@@ -205,8 +224,30 @@ def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int) ->
     if per_sample <= ATTENTION_CHUNK or per_head:  # per-head thresholds: pieces of whole samples (every head)
         step = max(1, ATTENTION_CHUNK // per_sample)
         return [(slice(i, i + step), slice(None)) for i in range(0, b, step)]
-    step = max(1, ATTENTION_CHUNK // (length * keys))
+    step = max(1, ATTENTION_CHUNK // (length * keys) // head_multiple) * head_multiple
     return [(slice(i, i + 1), slice(j, j + step)) for i in range(b) for j in range(0, h, step)]
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` per head, with ``b`` shared by groups of ``g = H_a / H_b`` consecutive heads of ``a`` (GQA).
+
+    ``a [B, H_a, L, ·] → [B, H_b, g·L, ·]`` (a view for a contiguous ``a``), one product per key/value
+    head, back to ``[B, H_a, L, ·]``: ``b`` is never repeated (``repeat_interleave`` would copy it ``g``
+    times).
+    """
+    ha, hb = a.shape[1], b.shape[1]
+    if ha == hb:
+        return a @ b
+    g = ha // hb
+    out = a.reshape(a.shape[0], hb, g * a.shape[2], a.shape[3]) @ b
+    return out.view(a.shape[0], ha, a.shape[2], out.shape[-1])
+
+
+def head_slice(h: slice, groups: int, heads: int) -> slice:
+    """The key/value heads of the query heads ``h`` (a slice from :func:`attention_chunks`), ``groups`` query heads each."""
+    if groups == 1 or h.start is None:
+        return h
+    return slice(h.start // groups, -(-min(h.stop, heads) // groups))
 
 
 def adopt_parameters(dst: nn.Module, src: nn.Module) -> None:
@@ -293,30 +334,28 @@ class SFormerAttention(nn.Module):
             q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=self.rotate_half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=self.rotate_half)], dim=2).type_as(v)
         q, k, v = fire(self.sfn_q, q), fire(self.sfn_k, k), fire(self.sfn_v, v)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
+        groups = self.num_heads // self.num_kv_heads  # query heads per key/value head: k and v are not repeated
         q = q * self.scale  # scale the spikes of q (N·D values), not the N·N scores
         drop = self.attn_drop  # a hook on it (a common way to read timm's attention maps) must see the whole
         whole = attn_mask is not None or is_causal or self.training or drop._forward_hooks or drop._forward_pre_hooks
-        pieces = None if whole else attention_chunks(self.sfn_attn, B, q.shape[1], N, N)
+        pieces = None if whole else attention_chunks(self.sfn_attn, B, q.shape[1], N, N, head_multiple=groups)
         if pieces is None:
-            attn = q @ k.transpose(-2, -1)
+            attn = grouped_matmul(q, k.transpose(-2, -1))
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
             attn = self.attn_drop(attn.softmax(dim=-1))
-            attn = fire(self.sfn_attn, attn)
-            x = attn @ v
+            attn = fire(self.sfn_attn, attn, inplace=not hooked(drop))
+            x = grouped_matmul(attn, v)
         else:  # inference without a mask: the scores one piece at a time (attention_chunks); attn_drop is the identity
             x = v.new_empty(B, q.shape[1], N, v.shape[-1])
             for b, h in pieces:
-                attn = fire(self.sfn_attn, (q[b, h] @ k[b, h].transpose(-2, -1)).softmax(dim=-1))
-                x[b, h] = attn @ v[b, h]
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+                kv = head_slice(h, groups, q.shape[1])
+                attn = fire(self.sfn_attn, grouped_matmul(q[b, h], k[b, kv].transpose(-2, -1)).softmax(dim=-1), inplace=True)
+                x[b, h] = grouped_matmul(attn, v[b, kv])
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)  # the attention's own output: a temporary
         x = self.norm(x)
         if gate is not None:
             x = x * gate
-        x = fire(self.sfn_proj_in, x)
+        x = fire(self.sfn_proj_in, x, inplace=not hooked(self.norm))
         return self.proj_drop(self.proj(x))
 
     def energy_ops(self) -> list[dict]:
@@ -433,7 +472,9 @@ class SFormerMlp(nn.Module):
             else:
                 x = self.act(x)
         x = self.norm(self.drop1(x))
-        x = fire(self.sfn_fc2_in, x)
+        # fc1's output and what follows are this MLP's own temporaries, unless a hook kept one
+        made_by = [getattr(self, n) for n in ("fc1", "fc1_g", "fc1_x", "act", "drop1", "norm") if hasattr(self, n)]
+        x = fire(self.sfn_fc2_in, x, inplace=not hooked(*made_by))
         return self.drop2(self.fc2(x))
 
 
