@@ -30,10 +30,11 @@ def test_sj_sfn_against_if_on_digits(end_to_end, tmp_path, capsys: pytest.Captur
     assert sorted(int(t) for t in row["if_curve"]) == [1, 2, 4, 8]
     assert row["sfn_accuracy"] >= row["ann_accuracy"] - 3  # T = 1 keeps the ANN's accuracy on these images
     assert row["if_curve"]["1"]["accuracy"] < row["ann_accuracy"] - 20  # IF at one step does not
-    times = [row["if_curve"][str(t)]["seconds"] for t in (1, 2, 4, 8)]
-    assert times == sorted(times)  # the first T steps take longer for larger T
+    assert all(row["if_curve"][str(t)]["seconds"] > 0 for t in (1, 2, 4, 8)) and row["sfn_seconds"] > 0
     first = next((t for t in (1, 2, 4, 8) if row["if_curve"][str(t)]["accuracy"] >= row["ann_accuracy"] - 0.5), None)
     assert row["if_matched"] == (first is not None) and row["if_steps"] == (first or 8)
+    step = row["if_curve"][str(row["if_steps"])]  # the IF figures reported are those of the T it needs
+    assert (row["if_accuracy"], row["if_seconds"]) == (step["accuracy"], step["seconds"])
     assert row["speedup"] == pytest.approx(row["if_seconds"] / row["sfn_seconds"])
     table = capsys.readouterr().out
     assert "| digits | 96 |" in table and ("> 8" in table) == (not row["if_matched"])
