@@ -16,7 +16,7 @@ import torch
 from sj_sfn import SFNode, cpu, set_lambda
 from sj_sfn import functional as F
 from sj_sfn.cpu import kernels as K
-from sj_sfn.neuron import reference_fire
+from sj_sfn.neuron import _shaped_thresholds, reference_fire
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU fire kernel is unavailable (no C compiler)")
 
@@ -178,12 +178,13 @@ def test_the_hot_path_splits_across_threads(threads: int, rng: torch.Generator, 
 
 
 def test_writable_in_place_needs_one_element_per_index() -> None:
+    def writable(t: torch.Tensor) -> bool:
+        return K.writable_in_place(t.shape, t.stride())
+
     base = torch.zeros(2, 5, 3, 4)
-    assert K.writable_in_place(base.shape, base.stride())
-    assert K.writable_in_place(*(lambda v: (v.shape, v.stride()))(base.permute(0, 2, 1, 3)))
-    assert K.writable_in_place(*(lambda v: (v.shape, v.stride()))(base[:, 1:4, :, ::2]))
+    assert writable(base) and writable(base.permute(0, 2, 1, 3)) and writable(base[:, 1:4, :, ::2])
     assert K.writable_in_place((1, 7), (99, 1))  # a size-1 dimension's stride does not matter
-    assert not K.writable_in_place(*(lambda v: (v.shape, v.stride()))(torch.zeros(4, 1).expand(4, 6)))
+    assert not writable(torch.zeros(4, 1).expand(4, 6))
     assert not K.writable_in_place((3, 4), (2, 1))  # rows overlap
 
 
@@ -197,11 +198,9 @@ def test_the_kernel_fires_a_strided_view_in_place(per_channel: bool, rng: torch.
         expected = _reference(node, q)
         node(q)  # builds the node's kernel plan
         fast = node._fast_plan()
-        ranked = tuple(F.broadcast_threshold(fast[k], q, node.channel_dim, "theta_pos") for k in ("tp", "tn"))
-        plan = fast["cpu"]
-        bound, address = plan.bind(q, *ranked)
+        bound, address = fast["cpu"].bind(q, *_shaped_thresholds(fast, q, node.channel_dim))  # bound: kept alive
         rest = qkv[:, :, 1:].clone()
-        out = plan.fire_bound(q, address, 2, inplace=True)
+        out = fast["cpu"].fire_bound(q, address, 2, inplace=True)
     assert out is q and _bits_equal(q.contiguous(), expected)
     assert torch.equal(qkv[:, :, 1:], rest)
 

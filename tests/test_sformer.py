@@ -506,7 +506,15 @@ def test_attention_in_pieces_equals_the_whole(make, monkeypatch: pytest.MonkeyPa
         assert torch.equal(snn(x), whole)
     handle.remove()
     assert seen == [torch.Size([3, 2, 17, 17])]
-    energy = sj_sfn.energy.measure_energy(snn, [x], progress=False)
-    assert all(c is None for c in calls[-2:])  # counts were kept: no pieces
+    sites = [m for _, m in sj_sfn.sfn_nodes(snn)]
+    for m in sites:
+        m.store_counts = True
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(snn(x), whole)
+    assert len(calls) == 2 and all(c is None for c in calls)  # counts are kept: no pieces
+    for m in sites:
+        m.store_counts = False
+    energy = sj_sfn.energy.measure_energy(snn, [x], progress=False)  # its counters hook every module: the whole runs
     monkeypatch.setattr(sm, "ATTENTION_CHUNK", 0)
     assert sj_sfn.energy.measure_energy(snn, [x], progress=False).ratio == energy.ratio

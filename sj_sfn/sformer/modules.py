@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as _m
 
 from ..functional import multi_threshold_fire
 from ..neuron import SFNode
@@ -124,9 +125,14 @@ def set_fire_path(path: str) -> str:
     return previous
 
 
-def _fast_ok(site: SFNode, x: torch.Tensor) -> bool:
-    from torch.nn.modules import module as _m
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a call of any of ``modules`` runs hooks (its own forward/backward hooks, or global ones)."""
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks or _m._global_backward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
+
+def _fast_ok(site: SFNode, x: torch.Tensor) -> bool:
     return (
         not site.store_counts
         and not site.store_v_seq
@@ -135,10 +141,7 @@ def _fast_ok(site: SFNode, x: torch.Tensor) -> bool:
         and site.backend != "cupy"
         and x.dtype in (torch.float32, torch.float64)
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and not site._forward_hooks
-        and not site._forward_pre_hooks
-        and not _m._global_forward_hooks
-        and not _m._global_forward_pre_hooks
+        and not hooked(site)
     )
 
 
@@ -153,15 +156,6 @@ def _fire_compiled(site: SFNode, x: torch.Tensor) -> torch.Tensor:
     tn = None if tn is None else tn.to(x.dtype) * lam
     ceiling = None if site.ceiling is None else site.ceiling.to(x.dtype)
     return _compiled_fire(x, tp, tn, int(site.max_spikes), None, float(site.v_init), ceiling).spike
-
-
-def hooked(*modules: nn.Module) -> bool:
-    """Whether a call of any of ``modules`` runs hooks (its own forward/backward hooks, or global ones)."""
-    from torch.nn.modules import module as _m
-
-    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks or _m._global_backward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
 def fire(site: nn.Module, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -200,8 +194,6 @@ def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int, he
     and fire are per (batch, head) matrix). Slices of heads hold a multiple of ``head_multiple`` heads
     (the query heads that share one key/value head).
     """
-    from torch.nn.modules import module as _m
-
     total = b * h * length * keys
     if ATTENTION_CHUNK <= 0 or total <= ATTENTION_CHUNK or not isinstance(site, SFNode):
         return None
@@ -212,10 +204,7 @@ def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int, he
         or site.store_v_seq
         or site.step_mode != "s"
         or torch.is_grad_enabled()
-        or site._forward_hooks
-        or site._forward_pre_hooks
-        or _m._global_forward_hooks
-        or _m._global_forward_pre_hooks
+        or hooked(site)
         or (channel is not None and (channel if channel >= 0 else channel + 4) == 0)
     ):
         return None
@@ -336,14 +325,14 @@ class SFormerAttention(nn.Module):
         q, k, v = fire(self.sfn_q, q), fire(self.sfn_k, k), fire(self.sfn_v, v)
         groups = self.num_heads // self.num_kv_heads  # query heads per key/value head: k and v are not repeated
         q = q * self.scale  # scale the spikes of q (N·D values), not the N·N scores
-        drop = self.attn_drop  # a hook on it (a common way to read timm's attention maps) must see the whole
-        whole = attn_mask is not None or is_causal or self.training or drop._forward_hooks or drop._forward_pre_hooks
+        drop_hooked = hooked(self.attn_drop)  # a hook on it (a common way to read timm's attention maps) must see the whole
+        whole = attn_mask is not None or is_causal or self.training or drop_hooked
         pieces = None if whole else attention_chunks(self.sfn_attn, B, q.shape[1], N, N, head_multiple=groups)
         if pieces is None:
             attn = grouped_matmul(q, k.transpose(-2, -1))
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
             attn = self.attn_drop(attn.softmax(dim=-1))
-            attn = fire(self.sfn_attn, attn, inplace=not hooked(drop))
+            attn = fire(self.sfn_attn, attn, inplace=not drop_hooked)
             x = grouped_matmul(attn, v)
         else:  # inference without a mask: the scores one piece at a time (attention_chunks); attn_drop is the identity
             x = v.new_empty(B, q.shape[1], N, v.shape[-1])
@@ -436,6 +425,9 @@ class SFormerMlp(nn.Module):
     """
 
     SITES = ("fc1_in", "fc2_in")
+    #: per variant, the children whose outputs lead to the fc2_in site (a hook on one keeps that tensor from firing in place)
+    FC2_IN_MADE_BY = {"mlp": ("fc1", "act", "drop1", "norm"), "glu": ("fc1", "act", "drop1", "norm"),
+                      "swiglu": ("fc1_g", "fc1_x", "act", "drop1", "norm")}  # fmt: skip
 
     def __init__(self, src: nn.Module, site_factory: SiteFactory):
         super().__init__()
@@ -473,8 +465,7 @@ class SFormerMlp(nn.Module):
                 x = self.act(x)
         x = self.norm(self.drop1(x))
         # fc1's output and what follows are this MLP's own temporaries, unless a hook kept one
-        made_by = [getattr(self, n) for n in ("fc1", "fc1_g", "fc1_x", "act", "drop1", "norm") if hasattr(self, n)]
-        x = fire(self.sfn_fc2_in, x, inplace=not hooked(*made_by))
+        x = fire(self.sfn_fc2_in, x, inplace=not hooked(*(self._modules[n] for n in self.FC2_IN_MADE_BY[self.variant])))
         return self.drop2(self.fc2(x))
 
 
