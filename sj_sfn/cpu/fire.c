@@ -8,7 +8,7 @@
  * are unchanged.)
  *
  * The input is a strided 4-D view h[n0, n1, n2, n3] (element strides hs); the output is written
- * contiguous in the same logical order. Thresholds (scaled θ+, θ- and the cap) are read with their
+ * contiguous in the same logical order, or over the input itself (out == h). Thresholds (scaled θ+, θ- and the cap) are read with their
  * own 4-D element strides ts (0 along every dimension for a per-tensor threshold), so per-channel
  * thresholds of any layout need no copy.
  *
