@@ -255,8 +255,63 @@ def test_attention_in_pieces_equals_the_whole(arch: str, monkeypatch: pytest.Mon
         assert torch.equal(pieces, whole)
         out = snn(**batch, output_attentions=True)  # the probabilities are asked for: one piece
         assert torch.equal(_main_output(out), whole)
-        if arch != "gpt2":  # GPT-2 does not tell its attention function (it returns none, as with sdpa)
-            assert out.attentions is not None and out.attentions[0] is not None
+        assert out.attentions is not None and all(a is not None for a in out.attentions)
     report = measure_energy(snn, [batch], progress=False)  # counts: one piece
     monkeypatch.setattr(sm, "ATTENTION_CHUNK", 1 << 30)
     assert measure_energy(snn, [batch], progress=False).ratio == report.ratio
+
+
+def _spiking_attentions(snn: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(transformers attention module, its SpikingAttention child) pairs."""
+    return [(m, m.spiking_attention) for m in snn.modules() if isinstance(getattr(m, "spiking_attention", None), hf.SpikingAttention)]
+
+
+@pytest.mark.parametrize("arch", ["bert", "qwen2", "gpt2"])
+def test_attention_probabilities_only_when_read(arch: str) -> None:
+    """The attention returns its probabilities only when someone may read them (output_attentions, a forward hook on
+    the attention module); otherwise None, as SDPA does, so that a decoder layer's ``out, _ = self_attn(...)`` does not
+    keep B·H·L·S values alive through its MLP. The output is the same either way."""
+    snn = sj_sfn.convert(_model(arch), _batches(7), progress=False, reconstruct=0)
+    batch = _batches(8, n=1, batch=3, length=10)[0]
+    pairs = _spiking_attentions(snn)
+    assert len(pairs) == 2
+    returned: list = []
+    for _, child in pairs:
+        child.register_forward_hook(lambda m, a, out: returned.append(out[1]))
+    with torch.no_grad():
+        plain = _main_output(snn(**batch))
+        assert len(returned) == 2 and all(p is None for p in returned)
+        returned.clear()
+        read: list = []
+        handle = pairs[0][0].register_forward_hook(lambda m, a, out: read.append(out[1]))
+        hooked = _main_output(snn(**batch))
+        handle.remove()
+        assert read and read[0] is not None and read[0].shape[-2:] == (10, 10)
+        assert returned[0] is not None and returned[1] is None  # only the hooked layer keeps them
+        assert torch.equal(hooked, plain)
+        returned.clear()
+        out = snn(**batch, output_attentions=True)
+        assert all(a is not None for a in out.attentions) and all(p is not None for p in returned)
+        assert torch.equal(_main_output(out), plain)
+        returned.clear()
+        _main_output(snn(**batch))  # transformers' capturing hooks, installed by the call above, stay quiet now
+        assert all(p is None for p in returned)
+
+
+@pytest.mark.parametrize("arch", ["bert", "qwen2", "mistral", "gpt2"])
+def test_boolean_mask_gives_the_eager_masks_output(arch: str) -> None:
+    """The boolean mask the spiking attention is registered with gives the same output, bit for bit, as transformers'
+    eager additive mask (padding, causal and sliding-window masks; a quarter of its memory)."""
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    snn = sj_sfn.convert(_model(arch), _batches(7), progress=False, reconstruct=0)
+    padded = _batches(9, n=1, batch=4, length=12)[0]
+    full = {"input_ids": padded["input_ids"][:1], "attention_mask": torch.ones_like(padded["attention_mask"][:1])}
+    with torch.no_grad():
+        boolean = [_main_output(snn(**b)) for b in (padded, full)]
+        try:
+            AttentionMaskInterface.register(hf.sites.ATTN_IMPLEMENTATION, eager_mask)
+            additive = [_main_output(snn(**b)) for b in (padded, full)]
+        finally:
+            hf.sites.register_attention()
+    assert all(torch.equal(a, b) for a, b in zip(boolean, additive))

@@ -518,3 +518,28 @@ def test_attention_in_pieces_equals_the_whole(make, monkeypatch: pytest.MonkeyPa
     energy = sj_sfn.energy.measure_energy(snn, [x], progress=False)  # its counters hook every module: the whole runs
     monkeypatch.setattr(sm, "ATTENTION_CHUNK", 0)
     assert sj_sfn.energy.measure_energy(snn, [x], progress=False).ratio == energy.ratio
+
+
+@pytest.mark.parametrize("shape", [(3, 197, 197), (1, 7), (2, 4, 5, 1000), (4, 3, 33), (2, 0, 5), (5, 1)])
+def test_softmax_in_place_is_torch_softmax_bit_for_bit(shape: tuple[int, ...], rng: torch.Generator) -> None:
+    """sformer.modules.softmax_ writes the SoftMax over its (contiguous CPU) input, with torch.softmax's bits, masked
+    scores (finfo.min, -inf) included; under autograd or for a strided input it returns a new tensor and leaves the
+    input alone."""
+    from sj_sfn.sformer.modules import softmax_
+
+    x = torch.randn(shape, generator=rng) * 6
+    if x.numel():
+        x.view(-1)[:: 7] = torch.finfo(x.dtype).min
+        x.view(-1)[1 :: 11] = -math.inf
+    def bits(t: torch.Tensor) -> torch.Tensor:  # a row of -inf only is NaN in both
+        return t.nan_to_num(2.0).view(torch.int32)
+
+    y = x.clone()
+    out = softmax_(y)
+    assert out is y and torch.equal(bits(out), bits(torch.softmax(x, dim=-1)))
+    strided = x.repeat_interleave(2, dim=-1)[..., ::2]  # every other element: not contiguous
+    before = strided.clone()
+    assert torch.equal(bits(softmax_(strided)), bits(torch.softmax(strided, dim=-1))) and torch.equal(strided, before)
+    g = x.clone().requires_grad_()
+    out = softmax_(g)
+    assert out is not g and out.grad_fn is not None and torch.equal(bits(out.detach()), bits(torch.softmax(x, dim=-1)))

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..calibration import SiteObserver
-from ..sformer.modules import SFormerAttention, attention_chunks, fire, grouped_matmul, head_slice
+from ..sformer.modules import SFormerAttention, attention_chunks, fire, grouped_matmul, head_slice, softmax_
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -160,7 +160,9 @@ class SpikingAttention(nn.Module):
     sites ``sfn_q``, ``sfn_k``, ``sfn_v`` (on the model's q/k/v after rotary embeddings, k/v
     as stored in the KV cache) and ``sfn_attn`` (the SoftMax output). Key/value heads are
     shared by ``H/H_kv`` query heads (GQA). The operation counts of the two products come from
-    :meth:`energy_ops`, as for :class:`~sj_sfn.sformer.SFormerAttention`.
+    :meth:`energy_ops`, as for :class:`~sj_sfn.sformer.SFormerAttention`. ``P`` is returned only when
+    someone may read it (training, ``output_attentions``, a hook: :func:`probabilities_wanted`); otherwise
+    ``None``, as transformers' SDPA attention returns, and the scores may go one piece at a time.
     """
 
     SITES = ("q", "k", "v", "attn")
@@ -181,8 +183,9 @@ class SpikingAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         scaling: float | None = None,
         dropout: float = 0.0,
+        owner: nn.Module | None = None,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         for name in ("s_aux", "softcap"):
             if kwargs.get(name) is not None:
                 raise NotImplementedError(f"sj_sfn attention does not support {name!r} (attention sinks / logit soft-capping)")
@@ -197,8 +200,9 @@ class SpikingAttention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         q = q * scaling  # scale the spikes of q (L·D values), not the L·S scores
         mask = attention_mask
+        keep = self.training or probabilities_wanted(owner, kwargs)
         pieces = None
-        if not (self.training or kwargs.get("output_attentions")) and (mask is None or mask.dim() == 4):
+        if not keep and (mask is None or mask.dim() == 4):
             pieces = attention_chunks(self.sfn_attn, q.shape[0], q.shape[1], q.shape[2], k.shape[2], head_multiple=groups)
         if pieces is not None:  # inference, nobody reads the probabilities: the scores one piece at a time
             out = v.new_empty(*q.shape[:3], v.shape[-1])
@@ -212,15 +216,18 @@ class SpikingAttention(nn.Module):
             return out.transpose(1, 2).contiguous(), None
         probs = nn.functional.dropout(self._probabilities(q, k, mask, query.dtype), p=dropout, training=self.training)
         probs = run_site(self.sfn_attn, probs, "attn", True)  # the SoftMax's (or dropout's) own output
-        return grouped_matmul(probs, v).transpose(1, 2).contiguous(), probs
+        out = grouped_matmul(probs, v).transpose(1, 2).contiguous()
+        # the probabilities go back only when someone reads them: a decoder layer's `out, _ = self.self_attn(...)`
+        # would keep B·H·L·S values alive through its MLP
+        return out, probs if keep else None
 
     @staticmethod
     def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """``softmax(q·kᵀ + mask)`` (``q`` already scaled; a boolean mask keeps where True), in float32, returned in ``dtype``;
         ``k`` may have fewer heads than ``q`` (:func:`~sj_sfn.sformer.modules.grouped_matmul`).
 
-        The mask goes into the scores in place where it broadcasts into them (one ``L·S`` buffer, not two),
-        and the scores are freed before the caller fires the probabilities.
+        The mask and the SoftMax go into the scores in place where they can (one ``L·S`` buffer, not three:
+        :func:`~sj_sfn.sformer.modules.softmax_`).
         """
         scores = grouped_matmul(q, k.transpose(-2, -1))
         if mask is not None:
@@ -233,11 +240,46 @@ class SpikingAttention(nn.Module):
                 scores = scores.masked_fill_(~mask, fill) if inplace else scores.masked_fill(~mask, fill)
             else:
                 scores = scores.add_(mask) if inplace else scores + mask
+        if scores.dtype == torch.float32:
+            return softmax_(scores).to(dtype)
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
     def energy_ops(self) -> list[dict]:
         """Counts of ``q·kᵀ`` and ``P·v`` of the last forward, as :meth:`SFormerAttention.energy_ops`."""
         return SFormerAttention.energy_ops(self)
+
+
+def _capture_hook(hook: Any) -> bool:
+    """Whether a forward hook is transformers' output-capturing hook (it reads outputs only when asked, see below)."""
+    return getattr(hook, "__name__", "") == "output_capturing_hook"
+
+
+def _capture_requested() -> bool | None:
+    """Whether transformers' output capture of the model call in progress asks for attention probabilities
+    (``output_attentions=True``); ``None`` when this version of transformers has no such capture."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return None
+    collected = _active_collector.get()
+    return bool(collected) and any("attention" in key for key in collected)
+
+
+def probabilities_wanted(module: nn.Module | None, kwargs: dict) -> bool:
+    """Whether anyone may read the attention probabilities that ``module`` (a transformers attention module) returns.
+
+    True with ``output_attentions=True`` (as a keyword, or through transformers' output capture), with a global
+    forward hook, or with a forward hook on ``module`` other than transformers' own capturing hook (pre-hooks,
+    such as the input sites', see only inputs); else the attention returns ``None`` in their place, as SDPA does.
+    """
+    if kwargs.get("output_attentions"):
+        return True
+    if module is None:
+        return True
+    if nn.modules.module._global_forward_hooks:
+        return True
+    requested = _capture_requested()
+    return any(requested is not False or not _capture_hook(h) for h in module._forward_hooks.values())
 
 
 def sfn_attention_forward(
@@ -257,13 +299,25 @@ def sfn_attention_forward(
             f"{type(module).__name__} has no SFN attention sites but the model's attention implementation is "
             f"{ATTN_IMPLEMENTATION!r}: convert the model with sj_sfn.convert / sj_sfn.hf.prepare"
         )
-    return spiking(query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return spiking(query, key, value, attention_mask, scaling=scaling, dropout=dropout, owner=module, **kwargs)
+
+
+def boolean_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' boolean attention mask (``sdpa_mask``: True where a query attends) without the causal skip:
+    :class:`SpikingAttention` masks its scores itself, so a causal mask is never left out. ``None`` only for a
+    bidirectional mask without padding. A broadcast ``L·S`` boolean, a quarter of the eager additive mask, and
+    the same probabilities bit for bit (a kept score is unchanged, a masked one becomes ``finfo.min``)."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs.pop("allow_is_causal_skip", None)
+    kwargs.pop("dtype", None)
+    return sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
 
 
 def register_attention() -> None:
-    """Register :func:`sfn_attention_forward` (and the eager additive mask) under :data:`ATTN_IMPLEMENTATION`."""
+    """Register :func:`sfn_attention_forward` (and :func:`boolean_mask`) under :data:`ATTN_IMPLEMENTATION`."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, sfn_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, boolean_mask)

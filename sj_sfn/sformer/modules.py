@@ -29,7 +29,7 @@ from ..neuron import SFNode
 
 __all__ = [
     "SITE_KINDS", "FIRE_PATHS", "SFormerAttention", "SFormerMlp", "HeadSite", "attention_types", "mlp_types", "fire",
-    "set_fire_path", "register_variant", "wrapper_for", "adopt_parameters", "base_attention_types",
+    "set_fire_path", "register_variant", "wrapper_for", "adopt_parameters", "base_attention_types", "softmax_",
 ]
 
 #: every site kind, in the order a token meets them inside a block (``head_in`` feeds the classifier).
@@ -217,6 +217,18 @@ def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int, he
     return [(slice(i, i + 1), slice(j, j + step)) for i in range(b) for j in range(0, h, step)]
 
 
+def softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """``softmax(scores, dim=-1)``, written over ``scores`` (a temporary of the caller that nothing else reads) when
+    that gives the same bits: a contiguous CPU tensor outside autograd; else a new tensor.
+
+    A spiking attention materialises its scores where the ANN's fused attention does not: in place, the
+    scores and their SoftMax share one ``B·H·L·S`` buffer instead of two.
+    """
+    if scores.device.type == "cpu" and scores.is_contiguous() and not (torch.is_grad_enabled() and scores.requires_grad):
+        return torch._softmax(scores, -1, False, out=scores)
+    return scores.softmax(dim=-1)
+
+
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` per head, with ``b`` shared by groups of ``g = H_a / H_b`` consecutive heads of ``a`` (GQA).
 
@@ -331,14 +343,14 @@ class SFormerAttention(nn.Module):
         if pieces is None:
             attn = grouped_matmul(q, k.transpose(-2, -1))
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-            attn = self.attn_drop(attn.softmax(dim=-1))
+            attn = self.attn_drop(softmax_(attn))
             attn = fire(self.sfn_attn, attn, inplace=not drop_hooked)
             x = grouped_matmul(attn, v)
         else:  # inference without a mask: the scores one piece at a time (attention_chunks); attn_drop is the identity
             x = v.new_empty(B, q.shape[1], N, v.shape[-1])
             for b, h in pieces:
                 kv = head_slice(h, groups, q.shape[1])
-                attn = fire(self.sfn_attn, grouped_matmul(q[b, h], k[b, kv].transpose(-2, -1)).softmax(dim=-1), inplace=True)
+                attn = fire(self.sfn_attn, softmax_(grouped_matmul(q[b, h], k[b, kv].transpose(-2, -1))), inplace=True)
                 x[b, h] = grouped_matmul(attn, v[b, kv])
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)  # the attention's own output: a temporary
         x = self.norm(x)
