@@ -251,8 +251,16 @@ class SpikingAttention(nn.Module):
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive form of a boolean attention mask (True: attend): 0 where True, ``finfo(dtype).min`` elsewhere,
     over the mask's distinct values only (a dimension the mask broadcasts along, stride 0, stays of size 1)."""
-    compact = mask[tuple(slice(0, 1) if n > 1 and st == 0 else slice(None) for n, st in zip(mask.shape, mask.stride()))]
-    return torch.where(compact, torch.zeros((), dtype=dtype), torch.full((), torch.finfo(dtype).min, dtype=dtype))
+    strides = mask.stride()
+    if 0 in strides:
+        mask = mask.as_strided([1 if st == 0 else n for n, st in zip(mask.shape, strides)], strides)
+    values = _MASK_VALUES.get(dtype)
+    if values is None:
+        values = _MASK_VALUES[dtype] = (torch.zeros((), dtype=dtype), torch.full((), torch.finfo(dtype).min, dtype=dtype))
+    return torch.where(mask, *values)
+
+
+_MASK_VALUES: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # (0, finfo.min) per dtype, made once
 
 
 def _capture_hook(hook: Any) -> bool:
