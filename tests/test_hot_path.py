@@ -252,3 +252,12 @@ def test_sformer_fires_its_own_temporaries_in_place_and_nothing_else(rng: torch.
         assert torch.equal(seen[0][0], seen[0][1])  # the GELU's output was not overwritten by the fc2_in site
         site = mlp.sfn_fc2_in  # without the hook, that site does fire over the GELU's output
         assert site.fire_inplace(seen[0][1]) is seen[0][1]
+        # q's spikes are scaled in place (a tensor the site made); a hook on the site keeps the spikes it saw
+        attn = snn.blocks[0].attn
+        seen.clear()
+        handle = attn.sfn_q.register_forward_hook(lambda m, a, o: seen.append((o, o.clone())))
+        try:
+            assert _bits_equal(snn(x), out)
+        finally:
+            handle.remove()
+        assert torch.equal(seen[0][0], seen[0][1])

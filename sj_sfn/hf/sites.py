@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..calibration import SiteObserver
-from ..sformer.modules import SFormerAttention, attention_chunks, fire, grouped_matmul, head_slice, softmax_
+from ..sformer.modules import SFormerAttention, attention_chunks, fire, grouped_matmul, head_slice, scaled, softmax_
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -198,7 +198,7 @@ class SpikingAttention(nn.Module):
         k = run_site(self.sfn_k, key, "heads")
         v = run_site(self.sfn_v, value, "heads")
         groups = self.num_heads // self.num_kv_heads
-        q = q * scaling  # scale the spikes of q (L·D values), not the L·S scores
+        q = scaled(self.sfn_q, q, query, scaling)  # scale the spikes of q (L·D values), not the L·S scores
         mask = attention_mask
         keep = self.training or probabilities_wanted(owner, kwargs)
         pieces = None

@@ -216,6 +216,15 @@ def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int, he
     return [(slice(i, i + 1), slice(j, j + step)) for i in range(b) for j in range(0, h, step)]
 
 
+def scaled(site: nn.Module, spikes: torch.Tensor, source: torch.Tensor, scale: float) -> torch.Tensor:
+    """``spikes · scale``, written over ``spikes`` when they are a new tensor that ``site`` made from ``source`` and
+    nobody else holds (not ``source`` itself, not a view, no hook on the site that could keep them, no autograd);
+    else a new tensor."""
+    if spikes is source or spikes._base is not None or torch.is_grad_enabled() or hooked(site):
+        return spikes * scale
+    return spikes.mul_(scale)
+
+
 def softmax_(scores: torch.Tensor) -> torch.Tensor:
     """``softmax(scores, dim=-1)``, written over ``scores`` (a temporary of the caller that nothing else reads) when
     that gives the same bits: a contiguous CPU tensor outside autograd; else a new tensor.
@@ -333,9 +342,10 @@ class SFormerAttention(nn.Module):
             npt = self.num_prefix_tokens
             q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=self.rotate_half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=self.rotate_half)], dim=2).type_as(v)
-        q, k, v = fire(self.sfn_q, q), fire(self.sfn_k, k), fire(self.sfn_v, v)
+        spikes = fire(self.sfn_q, q)
+        k, v = fire(self.sfn_k, k), fire(self.sfn_v, v)
         groups = self.num_heads // self.num_kv_heads  # query heads per key/value head: k and v are not repeated
-        q = q * self.scale  # scale the spikes of q (N·D values), not the N·N scores
+        q = scaled(self.sfn_q, spikes, q, self.scale)  # scale the spikes of q (N·D values), not the N·N scores
         drop_hooked = hooked(self.attn_drop)  # a hook on it (a common way to read timm's attention maps) must see the whole
         whole = attn_mask is not None or is_causal or self.training or drop_hooked
         pieces = None if whole else attention_chunks(self.sfn_attn, B, q.shape[1], N, N, head_multiple=groups)
