@@ -162,7 +162,8 @@ class SpikingAttention(nn.Module):
     shared by ``H/H_kv`` query heads (GQA). The operation counts of the two products come from
     :meth:`energy_ops`, as for :class:`~sj_sfn.sformer.SFormerAttention`. ``P`` is returned only when
     someone may read it (training, ``output_attentions``, a hook: :func:`probabilities_wanted`); otherwise
-    ``None``, as transformers' SDPA attention returns, and the scores may go one piece at a time.
+    ``None``, as transformers' SDPA attention returns, and the scores may go one piece at a time. ``owner``
+    is the transformers attention module that calls it (:func:`sfn_attention_forward`), whose hooks may read ``P``.
     """
 
     SITES = ("q", "k", "v", "attn")
@@ -292,8 +293,11 @@ def probabilities_wanted(module: nn.Module | None, kwargs: dict) -> bool:
         return True
     if nn.modules.module._global_forward_hooks:
         return True
+    hooks = module._forward_hooks.values()
+    if not hooks:
+        return False
     requested = _capture_requested()
-    return any(requested is not False or not _capture_hook(h) for h in module._forward_hooks.values())
+    return any(requested is not False or not _capture_hook(h) for h in hooks)
 
 
 def sfn_attention_forward(

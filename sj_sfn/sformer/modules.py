@@ -30,6 +30,7 @@ from ..neuron import SFNode
 __all__ = [
     "SITE_KINDS", "FIRE_PATHS", "SFormerAttention", "SFormerMlp", "HeadSite", "attention_types", "mlp_types", "fire",
     "set_fire_path", "register_variant", "wrapper_for", "adopt_parameters", "base_attention_types", "softmax_",
+    "scaled",
 ]
 
 #: every site kind, in the order a token meets them inside a block (``head_in`` feeds the classifier).
@@ -188,9 +189,10 @@ def attention_chunks(site: nn.Module, b: int, h: int, length: int, keys: int, he
     attention adds to the ANN's fused attention; in pieces of at most :data:`ATTENTION_CHUNK` scores
     they stay small. Pieces are taken only in plain inference, where nothing else reads the whole
     tensor: the SoftMax site is a stateless :class:`SFNode` without counts, hooks or autograd, and its
-    thresholds are not per batch (per-head thresholds take pieces of whole samples); a Hugging Face attention also keeps the whole when
-    someone may read its probabilities (:func:`sj_sfn.hf.sites.probabilities_wanted`). Every piece computes the same values as the whole (the products, SoftMax
-    and fire are per (batch, head) matrix). Slices of heads hold a multiple of ``head_multiple`` heads
+    thresholds are not per batch (per-head thresholds take pieces of whole samples); a Hugging Face
+    attention also keeps the whole when someone may read its probabilities
+    (:func:`sj_sfn.hf.sites.probabilities_wanted`). Every piece computes the same values as the whole
+    (the products, SoftMax and fire are per (batch, head) matrix). Slices of heads hold a multiple of ``head_multiple`` heads
     (the query heads that share one key/value head).
     """
     total = b * h * length * keys
