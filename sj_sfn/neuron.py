@@ -18,6 +18,7 @@ same input gives the same output on every call. See docs/spikingjelly.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import operator
@@ -860,6 +861,19 @@ def _shaped_thresholds(plan: dict, x: torch.Tensor, channel_dim: int | None) -> 
     return ranked
 
 
+def _env_reader(name: str) -> Callable[[], Any]:
+    """A cheap reader of one environment variable as ``os.environ`` holds it (its raw value, ``None`` when unset).
+
+    ``os.environ.get`` encodes the key and decodes the value on every call (about 1 µs, 2-3 µs inside a
+    forward); the mapping's own dictionary gives the same answer from one lookup, and sees every change made
+    through ``os.environ`` (``monkeypatch.setenv``, ``os.environ[...] = ...``) as ``get`` does.
+    """
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and encode is not None:
+        return functools.partial(data.get, encode(name))
+    return functools.partial(os.environ.get, name)
+
+
 def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor | None] | None:
     """A bound call of ``node``'s CPU kernel for stateless float32 inference, or ``None`` (no kernel in ``plan``, or
     the kernel is turned off).
@@ -869,32 +883,40 @@ def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor |
     replaced or changed in place since, ``SJ_SFN_CPU_KERNEL`` changed, or thresholds that do not fit the input.
     The kernel's arguments are bound once per input layout (sizes and strides). ``inplace=True`` writes the
     spike over ``x`` and returns ``x`` (when ``x`` has one memory element per index; else a new tensor).
+
+    Inside a forward every object a call touches is cold in the cache (the layers between two sites stream
+    their weights through it), so the call touches few: the checks, one dictionary lookup for the layout, the
+    kernel's C entry point (:meth:`cpu.FirePlan.fire_bound` without the method call).
     """
     kernel = None if plan is None else plan.get("cpu")
     if kernel is None or not cpu.available():  # a plan keeps its kernel after SJ_SFN_CPU_KERNEL turned it off
         return None
     buffers = node._buffers
     tensors = tuple(buffers.values())
+    n_buffers = len(tensors)
     held = [t for t in tensors if t is not None]
     versions = list(map(_version, held))
-    env_var, env = cpu.kernels.ENV_VAR, os.environ.get(cpu.kernels.ENV_VAR)
+    env = _env_reader(cpu.kernels.ENV_VAR)
+    env_value = env()
     channel_dim = node.channel_dim
     layouts: dict = {}
-    f32, environ, threads, compiling, same = torch.float32, os.environ, torch.get_num_threads, torch.compiler.is_compiling, operator.is_
+    call, rejected = kernel._bound, f"the CPU fire kernel rejected mode {kernel.flags}"
+    tensor, f32, empty, empty_strided, threads, compiling, same = torch.Tensor, torch.float32, torch.empty, torch.empty_strided, torch.get_num_threads, torch.compiler.is_compiling, operator.is_
 
     def hot(x: Any, inplace: bool = False) -> torch.Tensor | None:
         if (
-            type(x) is not torch.Tensor
-            or x.dtype != f32
+            type(x) is not tensor
+            or x.dtype is not f32
             or not x.is_cpu
+            or env() != env_value
             or compiling()
-            or environ.get(env_var) != env
-            or len(buffers) != len(tensors)
+            or len(buffers) != n_buffers
             or not all(map(same, buffers.values(), tensors))
             or list(map(_version, held)) != versions
         ):
             return None
-        key = (x.shape, x.stride())
+        shape = x.shape
+        key = (shape, x.stride())
         bound = layouts.get(key)
         if bound is None:
             if len(layouts) >= 64:  # a site sees a handful of layouts; bound the cache anyway
@@ -902,14 +924,21 @@ def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor |
             try:
                 ranked = _shaped_thresholds(plan, x, channel_dim)
                 # the thresholds' views stay alive with the structure
-                bound = layouts[key] = (*kernel.bind(x, *ranked), ranked, cpu.kernels.writable_in_place(*key))
+                structure, address = kernel.bind(x, *ranked)
+                bound = layouts[key] = (address, cpu.kernels.writable_in_place(*key), cpu.kernels.kept_layout(*key) is not None,
+                                        structure, ranked)
             except ValueError:
                 return None
-        if inplace and bound[3]:
-            kernel.fire_bound(x, bound[1], threads(), inplace=True)
+        if inplace and bound[1]:
+            ptr = x.data_ptr()
+            if call(ptr, ptr, bound[0], threads()):
+                raise RuntimeError(rejected)
             increment_version(x)
             return x
-        return kernel.fire_bound(x, bound[1], threads())
+        out = empty_strided(shape, key[1], dtype=f32) if bound[2] else empty(shape, dtype=f32)  # as cpu.kernels.spike_like
+        if call(x.data_ptr(), out.data_ptr(), bound[0], threads()):
+            raise RuntimeError(rejected)
+        return out
 
     return hot
 

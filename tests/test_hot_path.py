@@ -60,7 +60,7 @@ def test_the_hot_path_fires_the_reference_bit_for_bit(layout: str, rng: torch.Ge
             hot = node.__dict__["_hot"](x)  # what the next call of this layout returns
             ref = _reference(node, x)
             assert _bits_equal(out, ref) and _bits_equal(hot, ref), f"call {i}"
-            assert out.is_contiguous()
+            assert out.is_contiguous() and hot.is_contiguous()
 
 
 def test_in_place_and_replaced_buffers_make_it_step_aside(rng: torch.Generator) -> None:
@@ -172,6 +172,42 @@ def test_the_hot_path_splits_across_threads(threads: int, rng: torch.Generator, 
                 assert _bits_equal(node(x), _reference(node, x))
     finally:
         torch.set_num_threads(old)
+
+
+def test_memory_order_and_the_kept_layout() -> None:
+    def order(t: torch.Tensor):
+        return K.memory_order(tuple(t.shape), t.stride())
+
+    def kept(t: torch.Tensor):
+        return K.kept_layout(tuple(t.shape), t.stride())
+
+    x = torch.zeros(2, 3, 4, 5)
+    assert order(x) == (0, 1, 2, 3) and kept(x) is None  # contiguous: written as it is
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert order(cl) == (0, 2, 3, 1) and kept(cl) == (0, 2, 3, 1)
+    assert order(x.transpose(1, 2)) == (0, 2, 1, 3) and kept(x.transpose(1, 2)) is None  # rows contiguous: made contiguous
+    assert order(x[:, :, :, ::2]) is None and order(x[:, :2]) is None  # gaps: not dense
+    assert order(torch.zeros(4, 1).expand(4, 6)) is None  # stride 0: not dense
+    assert K.memory_order((1, 7), (99, 1)) == (0, 1)  # a size-1 dimension's stride does not matter
+    assert kept(torch.zeros(2, 3, 1, 1).contiguous(memory_format=torch.channels_last)) is None
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_channels_last_input_gives_a_channels_last_spike(per_channel: bool, rng: torch.Generator) -> None:
+    """As torch's elementwise operations: the convolution after the site runs in the ANN's layout (the reference
+    path returns the same values contiguous)."""
+    node = _node(per_channel, 1 if per_channel else None)
+    with torch.no_grad():
+        for i in range(3):  # the first call (plan), then the hot path
+            x = (torch.randn(2, 6, 5, 7, generator=rng) * 2).contiguous(memory_format=torch.channels_last)
+            out = node(x)
+            ref = _reference(node, x)
+            assert out.stride() == x.stride(), f"call {i}"
+            assert _bits_equal(out.contiguous(), ref.contiguous()), f"call {i}"
+        y = x.clone(memory_format=torch.preserve_format)
+        assert node.fire_inplace(y) is y and _bits_equal(y.contiguous(), ref.contiguous())
+        q = torch.randn(2, 7, 6, 4, generator=rng).transpose(1, 2)  # [B, H, L, D] of a [B, L, H, D] projection
+        assert node(q).is_contiguous() and node(q).is_contiguous()  # a matrix product reads it next
 
 
 # -- firing in place (a caller's own temporary, as nn.ReLU(inplace=True)) ---------------------------------

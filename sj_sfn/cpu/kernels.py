@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ENV_VAR", "SOURCE_FILE", "FLAGS", "Lookup", "Bound", "FirePlan", "enabled", "status", "available", "library", "fire", "cache_dir",
-           "writable_in_place"]
+           "kept_layout", "memory_order", "spike_like", "writable_in_place"]
 
 ENV_VAR = "SJ_SFN_CPU_KERNEL"
 SOURCE_FILE = "fire.c"
@@ -334,14 +334,25 @@ class FirePlan:
         if rc != 0:
             raise RuntimeError(f"the CPU fire kernel rejected mode {flags}")
 
+    def _oriented(self, h: torch.Tensor, thresholds: tuple) -> tuple[torch.Tensor, tuple]:
+        """``h`` and its thresholds permuted into ``h``'s memory order where the spike keeps ``h``'s layout
+        (:func:`kept_layout`), so that the kernel walks the memory in order and writes the spike with ``h``'s own
+        strides; else unchanged (the spike is written contiguous in ``h``'s logical order)."""
+        order = kept_layout(tuple(h.shape), h.stride())
+        if order is None:
+            return h, thresholds
+        return h.permute(order), tuple(t if t is None or t.dim() == 0 else t.permute(order) for t in thresholds)
+
     def bind(self, h: torch.Tensor, theta_pos: torch.Tensor, theta_neg: torch.Tensor | None = None,
              cap: torch.Tensor | None = None) -> tuple[Bound, int]:  # fmt: skip
         """The call's arguments for inputs of ``h``'s sizes and strides, and the address to pass to :meth:`fire_bound`.
 
         The structure points into the thresholds, the lookups and this plan: keep all of them (and the
         structure) alive while the address is used. ``ValueError`` as :meth:`__call__` for thresholds
-        that do not fit, or a layout the kernel does not take.
+        that do not fit, or a layout the kernel does not take. A dense ``h`` (contiguous, channels-last or any
+        other permutation without gaps) whose layout the spike keeps (:func:`kept_layout`) is walked in memory order.
         """
+        h, (theta_pos, theta_neg, cap) = self._oriented(h, (theta_pos, theta_neg, cap))
         n, hs, ts = self._layout(h, theta_pos, theta_neg, cap)
         b = Bound(n=n, hs=hs, ts=ts, tp=theta_pos.data_ptr(), tn=None if theta_neg is None else theta_neg.data_ptr(),
                   cap=None if cap is None else cap.data_ptr(), pos=None if self.pos is None else ctypes.pointer(self.pos),
@@ -352,10 +363,10 @@ class FirePlan:
     def fire_bound(self, h: torch.Tensor, address: int, threads: int, inplace: bool = False) -> torch.Tensor:
         """The spike for ``h`` (of the sizes and strides :meth:`bind` was given) with the bound arguments at ``address``.
 
-        A new contiguous tensor, or with ``inplace`` ``h`` itself, every element overwritten by its spike
+        A new tensor (:func:`spike_like`), or with ``inplace`` ``h`` itself, every element overwritten by its spike
         (``h`` must not overlap itself: :func:`writable_in_place`).
         """
-        out = h if inplace else torch.empty_like(h, memory_format=torch.contiguous_format)
+        out = h if inplace else spike_like(h)
         if self._bound(h.data_ptr(), out.data_ptr(), address, threads) != 0:
             raise RuntimeError(f"the CPU fire kernel rejected mode {self.flags}")
         return out
@@ -364,10 +375,11 @@ class FirePlan:
                  cap: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:  # fmt: skip
         """The spike for input ``h`` (float32, CPU, any layout of at most 4 non-mergeable dimensions) and scaled
         thresholds that broadcast against it (0-d, or a view of ``h``'s rank; all three of one shape and
-        layout); a new contiguous tensor."""
-        out = torch.empty_like(h, memory_format=torch.contiguous_format)
+        layout); a new tensor (:func:`spike_like`: ``h``'s strides for a channels-last-like ``h``, else contiguous)."""
+        out = spike_like(h)
         if h.numel():
-            self._call(h, out, theta_pos, theta_neg, cap, self.flags, self.pos, self.neg, torch.get_num_threads() if threads is None else threads)
+            hp, (tp, tn, cp) = self._oriented(h, (theta_pos, theta_neg, cap))
+            self._call(hp, out, tp, tn, cp, self.flags, self.pos, self.neg, torch.get_num_threads() if threads is None else threads)
         return out
 
 
@@ -393,6 +405,45 @@ def fire(
     """
     plan = FirePlan(theta_neg is not None, cap is not None, max_spikes, offset, table, table_neg, levels)
     return plan(h, theta_pos, theta_neg, cap, threads)
+
+
+def memory_order(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The permutation of the dimensions from the largest stride to the smallest when a tensor of these sizes and
+    strides is dense (every memory element of its span used once: contiguous, channels-last, any permutation of a
+    contiguous tensor), else ``None``. Size-1 dimensions come first (their stride is free)."""
+    dims = sorted((st, n, d) for d, (n, st) in enumerate(zip(shape, strides)) if n != 1)
+    expected = 1
+    for st, n, _ in dims:
+        if st != expected:
+            return None
+        expected *= n
+    return tuple(d for d, n in enumerate(shape) if n == 1) + tuple(d for _, _, d in reversed(dims))
+
+
+def kept_layout(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The memory order (:func:`memory_order`) in which the spike of an input of these sizes and strides is written
+    with the input's own strides, or ``None``: the spike is then contiguous.
+
+    Kept: a dense input whose innermost dimension (of size > 1) is not its last (channels-last and the like), as
+    torch's elementwise operations keep it: the convolution after the site then runs in the layout the ANN's
+    ran in, not on a reordered copy. Made contiguous: everything else, so rows stay contiguous where the last
+    dimension is (attention's transposed q/k/v go to a matrix product that would copy them). The values do not
+    depend on the layout; the node's reference path returns its spike contiguous.
+    """
+    order = memory_order(shape, strides)
+    if order is None:
+        return None
+    wide = [d for d in order if shape[d] != 1]
+    return order if wide and wide[-1] != max(wide) else None
+
+
+def spike_like(h: torch.Tensor) -> torch.Tensor:
+    """An uninitialised float32 tensor for the spike of ``h``: with ``h``'s strides where :func:`kept_layout` keeps
+    them, else contiguous."""
+    shape, strides = tuple(h.shape), h.stride()
+    if kept_layout(shape, strides) is None:
+        return torch.empty(shape, dtype=torch.float32)
+    return torch.empty_strided(shape, strides, dtype=torch.float32)
 
 
 def writable_in_place(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
