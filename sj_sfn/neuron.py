@@ -798,8 +798,8 @@ class SFNode(MultiLevelNode):
                     hot = _hot_fire(self, d["_fast_cache"][1])
                     if hot is not None:
                         d["_hot"] = hot
-                return out
-        return super().single_step_forward(x, *args, **kwargs)
+                return spike_layout(out, x)
+        return spike_layout(super().single_step_forward(x, *args, **kwargs), x)
 
     # -- the inference hot path --------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -846,6 +846,24 @@ class SFNode(MultiLevelNode):
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_hot", None)
         return super()._apply(fn, *args, **kwargs)
+
+
+def spike_layout(spike: Any, x: torch.Tensor) -> Any:
+    """``spike`` in the layout every fire path of an :class:`SFNode` returns for input ``x``: ``x``'s strides where the
+    CPU kernel keeps them (:func:`sj_sfn.cpu.kernels.kept_layout`: channels-last and the like), else contiguous.
+
+    The same values in the same layout whichever path fired (the kernel, the torch fast path or the reference),
+    so that the layer after a site computes the same bits either way: a convolution may round differently on
+    a channels-last input than on a contiguous one. A copy only where a path returned another layout.
+    """
+    if not isinstance(spike, torch.Tensor) or spike.shape != x.shape:
+        return spike
+    shape, strides = tuple(x.shape), x.stride()
+    if cpu.kernels.kept_layout(shape, strides) is None:
+        return spike if spike.is_contiguous() else spike.contiguous()
+    if spike.stride() == strides:
+        return spike
+    return spike.new_empty_strided(shape, strides).copy_(spike)
 
 
 def _shaped_thresholds(plan: dict, x: torch.Tensor, channel_dim: int | None) -> tuple:

@@ -427,8 +427,8 @@ def kept_layout(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, 
     Kept: a dense input whose innermost dimension (of size > 1) is not its last (channels-last and the like), as
     torch's elementwise operations keep it: the convolution after the site then runs in the layout the ANN's
     ran in, not on a reordered copy. Made contiguous: everything else, so rows stay contiguous where the last
-    dimension is (attention's transposed q/k/v go to a matrix product that would copy them). The values do not
-    depend on the layout; the node's reference path returns its spike contiguous.
+    dimension is (attention's transposed q/k/v go to a matrix product that would copy them). Every fire path
+    of a node returns its spike in this layout (:func:`sj_sfn.neuron.spike_layout`).
     """
     order = memory_order(shape, strides)
     if order is None:
