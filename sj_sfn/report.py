@@ -195,6 +195,7 @@ def _source(value: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
 def _fx_layers(snn: fx.GraphModule) -> list[WeightLayerInfo]:
     """Every weight node of a converted FX graph: spiking when its input comes from a neuron (through reshapes/pools)."""
     from .ann2snn.placement import is_weight_node
+    from .ann2snn.temporaries import fired_site
 
     modules = dict(snn.named_modules())
     upstream: dict[fx.Node, bool] = {}
@@ -214,9 +215,10 @@ def _fx_layers(snn: fx.GraphModule) -> list[WeightLayerInfo]:
         if not isinstance(x, fx.Node):
             continue
         src = _source(x, modules)
-        neuron = modules.get(src.target) if src.op == "call_module" else None
+        site = fired_site(src)  # a call_module site, or one that fires over a temporary (fire_temporary)
+        neuron = None if site is None else modules.get(site)
         if isinstance(neuron, BaseNode):
-            entry = WeightLayerInfo(name, kind, True, site=src.target)
+            entry = WeightLayerInfo(name, kind, True, site=site)
         elif not any(upstream.get(a, False) for a in [src, *src.all_input_nodes]) and not upstream.get(src, False):
             entry = WeightLayerInfo(name, kind, False, reason="analog model input")
         else:

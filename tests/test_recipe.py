@@ -12,6 +12,7 @@ from spikingjelly.activation_based import ann2snn, functional
 
 import sj_sfn
 from sj_sfn import SFNode, SFNRecipe, zoo
+from sj_sfn.ann2snn.temporaries import fired_site
 from sj_sfn.calibration import CalibrationError
 from sj_sfn.energy import measure_energy
 
@@ -126,7 +127,9 @@ def test_every_relu_form_becomes_an_sfn_site_with_quantile_thresholds(rng, per_c
     nodes = [m for _, m in sj_sfn.sfn_nodes(snn)]
     assert len(nodes) == len(CEILINGS)
     # the graph order is the activation order
-    order = [n_.target for n_ in snn.graph.nodes if n_.op == "call_module" and isinstance(snn.get_submodule(n_.target), SFNode)]
+    sites = [fired_site(n_) for n_ in snn.graph.nodes]  # module calls, and calls that fire over a temporary
+    order = [t for t in sites if t is not None and isinstance(snn.get_submodule(t), SFNode)]
+    assert len(order) == len(CEILINGS)
     nodes = [snn.get_submodule(t) for t in order]
     expected_theta = _quantile_thresholds(ann, loader, 0.99, per_channel)
     for node, c, theta in zip(nodes, CEILINGS, expected_theta):

@@ -41,6 +41,7 @@ from .matching import activation_input, match_relu_family, unsupported_activatio
 from .passes import adapt_step_mode, fuse_conv_bn
 from .passes import unique_target as _unique_target
 from .placement import analog_weight_inputs, feeds_weight_layer
+from .temporaries import fire_temporaries_in_place
 
 if TYPE_CHECKING:
     from spikingjelly.activation_based.ann2snn.converter import FXConverter
@@ -291,6 +292,7 @@ class SFNRecipe(FXConversionRecipe):
     def finalize(self, converter: FXConverter, fx_model: fx.GraphModule) -> nn.Module:
         fx_model.eval()
         set_stateful(fx_model, bool(self.keep_state))
+        fire_temporaries_in_place(fx_model)  # sites over a temporary nothing else reads write their spike over it
         return fx_model
 
 
