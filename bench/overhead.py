@@ -23,7 +23,7 @@ Exactness: the SNN's output on the default (fast) fire path is compared with the
 forced onto the reference fire rule (``sj_sfn.neuron.reference_fire()``); ``exact`` is
 ``torch.equal`` of the two outputs.
 
-    python bench/overhead.py --out runs/overhead.json                      # all models, ~6 min on one core
+    python bench/overhead.py --out runs/overhead.json                      # all models, ~15 min on 2 cores
     python bench/overhead.py --models vit_tiny mobilenet_v2 --batches 1 8 --threads 1 --quiet
 """
 

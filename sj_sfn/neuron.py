@@ -859,7 +859,7 @@ def spike_layout(spike: Any, x: torch.Tensor) -> Any:
     if not isinstance(spike, torch.Tensor) or spike.shape != x.shape:
         return spike
     shape, strides = tuple(x.shape), x.stride()
-    if cpu.kernels.kept_layout(shape, strides) is None:
+    if x.is_contiguous() or cpu.kernels.kept_layout(shape, strides) is None:  # a contiguous x: a contiguous spike
         return spike if spike.is_contiguous() else spike.contiguous()
     if spike.stride() == strides:
         return spike

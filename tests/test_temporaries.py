@@ -89,8 +89,8 @@ def test_the_graph_computes_the_reference_bit_for_bit_and_leaves_the_input_alone
 
 
 def test_a_hook_on_the_producer_sees_its_own_output(converted, rng) -> None:
-    """A forward hook on the convolution that made a site's input keeps the convolution's output, not the spike."""
-    ann, snn = converted
+    """A forward hook on the module that made a site's input (the GELU) keeps that module's output, not the spike."""
+    _, snn = converted
     rerouted = [n for n in snn.graph.nodes if n.op == "call_function" and n.target is fire_temporary and n.args[2] is not None]
     assert rerouted
     producer = rerouted[0].args[2].target

@@ -334,11 +334,11 @@ class FirePlan:
         if rc != 0:
             raise RuntimeError(f"the CPU fire kernel rejected mode {flags}")
 
-    def _oriented(self, h: torch.Tensor, thresholds: tuple) -> tuple[torch.Tensor, tuple]:
-        """``h`` and its thresholds permuted into ``h``'s memory order where the spike keeps ``h``'s layout
+    @staticmethod
+    def _oriented(h: torch.Tensor, thresholds: tuple, order: tuple[int, ...] | None) -> tuple[torch.Tensor, tuple]:
+        """``h`` and its thresholds permuted into ``h``'s memory ``order`` where the spike keeps ``h``'s layout
         (:func:`kept_layout`), so that the kernel walks the memory in order and writes the spike with ``h``'s own
-        strides; else unchanged (the spike is written contiguous in ``h``'s logical order)."""
-        order = kept_layout(tuple(h.shape), h.stride())
+        strides; unchanged for ``order=None`` (the spike is written contiguous in ``h``'s logical order)."""
         if order is None:
             return h, thresholds
         return h.permute(order), tuple(t if t is None or t.dim() == 0 else t.permute(order) for t in thresholds)
@@ -352,7 +352,8 @@ class FirePlan:
         that do not fit, or a layout the kernel does not take. A dense ``h`` (contiguous, channels-last or any
         other permutation without gaps) whose layout the spike keeps (:func:`kept_layout`) is walked in memory order.
         """
-        h, (theta_pos, theta_neg, cap) = self._oriented(h, (theta_pos, theta_neg, cap))
+        order = kept_layout(tuple(h.shape), h.stride())
+        h, (theta_pos, theta_neg, cap) = self._oriented(h, (theta_pos, theta_neg, cap), order)
         n, hs, ts = self._layout(h, theta_pos, theta_neg, cap)
         b = Bound(n=n, hs=hs, ts=ts, tp=theta_pos.data_ptr(), tn=None if theta_neg is None else theta_neg.data_ptr(),
                   cap=None if cap is None else cap.data_ptr(), pos=None if self.pos is None else ctypes.pointer(self.pos),
@@ -376,9 +377,10 @@ class FirePlan:
         """The spike for input ``h`` (float32, CPU, any layout of at most 4 non-mergeable dimensions) and scaled
         thresholds that broadcast against it (0-d, or a view of ``h``'s rank; all three of one shape and
         layout); a new tensor (:func:`spike_like`: ``h``'s strides for a channels-last-like ``h``, else contiguous)."""
-        out = spike_like(h)
+        order = kept_layout(tuple(h.shape), h.stride())
+        out = spike_like(h, order is not None)
         if h.numel():
-            hp, (tp, tn, cp) = self._oriented(h, (theta_pos, theta_neg, cap))
+            hp, (tp, tn, cp) = self._oriented(h, (theta_pos, theta_neg, cap), order)
             self._call(hp, out, tp, tn, cp, self.flags, self.pos, self.neg, torch.get_num_threads() if threads is None else threads)
         return out
 
@@ -437,13 +439,12 @@ def kept_layout(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, 
     return order if wide and wide[-1] != max(wide) else None
 
 
-def spike_like(h: torch.Tensor) -> torch.Tensor:
+def spike_like(h: torch.Tensor, kept: bool | None = None) -> torch.Tensor:
     """An uninitialised float32 tensor for the spike of ``h``: with ``h``'s strides where :func:`kept_layout` keeps
-    them, else contiguous."""
-    shape, strides = tuple(h.shape), h.stride()
-    if kept_layout(shape, strides) is None:
-        return torch.empty(shape, dtype=torch.float32)
-    return torch.empty_strided(shape, strides, dtype=torch.float32)
+    them (``kept``, when the caller already knows), else contiguous."""
+    if kept is None:
+        kept = kept_layout(tuple(h.shape), h.stride()) is not None
+    return torch.empty_strided(h.shape, h.stride(), dtype=torch.float32) if kept else torch.empty(h.shape, dtype=torch.float32)
 
 
 def writable_in_place(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
