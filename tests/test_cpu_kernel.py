@@ -70,8 +70,8 @@ def test_the_environment_variable_disables_it(value: str, monkeypatch: pytest.Mo
 
 
 @needs_compiler
-@pytest.mark.parametrize("m,octaves,subnormal", [(0, 6, False), (2, 8, False), (3, 4, False), (2, 7, True), (3, 3, True), (1, 4, True)])
-@pytest.mark.parametrize("offset", [0.0, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("m,octaves,subnormal", [(1, 6, False), (2, 8, False), (3, 4, False), (2, 7, True), (3, 3, True), (1, 4, True)])
+@pytest.mark.parametrize("offset", [0.0, 0.25, 0.5, 0.75])
 def test_float_levels_take_the_gather_free_function_and_match_the_table(m: int, octaves: int, subnormal: bool, offset: float) -> None:
     """Float levels (with or without subnormal levels) and a dyadic offset are computed from the bits, equal to the
     table on every float32 that marks a bucket boundary (both signs, NaN and infinities included); the guard
@@ -99,6 +99,14 @@ def test_the_float_function_is_refused_where_it_would_differ() -> None:
     assert odd is None or not K.FirePlan(False, False, 32, 0.3, odd, None, levels).flags & K.FLOAT
     other = F.float_levels(2, 8)
     assert not K.FirePlan(False, False, 32, 0.5, F.level_table(other, 0.5, signed=False), None, other * 1.5).flags & K.FLOAT
+    # powers of two (m = 0): the truncation to no mantissa bit would turn a NaN into ±inf, so the table stays
+    powers = F.float_levels(0, 6)
+    plan = K.FirePlan(False, False, 6, 0.5, F.level_table(powers, 0.5, signed=True), None, powers)
+    assert plan.flags == K.TABLE
+    u = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0, -40.0, 0.4])
+    assert torch.equal(plan(u, torch.ones(())).isnan(), u.isnan())
+    # r = 1 is no node's offset: its rounding would carry ±inf past y_top (the float form caps with one min)
+    assert not K.FirePlan(False, False, 32, 1.0, F.level_table(levels, 1.0, signed=True), None, levels).flags & K.FLOAT
     sub = F.float_levels(3, 3, subnormal=True)
     assert not K.FirePlan(False, False, 31, 0.5, F.level_table(sub, 0.5, signed=False), None, sub[1:]).flags & K.FLOAT
     # a table that is not the levels' own: the equality check on the bucket boundaries refuses the float form

@@ -315,3 +315,13 @@ def test_boolean_mask_gives_the_eager_masks_output(arch: str) -> None:
         finally:
             hf.sites.register_attention()
     assert all(torch.equal(a, b) for a, b in zip(boolean, additive))
+
+
+def test_spiking_attention_checks_its_head_counts() -> None:
+    """Query heads must come in whole groups per key/value head; the counts are kept for the energy count."""
+    attn = hf.sites.SpikingAttention(lambda kind: nn.Identity())
+    q, kv = torch.randn(1, 6, 4, 8), torch.randn(1, 2, 4, 8)
+    out, _ = attn(q, kv, kv, None)
+    assert out.shape == (1, 4, 6, 8) and (attn.num_heads, attn.num_kv_heads) == (6, 2)
+    with pytest.raises(ValueError, match="6 query heads cannot share 4"):
+        attn(q, torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8), None)

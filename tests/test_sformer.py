@@ -543,3 +543,36 @@ def test_softmax_in_place_is_torch_softmax_bit_for_bit(shape: tuple[int, ...], r
     g = x.clone().requires_grad_()
     out = softmax_(g)
     assert out is not g and out.grad_fn is not None and torch.equal(bits(out.detach()), bits(torch.softmax(x, dim=-1)))
+
+
+def test_a_dropout_out_of_training_is_skipped_unless_hooked() -> None:
+    """sformer.modules.dropped: an nn.Dropout out of training returns its input without a module call; in training it
+    drops, a hook on it still sees its call, and any other module is called."""
+    from sj_sfn.sformer.modules import dropped
+
+    x = torch.ones(64, 64)
+    drop = nn.Dropout(0.5).eval()
+    assert dropped(drop, x) is x
+    drop.train()
+    torch.manual_seed(0)
+    assert not torch.equal(dropped(drop, x), x)
+    drop.eval()
+    seen = []
+    handle = drop.register_forward_hook(lambda mod, args, out: seen.append(out is x))
+    assert dropped(drop, x) is x and seen == [True]
+    handle.remove()
+
+    class Doubled(nn.Dropout):  # a subclass with its own forward is called
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return 2 * t
+
+    assert torch.equal(dropped(Doubled().eval(), x), 2 * x)
+    torch.manual_seed(0)
+    snn = sj_sfn.convert(_tiny_vit(), [torch.randn(4, 3, 32, 32) for _ in range(2)], progress=False, reconstruct=0)
+    mlp = next(m for m in snn.modules() if isinstance(m, sformer.SFormerMlp))
+    outs = []
+    handle = mlp.drop2.register_forward_hook(lambda mod, args, out: outs.append(out))
+    with torch.no_grad():
+        y = snn(torch.randn(2, 3, 32, 32))
+    handle.remove()
+    assert len(outs) == 1 and y.isfinite().all()

@@ -19,8 +19,8 @@
  *               signed: o = o - θ-·clip(floor(-(h/θ-) + r), 0, N)   (or o + θ-·T-[h/θ-])
  * T[u] = table[(bits(u) >> shift) & mask] (sj_sfn.functional.level_table), or, for the float levels
  * y = (1 + j/2^m)·2^e (sj_sfn.functional.float_levels) with a dyadic offset r, the same function computed
- * from the bits (FLOAT): the level of |u| is 0 below the first edge 1 - r, 1 below 1, y_top from the top
- * edge on, and else |u| + r·ulp_m(|u|) truncated to m mantissa bits (one integer add and mask: no gather).
+ * from the bits (FLOAT): the level of |u| is 0 below the first edge 1 - r, 1 below 1, and else
+ * min(|u| + r·ulp_m(|u|) truncated to m mantissa bits, y_top) (one integer add and mask: no gather).
  * With subnormal levels j/2^m below 1 (SUBNORMAL), the level of |u| < 1 is j/2^m with t = |u|·2^m (exact),
  * j = floor(t) + (t - floor(t) >= 1 - r) (both exact): the comparison with the edges (j - r)/2^m, bit for bit.
  */
@@ -44,12 +44,12 @@ typedef struct {
     const float *table;
     int32_t shift;
     uint32_t mask;
-    float first_edge, top_edge, top, pos, neg; /* pos/neg: the sign factor of each half (1, -1 or 0) */
+    float first_edge, top, pos, neg; /* pos/neg: the sign factor of each half (1, -1 or 0) */
     uint32_t add, trunc;
     float sub, inv_sub, sub_edge; /* subnormal levels: 2^m, 2^-m and 1 - r */
 } Lookup;
 
-int sj_sfn_abi_version(void) { return 5; }
+int sj_sfn_abi_version(void) { return 6; }
 
 static inline float clip(float x, float hi) {
     /* torch.clamp(x, 0, hi): NaN and -0 pass through */
@@ -73,6 +73,9 @@ static inline float float_level(float u, const Lookup *t, const int subnormal) {
     const float a = fabsf(u);
     uint32_t bits;
     memcpy(&bits, &a, sizeof bits);
+    /* u is a quotient, so a NaN is quiet (bits >= 0x7FC00000): it becomes the plain quiet NaN, which the add below
+     * cannot carry out of NaN and the truncation keeps (m >= 1; m = 0 keeps the table) */
+    bits = bits < 0x7FC00000u ? bits : 0x7FC00000u;
     bits = (bits + t->add) & t->trunc;
     float rounded;
     memcpy(&rounded, &bits, sizeof rounded);
@@ -83,8 +86,9 @@ static inline float float_level(float u, const Lookup *t, const int subnormal) {
     } else {
         low = a < t->first_edge ? 0.0f : 1.0f;
     }
-    float y = a < 1.0f ? low : (a >= t->top_edge ? t->top : rounded);
-    y = a != a ? a : y; /* NaN stays NaN */
+    /* from the top edge on, rounded >= y_top (the rounding is monotone and gives y_top at that edge): one min, no
+     * compare with the edge; a NaN passes (FirePlan checks the whole level function against the table before use) */
+    float y = a < 1.0f ? low : (rounded > t->top ? t->top : rounded);
     uint32_t sign;
     memcpy(&sign, &u, sizeof sign);
     /* the half by the sign bit (-0 is on the negative half, as in the table); + 0: a level 0 is +0 on both halves */

@@ -32,7 +32,7 @@ __all__ = ["ENV_VAR", "SOURCE_FILE", "FLAGS", "Lookup", "Bound", "FirePlan", "en
 
 ENV_VAR = "SJ_SFN_CPU_KERNEL"
 SOURCE_FILE = "fire.c"
-ABI_VERSION = 5
+ABI_VERSION = 6
 # IEEE arithmetic: no fast-math, no multiply-add contraction (h/θ and θ·k must round as torch's do);
 # no trapping math (FP exception flags are not observed) lets the loops vectorise
 FLAGS: tuple[str, ...] = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math")
@@ -203,7 +203,7 @@ class Lookup(ctypes.Structure):
 
     _fields_ = [
         ("table", ctypes.c_void_p), ("shift", ctypes.c_int32), ("mask", ctypes.c_uint32),
-        ("first_edge", ctypes.c_float), ("top_edge", ctypes.c_float), ("top", ctypes.c_float),
+        ("first_edge", ctypes.c_float), ("top", ctypes.c_float),
         ("pos", ctypes.c_float), ("neg", ctypes.c_float), ("add", ctypes.c_uint32), ("trunc", ctypes.c_uint32),
         ("sub", ctypes.c_float), ("inv_sub", ctypes.c_float), ("sub_edge", ctypes.c_float),
     ]  # fmt: skip
@@ -222,18 +222,19 @@ class Bound(ctypes.Structure):
 
 def _float_format(levels: torch.Tensor, offset: float) -> tuple[int, int, bool] | None:
     """``(m, r·2^(23-m), subnormal)`` when ``levels`` are :func:`~sj_sfn.functional.float_levels` ``(m, ·, subnormal)``
-    and ``r`` is dyadic, else ``None``."""
+    with ``m >= 1`` and ``r`` is dyadic in ``[0, 1)``, else ``None`` (powers of two, ``m = 0``, keep the table: a
+    truncation to no mantissa bit would turn a NaN into ±inf)."""
     from ..functional import float_levels
 
     n, y = levels.numel(), levels.to(torch.float32)
-    for m in range(5):
+    for m in range(1, 5):
         s = 1 << m
-        for subnormal in (False, True) if m else (False,):
+        for subnormal in (False, True):
             octaves = (n + 1) // s - 1 if subnormal else n // s
             if octaves < 1 or (n + 1 if subnormal else n) % s or not torch.equal(y, float_levels(m, octaves, subnormal=subnormal)):
                 continue
             add = float(offset) * (1 << (23 - m))
-            if 0.0 <= offset <= 1.0 and add == int(add):
+            if 0.0 <= offset < 1.0 and add == int(add):  # r < 1 (a node's offset): the rounding of ±inf stays ±inf
                 return m, int(add), subnormal
     return None
 
@@ -291,7 +292,7 @@ class FirePlan:
         pos, neg = (float(v) / top for v in table.values[far.long()])  # the sign factor of each half: T[±4·y_top] / y_top
         trunc = (0xFFFFFFFF << (23 - m)) & 0xFFFFFFFF
         return Lookup(table=table.values.data_ptr(), shift=int(table.shift), mask=int(table.mask),
-                      first_edge=float(edges[0]), top_edge=float(edges[-1]), top=top,
+                      first_edge=float(edges[0]), top=top,
                       pos=pos, neg=neg, add=add, trunc=trunc, sub=float(1 << m) if subnormal else 0.0,
                       inv_sub=1.0 / (1 << m), sub_edge=1.0 - float(offset))  # fmt: skip
 

@@ -192,9 +192,11 @@ class SpikingAttention(nn.Module):
                 raise NotImplementedError(f"sj_sfn attention does not support {name!r} (attention sinks / logit soft-capping)")
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        self.num_heads, self.num_kv_heads = int(query.shape[1]), int(key.shape[1])
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"{self.num_heads} query heads cannot share {self.num_kv_heads} key/value heads")
+        heads = int(query.shape[1]), int(key.shape[1])
+        if heads != (self.num_heads, self.num_kv_heads):  # set only on a change: a module attribute is slow to set
+            if heads[0] % heads[1]:
+                raise ValueError(f"{heads[0]} query heads cannot share {heads[1]} key/value heads")
+            self.num_heads, self.num_kv_heads = heads
         q = run_site(self.sfn_q, query, "heads")
         k = run_site(self.sfn_k, key, "heads")
         v = run_site(self.sfn_v, value, "heads")
@@ -215,7 +217,9 @@ class SpikingAttention(nn.Module):
                 probs = run_site(self.sfn_attn, self._probabilities(q[b, h], k[b, kv], part, query.dtype), "attn", True)
                 out[b, h] = grouped_matmul(probs, v[b, kv])
             return out.transpose(1, 2).contiguous(), None
-        probs = nn.functional.dropout(self._probabilities(q, k, mask, query.dtype), p=dropout, training=self.training)
+        probs = self._probabilities(q, k, mask, query.dtype)
+        if self.training and dropout:
+            probs = nn.functional.dropout(probs, p=dropout)
         probs = run_site(self.sfn_attn, probs, "attn", True)  # the SoftMax's (or dropout's) own output
         out = grouped_matmul(probs, v).transpose(1, 2).contiguous()
         # the probabilities go back only when someone reads them: a decoder layer's `out, _ = self.self_attn(...)`

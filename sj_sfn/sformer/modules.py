@@ -30,7 +30,7 @@ from ..neuron import SFNode
 __all__ = [
     "SITE_KINDS", "FIRE_PATHS", "SFormerAttention", "SFormerMlp", "HeadSite", "attention_types", "mlp_types", "fire",
     "set_fire_path", "register_variant", "wrapper_for", "adopt_parameters", "base_attention_types", "softmax_",
-    "scaled",
+    "scaled", "dropped",
 ]
 
 #: every site kind, in the order a token meets them inside a block (``head_in`` feeds the classifier).
@@ -131,6 +131,13 @@ def hooked(*modules: nn.Module) -> bool:
     if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks or _m._global_backward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
+
+
+def dropped(drop: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``drop(x)``, without the module call where it returns ``x`` anyway: an ``nn.Dropout`` out of training, without hooks."""
+    if type(drop) is nn.Dropout and not drop.training and not hooked(drop):
+        return x
+    return drop(x)
 
 
 def _fast_ok(site: SFNode, x: torch.Tensor) -> bool:
@@ -354,7 +361,7 @@ class SFormerAttention(nn.Module):
         if pieces is None:
             attn = grouped_matmul(q, k.transpose(-2, -1))
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-            attn = self.attn_drop(softmax_(attn))
+            attn = dropped(self.attn_drop, softmax_(attn))
             attn = fire(self.sfn_attn, attn, inplace=not drop_hooked)
             x = grouped_matmul(attn, v)
         else:  # inference without a mask: the scores one piece at a time (attention_chunks); attn_drop is the identity
@@ -368,7 +375,7 @@ class SFormerAttention(nn.Module):
         if gate is not None:
             x = x * gate
         x = fire(self.sfn_proj_in, x, inplace=not hooked(self.norm))
-        return self.proj_drop(self.proj(x))
+        return dropped(self.proj_drop, self.proj(x))
 
     def energy_ops(self) -> list[dict]:
         r"""Operation counts of the two attention products of the last forward (summed over the batch).
@@ -486,10 +493,10 @@ class SFormerMlp(nn.Module):
                 x = x1 * self.act(x2) if self.gate_last else self.act(x1) * x2
             else:
                 x = self.act(x)
-        x = self.norm(self.drop1(x))
+        x = self.norm(dropped(self.drop1, x))
         # fc1's output and what follows are this MLP's own temporaries, unless a hook kept one
         x = fire(self.sfn_fc2_in, x, inplace=not hooked(*(self._modules[n] for n in self.FC2_IN_MADE_BY[self.variant])))
-        return self.drop2(self.fc2(x))
+        return dropped(self.drop2, self.fc2(x))
 
 
 class HeadSite(nn.Sequential):
