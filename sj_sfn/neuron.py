@@ -742,8 +742,8 @@ class SFNode(MultiLevelNode):
         """The spike of one step from rest through :func:`functional.fast_fire`, or ``None`` (take the reference).
 
         Per-tensor thresholds fire the input flat (contiguous) or as it lies (a permuted view such as
-        attention's q, k, v: no copy); per-channel ones view it as ``[A, C]`` (channel last, thresholds
-        ``[1, C]``) or ``[A·C, B]`` (thresholds repeated to ``[A·C, 1]``).
+        attention's q, k, v: no copy); per-channel ones view it as ``[A, C]`` (channel last, or innermost in
+        memory as in channels-last: no copy; thresholds ``[1, C]``) or ``[A·C, B]`` (thresholds repeated to ``[A·C, 1]``).
         """
         plan = self._fast_plan()
         if plan is None:
@@ -760,14 +760,19 @@ class SFNode(MultiLevelNode):
             except ValueError:  # thresholds that do not fit this input, or a layout the kernel does not take (more than
                 pass  # 4 non-mergeable dimensions): the torch path below checks and fires it
         if F.broadcast_threshold(tp, x, self.channel_dim, "theta_pos").dim() == 0:  # with the reference's shape checks
-            h = x.view(-1) if x.is_contiguous() or x.dim() < 2 else x
+            h, back = x.view(-1) if x.is_contiguous() or x.dim() < 2 else x, None
 
             def view(t: torch.Tensor) -> torch.Tensor:
                 return t.reshape(())
         else:
             d = self.channel_dim + x.dim() if self.channel_dim < 0 else self.channel_dim
             a, c, b = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
-            h = x.contiguous().view((a, c) if b == 1 else (a * c, b))
+            last = x.movedim(d, -1)
+            if b > 1 and last.is_contiguous():  # channels innermost in memory (channels-last): fired as [A·B, C] where
+                # they lie, the spike given back in x's layout (no copy in, none in spike_layout)
+                h, b, back = last.view(a * b, c), 1, last.shape
+            else:
+                h, back = x.contiguous().view((a, c) if b == 1 else (a * c, b)), None
 
             if b == 1:
                 def view(t: torch.Tensor) -> torch.Tensor:
@@ -785,7 +790,7 @@ class SFNode(MultiLevelNode):
             h, view(tp), None if tn is None else view(tn), self.max_spikes, self.offset,
             None if cap is None else view(cap), plan["table"], plan["table_neg"],
         )  # fmt: skip
-        return out.view(x.shape)
+        return out.view(x.shape) if back is None else out.view(back).movedim(-1, d)
 
     def single_step_forward(self, x: torch.Tensor, *args, **kwargs):
         if isinstance(x, torch.Tensor) and self._fast_ok(x):

@@ -211,6 +211,35 @@ def test_a_channels_last_input_gives_a_channels_last_spike(per_channel: bool, rn
         assert node(q).is_contiguous() and node(q).is_contiguous() and _reference(node, q).is_contiguous()
 
 
+@pytest.mark.parametrize("channel_dim", [1, -3])
+def test_the_torch_path_fires_a_channels_last_input_where_it_lies(channel_dim: int, rng: torch.Generator,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C kernel, per-channel thresholds on a channels-last input fire it as [N·H·W, C] where it lies:
+    the reference's bits in the input's layout, without copying it in or the spike back."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv(K.ENV_VAR, "0")
+    node = _node(True, channel_dim)
+    x = (torch.randn(2, 6, 5, 7, generator=rng) * 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = _reference(node, x)
+        node(x)  # the plan
+        with Ops() as ops:
+            out = node(x)
+    assert out.stride() == x.stride() and _bits_equal(out.contiguous(), ref.contiguous())
+    copies = [n for n in ops.names if "copy" in n or "clone" in n]
+    assert ops.names and not copies, copies
+
+
 # -- firing in place (a caller's own temporary, as nn.ReLU(inplace=True)) ---------------------------------
 
 
