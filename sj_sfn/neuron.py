@@ -924,7 +924,7 @@ def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor |
     channel_dim = node.channel_dim
     layouts: dict = {}
     call, rejected = kernel._bound, f"the CPU fire kernel rejected mode {kernel.flags}"
-    tensor, f32, empty, empty_strided, threads, compiling, same = torch.Tensor, torch.float32, torch.empty, torch.empty_strided, torch.get_num_threads, torch.compiler.is_compiling, operator.is_
+    tensor, f32, empty_like, contiguous, threads, compiling, same = torch.Tensor, torch.float32, torch.empty_like, torch.contiguous_format, torch.get_num_threads, torch.compiler.is_compiling, operator.is_
 
     def hot(x: Any, inplace: bool = False) -> torch.Tensor | None:
         if (
@@ -958,7 +958,9 @@ def _hot_fire(node: SFNode, plan: dict | None) -> Callable[[Any], torch.Tensor |
                 raise RuntimeError(rejected)
             increment_version(x)
             return x
-        out = empty_strided(shape, key[1], dtype=f32) if bound[2] else empty(shape, dtype=f32)  # as cpu.kernels.spike_like
+        # as cpu.kernels.spike_like: x's strides (a kept layout is dense) or contiguous; empty_like takes ~1 µs less than
+        # empty(shape) (no size parsing)
+        out = empty_like(x) if bound[2] else empty_like(x, memory_format=contiguous)
         if call(x.data_ptr(), out.data_ptr(), bound[0], threads()):
             raise RuntimeError(rejected)
         return out

@@ -130,7 +130,10 @@ def hooked(*modules: nn.Module) -> bool:
     """Whether a call of any of ``modules`` runs hooks (its own forward/backward hooks, or global ones)."""
     if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks or _m._global_backward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
+    for m in modules:  # a loop, not any(generator): this runs several times per block of every forward
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return False
 
 
 def dropped(drop: nn.Module, x: torch.Tensor) -> torch.Tensor:
