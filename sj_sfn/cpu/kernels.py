@@ -445,7 +445,9 @@ def spike_like(h: torch.Tensor, kept: bool | None = None) -> torch.Tensor:
     them (``kept``, when the caller already knows), else contiguous."""
     if kept is None:
         kept = kept_layout(tuple(h.shape), h.stride()) is not None
-    return torch.empty_strided(h.shape, h.stride(), dtype=torch.float32) if kept else torch.empty(h.shape, dtype=torch.float32)
+    if kept:  # a kept layout is dense: empty_like keeps its strides
+        return torch.empty_like(h, dtype=torch.float32)
+    return torch.empty_like(h, dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
 def writable_in_place(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
