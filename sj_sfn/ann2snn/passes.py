@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from spikingjelly.activation_based import layer as sj_layer
 from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import (
     _RATE_CODING_STATELESS_MODULE_TYPES,
     adapt_step_mode_graph,
@@ -117,8 +118,11 @@ def _out_of_place_functions() -> dict[Callable, Callable]:
 
 _OUT_OF_PLACE_FUNCTIONS = _out_of_place_functions()
 
+# dropout layers: torch's, and SpikingJelly's step-mode ones (a converted graph holds those); out of training they
+# return their input itself
+_DROPOUTS: tuple[type, ...] = (nn.modules.dropout._DropoutNd, sj_layer.Dropout)
 # ops whose result is the very same tensor object as their input (eval-mode dropout, identity)
-_SAME_OBJECT_MODULES: tuple[type, ...] = (nn.Identity, nn.modules.dropout._DropoutNd)
+_SAME_OBJECT_MODULES: tuple[type, ...] = (nn.Identity, *_DROPOUTS)
 # ops whose result is always a view of their (first) input: an in-place write to the input shows through it
 _VIEW_METHODS = frozenset({
     "view", "view_as", "unsqueeze", "squeeze", "transpose", "permute", "t", "expand", "expand_as", "narrow",
@@ -223,7 +227,7 @@ def _alias_relation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, 
         return None
     if node.op == "call_module":
         m = modules.get(node.target)
-        if isinstance(m, _SAME_OBJECT_MODULES) and not (isinstance(m, nn.modules.dropout._DropoutNd) and m.training):
+        if isinstance(m, _SAME_OBJECT_MODULES) and not (isinstance(m, _DROPOUTS) and m.training):
             return "same", src
         if isinstance(m, _MAYBE_ALIAS_MODULES):
             return "maybe", src

@@ -19,6 +19,7 @@ from torch import fx
 
 from ..neuron import SFNode
 from ..sformer.modules import hooked
+from .passes import _alias_relation, is_inplace
 
 __all__ = ["fire_temporary", "fire_temporaries_in_place", "fired_site"]
 
@@ -34,10 +35,6 @@ _FRESH_FUNCTIONS = {
     F.relu6, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish, torch.relu, torch.sigmoid, torch.tanh,
     torch.add, torch.sub, torch.mul, torch.div, operator.add, operator.sub, operator.mul, operator.truediv,
 }  # fmt: skip
-# views of their first argument: a temporary seen through them is still the caller's own
-_VIEW_METHODS = {"permute", "transpose", "view", "reshape", "flatten", "unsqueeze", "squeeze"}
-# modules that may return their input itself: the identity, dropout (torch's, or SpikingJelly's step-mode layers)
-_PASS_MODULES = {"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d"}
 
 
 def fire_temporary(site: nn.Module, x: torch.Tensor, producer: nn.Module | None = None) -> torch.Tensor:
@@ -66,27 +63,22 @@ def fired_site(node: fx.Node) -> str | None:
 
 
 def _is_fresh(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` makes a new tensor: one of the operations above, called out of place."""
     if node.op == "call_module":
-        m = modules.get(node.target)
-        return isinstance(m, _FRESH_MODULES) and not getattr(m, "inplace", False)
-    if node.op == "call_function" and node.target in _FRESH_FUNCTIONS:  # not `F.relu(x, True)`, `inplace=True`, `out=`
-        return not node.kwargs.get("inplace", False) and "out" not in node.kwargs and not any(a is True for a in node.args[1:])
-    return False
-
-
-def _passes_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A view of its first argument, or a module that may return its input itself (``nn.Identity``, dropout)."""
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    return node.op == "call_module" and type(modules.get(node.target)).__name__ in _PASS_MODULES
+        fresh = isinstance(modules.get(node.target), _FRESH_MODULES)
+    else:
+        fresh = node.op == "call_function" and node.target in _FRESH_FUNCTIONS
+    return fresh and not is_inplace(node, modules) and "out" not in node.kwargs
 
 
 def _temporary_root(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """The node that made ``node``'s tensor when ``node`` is a fresh tensor, or a chain of views of one (or of modules
-    that pass it through), that nothing but the next node of the chain reads; else ``None``."""
-    while _passes_through(node, modules):
-        src = node.args[0] if node.args else None
-        if not isinstance(src, fx.Node) or len(src.users) != 1:
+    """The node that made ``node``'s tensor when ``node`` is a fresh tensor, or a chain of operations that may share
+    memory with their input (views, the identity, eval dropout, reshapes: ``passes._alias_relation``) from one, each
+    read by nothing but the next node of the chain; else ``None``. Any memory the end of the chain shares belongs to
+    the chain alone, so a spike may overwrite it."""
+    while (relation := _alias_relation(node, modules)) is not None:
+        src = relation[1]
+        if len(src.users) != 1:
             return None
         node = src
     return node if _is_fresh(node, modules) else None
