@@ -6,6 +6,8 @@
   graph shows) reads the new value, so that replacing an activation by an out-of-place neuron, or
   removing unused nodes, cannot change what the network computes. Aliasing the pass cannot
   reproduce is an error that names the node.
+- :func:`is_inplace`, :func:`alias_relation`: whether a node writes into an argument; how its result may share memory
+  with one (also used by :mod:`sj_sfn.ann2snn.temporaries`).
 - :func:`fuse_conv_bn`: fold eval-mode BatchNorm into the preceding convolution.
 - :func:`adapt_step_mode`: make a converted graph follow ``functional.set_step_mode``.
 - :func:`unique_target`: a free submodule name.
@@ -38,6 +40,7 @@ __all__ = [
     "InPlaceError",
     "functionalize_inplace",
     "is_inplace",
+    "alias_relation",
     "fuse_conv_bn",
     "adapt_step_mode",
     "modularise_pools",
@@ -220,7 +223,7 @@ def is_inplace(node: fx.Node, modules: dict[str, nn.Module] | None = None) -> bo
     return _mutated_arg(node, modules if modules is not None else {})[0]
 
 
-def _alias_relation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, fx.Node] | None:
+def alias_relation(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, fx.Node] | None:
     """How ``node``'s result may share memory with a tensor argument: ``('same'|'view'|'maybe', source)``."""
     src = node.args[0] if node.args else None
     if not isinstance(src, fx.Node):
@@ -346,7 +349,7 @@ def functionalize_inplace(fx_model: fx.GraphModule) -> fx.GraphModule:
 
     for n in nodes:
         inplace, v = _mutated_arg(n, modules)  # read before rewiring: alias facts are about the original program
-        rel = None if inplace else _alias_relation(n, modules)
+        rel = None if inplace else alias_relation(n, modules)
         if current:
             for old in [a for a in n.all_input_nodes if a in current]:
                 n.replace_input_with(old, current[old])

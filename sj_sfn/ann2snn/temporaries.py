@@ -19,7 +19,7 @@ from torch import fx
 
 from ..neuron import SFNode
 from ..sformer.modules import hooked
-from .passes import _alias_relation, is_inplace
+from .passes import alias_relation, is_inplace
 
 __all__ = ["fire_temporary", "fire_temporaries_in_place", "fired_site"]
 
@@ -73,10 +73,10 @@ def _is_fresh(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 def _temporary_root(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
     """The node that made ``node``'s tensor when ``node`` is a fresh tensor, or a chain of operations that may share
-    memory with their input (views, the identity, eval dropout, reshapes: ``passes._alias_relation``) from one, each
+    memory with their input (views, the identity, eval dropout, reshapes: ``passes.alias_relation``) from one, each
     read by nothing but the next node of the chain; else ``None``. Any memory the end of the chain shares belongs to
     the chain alone, so a spike may overwrite it."""
-    while (relation := _alias_relation(node, modules)) is not None:
+    while (relation := alias_relation(node, modules)) is not None:
         src = relation[1]
         if len(src.users) != 1:
             return None
