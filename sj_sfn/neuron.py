@@ -834,10 +834,20 @@ class SFNode(MultiLevelNode):
         bound kernel call takes it; every other call (the first, autograd, a reference fire, a
         changed buffer) returns ``None``, and the node's own call then fires (out of place).
         """
+        return self.fire_fast(x, True)
+
+    def fire_fast(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor | None:
+        """The spike of ``x`` from the node's bound kernel call, without the module call, else ``None``.
+
+        What :meth:`forward` returns on its hot path (stateless CPU inference: the same kernel, the same bits),
+        skipping ``nn.Module.__call__``. It runs no hooks: callers take it only when the node has none
+        (:func:`sj_sfn.sformer.modules.fire` checks), and call the node when it returns ``None``. ``inplace``:
+        as :meth:`fire_inplace`.
+        """
         hot = self.__dict__.get("_hot")
         if hot is None or _reference_only or torch.is_grad_enabled():
             return None
-        return hot(x, True)
+        return hot(x, inplace)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if not (value is None and name in ("last_counts", "v_seq")):  # reset() clears these; the fire reads neither

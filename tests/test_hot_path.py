@@ -289,6 +289,32 @@ def test_fire_inplace_takes_only_the_hot_path(rng: torch.Generator) -> None:
     assert node.fire_inplace(x.clone()) is None  # autograd on: never in place
 
 
+def test_the_sformer_fire_skips_the_module_call_but_not_a_hook(rng: torch.Generator) -> None:
+    """``sformer.modules.fire`` takes the node's bound call (:meth:`SFNode.fire_fast`) directly, with the forward's
+    bits; a hook on the node (SpikingJelly's monitors register one) still sees every call."""
+    from sj_sfn.sformer.modules import fire
+
+    node = _node(True, -1)
+    x = torch.randn(4, 7, 6, generator=rng)
+    x0, seen = x.clone(), []
+    with torch.no_grad():
+        assert node.fire_fast(x) is None  # nothing bound yet: fire() calls the node
+        expected = node(x)
+        out = node.fire_fast(x)
+        assert out is not None and out is not x and _bits_equal(out, expected)
+        assert _bits_equal(fire(node, x), expected) and torch.equal(x, x0)
+        handle = node.register_forward_hook(lambda m, args, output: seen.append(output))
+        out = fire(node, x)
+        y = x.clone()
+        inplace = fire(node, y, inplace=True)
+        handle.remove()
+    assert len(seen) == 2 and seen[0] is out and _bits_equal(out, expected)
+    assert inplace is not y and torch.equal(y, x)  # a hooked node fires out of place: the hook may keep its input
+    with torch.no_grad(), reference_fire():
+        assert node.fire_fast(x) is None
+    assert node.fire_fast(x) is None  # autograd on
+
+
 def test_sformer_fires_its_own_temporaries_in_place_and_nothing_else(rng: torch.Generator) -> None:
     """A converted ViT leaves its input alone, gives the reference's output, and a hook on a module that makes a
     site's input keeps what that module returned."""

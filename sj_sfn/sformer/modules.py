@@ -172,17 +172,19 @@ def _fire_compiled(site: SFNode, x: torch.Tensor) -> torch.Tensor:
 def fire(site: nn.Module, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Run one site at T=1: an SFN starts from a zero membrane on every forward (see :func:`set_fire_path`).
 
-    ``inplace``: ``x`` is a temporary of the caller that nothing else reads (nor any hook of the
-    modules that made it); a site without hooks may then write its spike over ``x``
-    (:meth:`SFNode.fire_inplace`, stateless CPU inference), as ``nn.ReLU(inplace=True)`` does.
+    A site without hooks fires through its bound kernel call without the module call
+    (:meth:`SFNode.fire_fast`: stateless CPU inference, what its forward would run); any other call is the
+    module's. ``inplace``: ``x`` is a temporary of the caller that nothing else reads (nor any hook of the
+    modules that made it); a site without hooks may then write its spike over ``x``, as
+    ``nn.ReLU(inplace=True)`` does.
     """
     if isinstance(site, SFNode):
         if site.stateful:  # a stateless site starts from rest anyway: no reset per call
             site.reset()
         if _fire_path == "compiled" and _fast_ok(site, x):
             return _fire_compiled(site, x)
-        if inplace and not hooked(site):
-            out = site.fire_inplace(x)
+        if not hooked(site):  # the node's bound kernel call without the module call (what its forward would run)
+            out = site.fire_fast(x, inplace)
             if out is not None:
                 return out
     return site(x)
