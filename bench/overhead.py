@@ -19,12 +19,17 @@ the allocation events that ``torch.profiler`` records with ``profile_memory=True
 in time order). Resident-set deltas are not used: the C allocator keeps freed small blocks, so they
 read 0 at small batches. Deterministic, so ``--mem-repeats 1`` is enough.
 
+Structure (``--split``): the SNN with every site replaced by ``nn.Identity`` is timed in the same rounds
+(column ``struct ×``): what the converted network costs without the fire (an explicit attention where
+the ANN has a fused one, a graph's rewritten operations), so that ``time ×`` splits into structure and sites.
+
 Exactness: the SNN's output on the default (fast) fire path is compared with the same network
 forced onto the reference fire rule (``sj_sfn.neuron.reference_fire()``); ``exact`` is
 ``torch.equal`` of the two outputs.
 
     python bench/overhead.py --out runs/overhead.json                      # all models, ~15 min on 2 cores
     python bench/overhead.py --models vit_tiny mobilenet_v2 --batches 1 8 --threads 1 --quiet
+    python bench/overhead.py --split --batches 1 --out runs/overhead_split.json   # + the structure without sites
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from copy import deepcopy
 
 import torch
 
@@ -213,25 +219,48 @@ def timed(model: torch.nn.Module, x) -> float:
         return time.perf_counter() - t
 
 
-def measure(ann: torch.nn.Module, snn: torch.nn.Module, x, repeats: int, mem_repeats: int) -> dict:
-    """Interleaved ANN/SNN timings (median per-pair ratio) and peak-memory ratio for one input."""
-    timed(ann, x), timed(snn, x)  # warm-up
-    t_ann, t_snn, ratios = [], [], []
+def identity_sites(snn: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``snn`` with every MTN/SFN site replaced by ``nn.Identity``: the converted network's structure
+    (explicit attention, the graph's rewritten operations) without the sites' fire."""
+    from sj_sfn.neuron import MultiLevelNode
+
+    copy = deepcopy(snn)
+    for module in list(copy.modules()):
+        for name, child in list(module._modules.items()):
+            if isinstance(child, MultiLevelNode):
+                module._modules[name] = torch.nn.Identity()
+    return copy
+
+
+def measure(ann: torch.nn.Module, snn: torch.nn.Module, x, repeats: int, mem_repeats: int,
+            structure: torch.nn.Module | None = None) -> dict:  # fmt: skip
+    """Interleaved ANN/SNN timings (median per-pair ratio) and peak-memory ratio for one input.
+
+    ``structure`` (:func:`identity_sites`): also timed in every round, its median ratio to the ANN as ``structure_ratio``.
+    """
+    models = (ann, snn) if structure is None else (ann, snn, structure)
+    for m in models:  # warm-up
+        timed(m, x)
+    t_ann, t_snn, ratios, structure_ratios = [], [], [], []
     for r in range(repeats):
-        pair = (ann, snn) if r % 2 == 0 else (snn, ann)
-        t = {id(m): timed(m, x) for m in pair}
+        t = {id(m): timed(m, x) for m in (models if r % 2 == 0 else models[::-1])}
         t_ann.append(t[id(ann)])
         t_snn.append(t[id(snn)])
         ratios.append(t[id(snn)] / t[id(ann)])
+        if structure is not None:
+            structure_ratios.append(t[id(structure)] / t[id(ann)])
     m_ann, m_snn = [], []
     for _ in range(mem_repeats):
         m_ann.append(peak_alloc_mb(ann, x))
         m_snn.append(peak_alloc_mb(snn, x))
     ma, ms = statistics.median(m_ann), statistics.median(m_snn)
-    return {
+    out = {
         "ann_s": statistics.median(t_ann), "snn_s": statistics.median(t_snn), "time_ratio": statistics.median(ratios),
         "ann_peak_mb": ma, "snn_peak_mb": ms, "mem_ratio": ms / ma if ma > 0 else float("nan"),
     }
+    if structure_ratios:
+        out["structure_ratio"] = statistics.median(structure_ratios)
+    return out
 
 
 def sync_points(model: torch.nn.Module, x) -> list[str]:
@@ -275,17 +304,21 @@ def exact(snn: torch.nn.Module, x) -> bool | None:
 
 # -- driver -----------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
-    head = f"{'model':<13} {'batch':>5} {'thr':>3} {'ANN ms':>9} {'SNN ms':>9} {'time ×':>7} {'ANN MB':>8} {'SNN MB':>8} {'mem ×':>6} {'exact':>5}"
+    split = any("structure_ratio" in r for r in rows)
+    head = f"{'model':<13} {'batch':>5} {'thr':>3} {'ANN ms':>9} {'SNN ms':>9} {'time ×':>7}"
+    head += f" {'struct ×':>8}" if split else ""
+    head += f" {'ANN MB':>8} {'SNN MB':>8} {'mem ×':>6} {'exact':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['model']:<13} ERROR {r['error'][:200]}")
             continue
-        lines.append(
-            f"{r['model']:<13} {r['batch']:>5} {r['threads']:>3} {1e3 * r['ann_s']:>9.1f} {1e3 * r['snn_s']:>9.1f} "
-            f"{r['time_ratio']:>7.2f} {r['ann_peak_mb']:>8.1f} {r['snn_peak_mb']:>8.1f} {r['mem_ratio']:>6.2f} "
-            f"{'-' if r['exact'] is None else 'yes' if r['exact'] else 'NO':>5}"
-        )
+        line = (f"{r['model']:<13} {r['batch']:>5} {r['threads']:>3} {1e3 * r['ann_s']:>9.1f} {1e3 * r['snn_s']:>9.1f} "
+                f"{r['time_ratio']:>7.2f}")  # fmt: skip
+        line += f" {r['structure_ratio']:>8.2f}" if split else ""
+        line += (f" {r['ann_peak_mb']:>8.1f} {r['snn_peak_mb']:>8.1f} {r['mem_ratio']:>6.2f} "
+                 f"{'-' if r['exact'] is None else 'yes' if r['exact'] else 'NO':>5}")  # fmt: skip
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -302,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu", help="'cpu' (default) or a CUDA device: models, inputs and calibration move there")
     ap.add_argument("--out", default="runs/overhead.json")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the SNN with every site replaced by nn.Identity (column 'struct ×': what the converted "
+                         "structure costs without the fire, e.g. an explicit attention against the ANN's fused one)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no log lines, only the table")
     args = ap.parse_args(argv)
     caps = {k: int(v) for k, v in (s.split("=") for s in args.max_batch)}
@@ -333,12 +369,14 @@ def main(argv: list[str] | None = None) -> int:
             with warnings_quiet():
                 snn = sj_sfn.convert(ann, calib, progress=False)
             log(f"{name}: converted in {time.perf_counter() - t0:.1f} s")
+            structure = identity_sites(snn) if args.split else None
             for m, batch, threads in settings:
                 if m != name:
                     continue
                 torch.set_num_threads(threads)
                 x = make(batch, 7)
-                row = {"model": name, "batch": batch, "threads": threads, **measure(ann, snn, x, args.repeats, args.mem_repeats)}
+                row = {"model": name, "batch": batch, "threads": threads,
+                       **measure(ann, snn, x, args.repeats, args.mem_repeats, structure)}  # fmt: skip
                 # elementwise results do not depend on the thread count: check each input once (the reference is slow)
                 same = [r for r in rows if r["model"] == name and r["batch"] == batch]
                 row["exact"] = same[0]["exact"] if same else exact(snn, x)
@@ -350,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"exact {row['exact']}")
                 if bar:
                     bar.update()
-            del ann, snn
+            del ann, snn, structure
         except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' rows
             import traceback
 
