@@ -315,7 +315,7 @@ def table(rows: list[dict]) -> str:
             continue
         line = (f"{r['model']:<13} {r['batch']:>5} {r['threads']:>3} {1e3 * r['ann_s']:>9.1f} {1e3 * r['snn_s']:>9.1f} "
                 f"{r['time_ratio']:>7.2f}")  # fmt: skip
-        line += f" {r['structure_ratio']:>8.2f}" if split else ""
+        line += f" {r.get('structure_ratio', float('nan')):>8.2f}" if split else ""
         line += (f" {r['ann_peak_mb']:>8.1f} {r['snn_peak_mb']:>8.1f} {r['mem_ratio']:>6.2f} "
                  f"{'-' if r['exact'] is None else 'yes' if r['exact'] else 'NO':>5}")  # fmt: skip
         lines.append(line)
