@@ -841,11 +841,11 @@ class SFNode(MultiLevelNode):
 
         What :meth:`forward` returns on its hot path (stateless CPU inference: the same kernel, the same bits),
         skipping ``nn.Module.__call__``. It runs no hooks: callers take it only when the node has none
-        (:func:`sj_sfn.sformer.modules.fire` checks), and call the node when it returns ``None``. ``inplace``:
-        as :meth:`fire_inplace`.
+        (:func:`sj_sfn.sformer.modules.fire` checks), and call the node when it returns ``None``, as they do for
+        a subclass with its own ``forward`` (calling the node runs it). ``inplace``: as :meth:`fire_inplace`.
         """
         hot = self.__dict__.get("_hot")
-        if hot is None or _reference_only or torch.is_grad_enabled():
+        if hot is None or _reference_only or torch.is_grad_enabled() or type(self).forward is not SFNode.forward:
             return None
         return hot(x, inplace)
 

@@ -315,6 +315,24 @@ def test_the_sformer_fire_skips_the_module_call_but_not_a_hook(rng: torch.Genera
     assert node.fire_fast(x) is None  # autograd on
 
 
+def test_the_sformer_fire_calls_a_subclass_forward(rng: torch.Generator) -> None:
+    """A subclass of SFNode with its own ``forward`` is called, not bypassed by the bound kernel call."""
+    from sj_sfn.sformer.modules import fire
+
+    class Doubled(SFNode):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    node = Doubled(torch.tensor(0.3), torch.tensor(0.2), levels=F.float_levels(3, 4, subnormal=True), offset=0.5, stateful=False)
+    x = torch.randn(4, 7, 6, generator=rng)
+    with torch.no_grad():
+        expected = node(x)
+        node(x)  # a bound call exists from here on
+        assert _bits_equal(fire(node, x), expected) and _bits_equal(fire(node, x.clone(), inplace=True), expected)
+        assert node.fire_fast(x) is None and node.fire_inplace(x.clone()) is None
+        assert _bits_equal(expected, 2 * SFNode.forward(node, x)) and _bits_equal(expected, _reference(node, x))
+
+
 def test_sformer_fires_its_own_temporaries_in_place_and_nothing_else(rng: torch.Generator) -> None:
     """A converted ViT leaves its input alone, gives the reference's output, and a hook on a module that makes a
     site's input keeps what that module returned."""
