@@ -513,4 +513,4 @@ class HeadSite(nn.Sequential):
         self.add_module("sfn_head_in", site)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fire(self.sfn_head_in, self.drop(x))
+        return fire(self.sfn_head_in, dropped(self.drop, x))
